@@ -1,0 +1,30 @@
+# Everything a fresh machine needs: `make demo` and `make test` create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint types unit clean
+
+$(BIN)/productiv-watcher: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(BIN)/productiv-watcher
+	$(BIN)/productiv-watcher demo
+
+test: lint types unit
+
+lint: $(BIN)/productiv-watcher
+	$(BIN)/ruff check watcher tests
+	$(BIN)/ruff format --check watcher tests
+
+types: $(BIN)/productiv-watcher
+	$(BIN)/mypy watcher
+
+unit: $(BIN)/productiv-watcher
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) demo *.egg-info

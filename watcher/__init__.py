@@ -1,0 +1,3 @@
+"""productiv-watcher: uploads every finished file of a drop folder to Productiv's push API."""
+
+__version__ = "0.1.0"

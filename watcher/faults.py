@@ -1,0 +1,141 @@
+"""What went wrong, whose problem it is, and how long to wait: the retry policy in one place.
+
+Two layers retry, each declared once here:
+- the transport (`transport_retry`): urllib3 retries a connection blip or a 500/502/504 a couple of
+  times within one call. PUT and GET are idempotent and the token grant is safe to repeat, so all
+  three may be retried; urllib3 rewinds a seekable request body before it sends it again.
+- the pipeline (`Fault` + `backoff_seconds`): what still fails is classified into a `Kind`, and the
+  uploader branches on that kind alone. 429 and 503 are left to this layer so that a Retry-After
+  of minutes is waited out interruptibly (urllib3 would sleep on it, deaf to SIGTERM).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import enum
+import re
+
+from urllib3.util.retry import Retry
+
+RETRY_AFTER_CAP_SECONDS = 900.0  # Retry-After is honoured up to 15 minutes
+
+
+class Kind(enum.Enum):
+    """Whose problem a failure is, which decides what happens to the file."""
+
+    SERVICE = "service"  # the API or storage is unwell: the file stays, everything backs off
+    EXPIRED = "expired"  # the signed URL expired: ask for a fresh one, costs no attempt
+    FILE = "file"  # this file was refused: costs one attempt, failed/ after max_attempts
+    FINAL = "final"  # this file can never be uploaded as it is: failed/ at once
+    REFUSED = "refused"  # the signed-URL request was refused (400): split the batch to find why
+
+
+class Fault(Exception):
+    """A classified failure; the message is one human sentence, free of secrets and URL queries."""
+
+    def __init__(
+        self,
+        kind: Kind,
+        reason: str,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+        self.status = status
+        self.retry_after = retry_after
+
+
+def transport_retry() -> Retry:
+    """The quick, in-call retries of every HTTP request; the pipeline's backoff comes after."""
+    return Retry(
+        total=3,
+        connect=2,
+        read=1,
+        status=2,
+        other=0,
+        redirect=0,
+        status_forcelist=(500, 502, 504),
+        allowed_methods=frozenset({"GET", "PUT", "POST"}),
+        backoff_factor=0.2,
+        backoff_max=2.0,
+        raise_on_status=False,
+        raise_on_redirect=False,
+        respect_retry_after_header=False,
+    )
+
+
+def classify_api_status(status: int, endpoint: str) -> Kind | None:
+    """Signed-URL or token answer -> None when fine, else whose problem it is.
+
+    400 (and 413/414, a URL too long) means the API refused something in the request: the
+    uploader splits the batch to find which name. Everything else, 404 (unknown app) and
+    401/403 after a fresh token included, is the service's or the configuration's problem:
+    the files are fine and wait.
+    """
+    if 200 <= status < 300:
+        return None
+    if endpoint == "urls" and status in (400, 413, 414):
+        return Kind.REFUSED
+    return Kind.SERVICE
+
+
+_XML_CODE = re.compile(r"<Code>\s*([^<]*?)\s*</Code>")
+_XML_MESSAGE = re.compile(r"<Message>\s*([^<]*?)\s*</Message>")
+
+
+def s3_error(body: bytes) -> tuple[str, str]:
+    """(Code, Message) of an S3 XML error body, empty strings when absent."""
+    text = body[:4096].decode("utf-8", "replace")
+    code = _XML_CODE.search(text)
+    message = _XML_MESSAGE.search(text)
+    return (code.group(1) if code else "", message.group(1) if message else "")
+
+
+def classify_put(status: int, body: bytes) -> Kind | None:
+    """PUT answer -> None when stored, else whose problem it is (trusting the server's clock).
+
+    An expired URL is answered 403 by S3 and 400 by some S3 servers (rclone), always with
+    Code AccessDenied and a message saying it expired: fetch a fresh URL, no attempt used.
+    """
+    if 200 <= status < 300:
+        return None
+    if status == 429 or status >= 500 or 300 <= status < 400:
+        return Kind.SERVICE
+    code, message = s3_error(body)
+    if code == "AccessDenied" and "expired" in message.lower():
+        return Kind.EXPIRED
+    return Kind.FILE
+
+
+def put_reason(status: int, body: bytes) -> str:
+    code, message = s3_error(body)
+    detail = ": ".join(part for part in (code, message) if part)
+    return f"storage answered HTTP {status}" + (f" ({detail})" if detail else "")
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """Retry-After as seconds from `now` (epoch), from delta-seconds or an HTTP date; capped."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - now
+    return max(0.0, min(seconds, RETRY_AFTER_CAP_SECONDS))
+
+
+def backoff_seconds(step: int, initial: float, maximum: float, jitter: float) -> float:
+    """Capped exponential backoff with jitter: step 1 waits about `initial`, then doubles.
+
+    `jitter` in [0, 1) spreads the wait between half and all of the step, so that several
+    daemons (or threads) that failed together do not come back together.
+    """
+    base: float = min(maximum, initial * 2.0 ** min(step - 1, 32))
+    return base * (0.5 + jitter / 2)

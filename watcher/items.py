@@ -1,0 +1,61 @@
+"""The values that flow through the pipeline: where a file is, which version, its history."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class Spot:
+    """A path in the drop folder and what it means: its name for the API and its type."""
+
+    path: Path
+    rel: str  # relative to drop_dir, as logs and sidecars show it (e.g. "contracts/a.csv")
+    name: str  # the basename, the name sent to the API
+    file_type: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One version of one file: if any field changes, the file is another version."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Snapshot:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """A stable file on its way to done/ or failed/."""
+
+    spot: Spot
+    snapshot: Snapshot
+    attempts: int = 0  # tries refused for reasons of the file's own (counts to max_attempts)
+    puts: int = 0  # PUT requests made, as the failed/ sidecar reports them
+    expired: int = 0  # signed URLs in a row that the storage found expired
+
+    @property
+    def path(self) -> Path:
+        return self.spot.path
+
+    def retried(self) -> Item:
+        return replace(self, attempts=self.attempts + 1, expired=0)
+
+    def sending(self) -> Item:
+        return replace(self, puts=self.puts + 1)
+
+    def expired_again(self) -> Item:
+        return replace(self, expired=self.expired + 1)
+
+
+def display(text: str) -> str:
+    """A name fit for logs and JSON: bytes that are not UTF-8 are shown as \\xNN escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -1,0 +1,130 @@
+"""Stage 5, move: a file leaves the drop folder only by an atomic rename into done/ or failed/.
+
+Renames never overwrite: a name already taken gets a UTC timestamp (and a counter) before its
+suffix. The rename is `renameat2(RENAME_NOREPLACE)`, atomic and race-free; on filesystems
+without it, a hard link then unlink (never clobbers; a crash in between leaves the file in both
+places, so it is uploaded again: at-least-once, never lost).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+NAME_MAX_BYTES = 255
+SIDECAR_SUFFIX = ".error.json"
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = getattr(_libc, "renameat2", None)
+
+
+def stamp(epoch: float) -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(epoch))
+
+
+def candidate_names(name: str, epoch: float, reserve: int = 0) -> Iterator[str]:
+    """The names to try in order: the name itself, then `<stem>.<stamp>[-N]<suffix>`.
+
+    Every name leaves `reserve` bytes free under NAME_MAX (failed/ adds `.error.json` beside
+    it); the stem is shortened by whole characters when needed.
+    """
+    limit = NAME_MAX_BYTES - reserve
+    stem, dot, suffix = name.rpartition(".")
+    if not stem or dot != ".":  # no suffix, or a name like ".profile"
+        stem, suffix = name, ""
+    else:
+        suffix = "." + suffix
+    if len(os.fsencode(name)) <= limit:
+        yield name
+    for n in range(1, 1000):
+        tail = f".{stamp(epoch)}{'' if n == 1 else f'-{n}'}{suffix}"
+        yield _fit(stem, limit - len(os.fsencode(tail))) + tail
+
+
+def _fit(text: str, limit: int) -> str:
+    while len(os.fsencode(text)) > limit:
+        text = text[:-1]
+    return text
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename src to dst; FileExistsError when dst exists. Same filesystem only."""
+    if _renameat2 is not None:
+        if (
+            _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+            == 0
+        ):
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(src), None, str(dst))
+    os.link(src, dst, follow_symlinks=False)
+    os.unlink(src)
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Mover:
+    """Moves files out of the drop folder; safe to call from several threads at once."""
+
+    def __init__(
+        self, drop_dir: Path, done_dir: Path, failed_dir: Path, clock: Callable[[], float]
+    ) -> None:
+        self._drop = drop_dir
+        self._done = done_dir
+        self._failed = failed_dir
+        self._clock = clock
+
+    def to_done(self, path: Path) -> Path:
+        return self._move(path, self._done, reserve=0)
+
+    def to_failed(self, path: Path, sidecar: dict[str, Any]) -> Path:
+        """Move to failed/ and write `<final name>.error.json` beside it (mode 0640)."""
+        final = self._move(path, self._failed, reserve=len(SIDECAR_SUFFIX))
+        doc = {**sidecar, "failed_at": _iso(self._clock())}
+        write_atomic(final.with_name(final.name + SIDECAR_SUFFIX), json.dumps(doc, indent=2) + "\n")
+        return final
+
+    def _move(self, path: Path, root: Path, reserve: int) -> Path:
+        """Keeps the type subfolder (drop/users/a.csv -> done/users/a.csv)."""
+        folder = root / path.parent.relative_to(self._drop)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in candidate_names(path.name, self._clock(), reserve):
+            try:
+                rename_noreplace(path, folder / name)
+            except FileExistsError:
+                continue
+            fsync_dir(folder)
+            fsync_dir(path.parent)
+            return folder / name
+        raise FileExistsError(errno.EEXIST, "no free name left", str(folder / path.name))
+
+
+def write_atomic(path: Path, text: str, mode: int = 0o640) -> None:
+    """Write a small file whole or not at all: a temporary name, fsync, then rename."""
+    tmp = path.with_name(f".tmp.{os.getpid()}.{threading.get_ident()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, text.encode("utf-8", "surrogateescape"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))

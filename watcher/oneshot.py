@@ -1,0 +1,82 @@
+"""`productiv-watcher upload FILE...`: the same client and PUT, once, without the folders.
+
+Service-side faults are retried with backoff up to `max_attempts` rounds (a one-shot command
+must end); each file's result is printed, and the exit status is 0 only if all were uploaded.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from pathlib import Path
+
+from .api import ApiClient, SignedUrl
+from .faults import Fault, Kind, backoff_seconds
+from .items import Item, Snapshot, Spot, display
+from .settings import Settings
+from .transfer import FileChanged, FileGone, NotRegular, Transfer
+
+
+def upload_files(settings: Settings, paths: list[Path], file_type: str | None) -> int:
+    api = ApiClient(settings)
+    transfer = Transfer(settings.request_timeout_seconds, 1, settings.content_type)
+    results: dict[Path, str] = {}
+    pending: list[Item] = []
+    for path in paths:
+        try:
+            real = path.resolve(strict=True)
+            pending.append(
+                Item(
+                    Spot(real, display(str(path)), path.name, file_type), Snapshot.of(os.stat(real))
+                )
+            )
+        except OSError as exc:
+            results[path] = f"FAILED {display(str(path))}: {exc.strerror}"
+    pause = threading.Event()
+    try:
+        for round_ in range(1, settings.max_attempts + 1):
+            pending = [item for item in pending if not _try(api, transfer, settings, item, results)]
+            if not pending or round_ == settings.max_attempts:
+                break
+            pause.wait(
+                backoff_seconds(
+                    round_,
+                    settings.retry_initial_seconds,
+                    settings.retry_max_seconds,
+                    random.random(),
+                )
+            )
+    finally:
+        api.close()
+    for item in pending:
+        results.setdefault(
+            item.path, f"FAILED {item.spot.rel}: gave up after {settings.max_attempts} attempts"
+        )
+    for line in results.values():
+        print(line)  # noqa: T201 - the command's report
+    return 0 if all(line.startswith("uploaded") for line in results.values()) else 1
+
+
+def _try(
+    api: ApiClient, transfer: Transfer, settings: Settings, item: Item, results: dict[Path, str]
+) -> bool:
+    """One try for one file; True when its result is final (uploaded or failed for good)."""
+    rel = item.spot.rel
+    if item.snapshot.size > settings.max_file_size:
+        results[item.path] = f"FAILED {rel}: larger than max_file_size ({settings.max_file_size})"
+        return True
+    try:
+        answer = api.upload_urls([item.spot.name], item.spot.file_type).get(item.spot.name)
+        if not isinstance(answer, SignedUrl):
+            raise answer or Fault(Kind.FILE, "the API's answer has no URL for this file name")
+        sent = transfer.put(answer.url, item)
+    except Fault as fault:
+        final = fault.kind in (Kind.FINAL, Kind.REFUSED)
+        results[item.path] = f"FAILED {rel}: {fault.reason}"
+        return final
+    except (FileGone, FileChanged, NotRegular) as exc:
+        results[item.path] = f"FAILED {rel}: {exc or 'the file disappeared'}"
+        return True
+    results[item.path] = f"uploaded {rel} ({item.snapshot.size} bytes, {sent.seconds:.2f} s)"
+    return True

@@ -1,0 +1,253 @@
+"""Settings: one frozen object, built once at start from env, TOML, credentials and defaults.
+
+Precedence, highest first: `PRODUCTIV_<NAME>` environment variables, the TOML file named by
+`--config` or `PRODUCTIV_CONFIG`, files in `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`),
+then the defaults below. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    ByteSize,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+
+FileType = Literal["users", "contracts", "other"]
+FILE_TYPES: tuple[FileType, ...] = ("users", "contracts", "other")
+SECRET_FIELDS = ("client_secret", "access_token")
+CREDENTIAL_FIELDS = ("client_id", *SECRET_FIELDS)
+MAX_PUT_BYTES = 5 * 1024**3  # S3's limit for a single PUT
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IGNORE = (
+    ".*",
+    "*.tmp",
+    "*.part",
+    "*.partial",
+    "*.crdownload",
+    "*.swp",
+    "*~",
+    "~$*",
+    "Thumbs.db",
+    "desktop.ini",
+)
+
+
+class ConfigError(Exception):
+    """Settings or folders that make running pointless: the CLI exits 78 (EX_CONFIG)."""
+
+
+class CredentialsDirectorySource(PydanticBaseSettingsSource):
+    """Reads `$CREDENTIALS_DIRECTORY/<field>` (systemd `LoadCredential=`) for the credential fields.
+
+    pydantic-settings' own `secrets_dir` wants the prefixed env name as the file name; systemd
+    units name credentials `client_secret`, so this small source reads exactly that.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        self._folder = os.environ.get("CREDENTIALS_DIRECTORY")
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads all fields at once
+
+    def __call__(self) -> dict[str, Any]:
+        if not self._folder:
+            return {}
+        values: dict[str, Any] = {}
+        for name in CREDENTIAL_FIELDS:
+            path = Path(self._folder) / name
+            if path.is_file():
+                values[name] = path.read_text(encoding="utf-8").rstrip("\r\n")
+        return values
+
+
+class Settings(BaseSettings):
+    """Every setting of the daemon; see the README's table for the meaning of each."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PRODUCTIV_",
+        frozen=True,
+        extra="forbid",
+        hide_input_in_errors=True,
+        case_sensitive=False,
+    )
+
+    app_id: str = Field(min_length=1)
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    access_token: SecretStr | None = None
+    client_auth: Literal["post", "basic"] = "post"
+    api_url: str = "https://public-api.productiv.com"
+    token_url: str = "https://login.api.productiv.com/oauth2/token"  # noqa: S105
+    scope: str = "https://api.productiv.com/connector.write"
+
+    drop_dir: Path | None = None
+    done_dir: Path | None = None
+    failed_dir: Path | None = None
+    file_type: FileType | None = None
+
+    settle_seconds: float = Field(default=2.0, gt=0, le=3600)
+    shutdown_timeout_seconds: float = Field(default=20.0, ge=0)
+    batch_size: int = Field(default=50, ge=1, le=1000)
+    upload_concurrency: int = Field(default=4, ge=1, le=64)
+    max_attempts: int = Field(default=5, ge=1)
+    retry_initial_seconds: float = Field(default=1.0, gt=0)
+    retry_max_seconds: float = Field(default=300.0, gt=0)
+    request_timeout_seconds: float = Field(default=30.0, gt=0)
+    max_file_size: ByteSize = Field(default=ByteSize(MAX_PUT_BYTES), ge=0, le=MAX_PUT_BYTES)
+    ignore_patterns: tuple[str, ...] = DEFAULT_IGNORE
+    polling: bool = False
+    poll_interval_seconds: float = Field(default=2.0, gt=0)
+    rescan_seconds: float = Field(default=60.0, gt=0)
+    content_type: str = ""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("api_url", "token_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://")) or "@" in value.split("/")[2]:
+            raise ValueError("must be an http(s) URL without user:password")
+        return value.rstrip("/")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("file_type", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value in ("", "none") else value
+
+    @field_validator("drop_dir", "done_dir", "failed_dir")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return value.expanduser().absolute() if value is not None else None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.access_token is None and (self.client_id is None or self.client_secret is None):
+            raise ValueError("client_id and client_secret are required unless access_token is set")
+        if self.retry_max_seconds < self.retry_initial_seconds:
+            raise ValueError("retry_max_seconds must be at least retry_initial_seconds")
+        if self.drop_dir is not None:
+            # Frozen model: derived defaults are filled in once, here.
+            parent = self.drop_dir.parent
+            for name in ("done_dir", "failed_dir"):
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, parent / name.removesuffix("_dir"))
+                folder = getattr(self, name)
+                if folder == self.drop_dir or folder.is_relative_to(self.drop_dir):
+                    raise ValueError(f"{name} must be outside drop_dir")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load() passes the TOML file's table as init arguments: env beats it, credentials lose.
+        return env_settings, init_settings, CredentialsDirectorySource(settings_cls)
+
+    def public_view(self) -> dict[str, Any]:
+        """The effective settings for the start-up log line, with secrets masked."""
+        view = self.model_dump(mode="json")
+        for name in SECRET_FIELDS:
+            if view.get(name) is not None:
+                view[name] = "***"
+        return view
+
+    def secret_values(self) -> list[str]:
+        """Values that must never appear in any output (the log filter scrubs them)."""
+        secrets = [getattr(self, name) for name in SECRET_FIELDS]
+        return [s.get_secret_value() for s in secrets if s is not None and s.get_secret_value()]
+
+
+def load(config: Path | None = None) -> Settings:
+    """Build the settings; any problem raises ConfigError naming each bad setting."""
+    if config is None and os.environ.get("PRODUCTIV_CONFIG"):
+        config = Path(os.environ["PRODUCTIV_CONFIG"])
+    table = read_toml(config) if config is not None else {}
+    try:
+        return Settings(**table)
+    except ValidationError as exc:
+        raise ConfigError(describe(exc)) from None
+    except SettingsError as exc:  # e.g. a list setting in the environment that is not JSON
+        raise ConfigError(f"invalid settings: {exc}") from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The TOML file's top-level table; a missing or broken file is a ConfigError, never skipped."""
+    try:
+        with path.open("rb") as handle:
+            table: dict[str, Any] = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    warn_if_exposed(path, table)
+    return table
+
+
+def warn_if_exposed(path: Path, table: Mapping[str, Any]) -> None:
+    """A config file holding a secret should not be readable by everyone."""
+    if not any(table.get(name) for name in SECRET_FIELDS):
+        return
+    if path.stat().st_mode & stat.S_IROTH:
+        log.warning(
+            "config file %s holds a secret and is readable by others: chmod o-r it",
+            path,
+            extra={"event": "insecure_config"},
+        )
+
+
+def describe(exc: ValidationError) -> str:
+    """One line per bad setting, naming it and why, without echoing the value."""
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        name = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(
+            f"invalid setting {name}: {message}" if name else f"invalid settings: {message}"
+        )
+    return "\n".join(lines)
+
+
+def require_folders(settings: Settings) -> tuple[Path, Path, Path]:
+    """drop_dir, done_dir and failed_dir, or ConfigError when drop_dir is not set."""
+    if settings.drop_dir is None or settings.done_dir is None or settings.failed_dir is None:
+        raise ConfigError("invalid setting drop_dir: Field required")
+    return settings.drop_dir, settings.done_dir, settings.failed_dir

@@ -1,0 +1,139 @@
+"""Stage 2, stabilise: a noticed file becomes work only once it has stopped changing.
+
+Stable means the file's (size, mtime_ns, ctime_ns), and its identity (dev, inode), stayed the same
+for `settle_seconds`, observed by two `lstat` calls at least that far apart. ctime is in the key
+because a copy that preserves the original mtime would otherwise look finished at once, and one
+event is never trusted: scanners close and reopen between pages, `mv` across filesystems is a copy.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import stat
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .items import Item, Snapshot, Spot
+from .logs import event
+from .workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A file being watched for stability: its last snapshot and since when it has not changed."""
+
+    spot: Spot
+    snapshot: Snapshot
+    since: float
+
+
+def observe(previous: Candidate | None, spot: Spot, snapshot: Snapshot, now: float) -> Candidate:
+    """The candidate after one more look: the clock restarts whenever the snapshot differs."""
+    if previous is not None and previous.snapshot == snapshot:
+        return previous
+    return Candidate(spot, snapshot, now)
+
+
+def is_stable(candidate: Candidate, now: float, settle_seconds: float) -> bool:
+    return now - candidate.since >= settle_seconds
+
+
+def kind_of(mode: int) -> str:
+    """What a directory entry is, in the words the `skipped` log line uses."""
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "device"
+
+
+class Stabiliser:
+    """Holds noticed files until they are stable, then puts them on the work queue.
+
+    `notice` is called from any thread (the watchdog dispatcher, the rescan, an uploader handing
+    back a file that changed) and only records the spot. Everything else happens on the
+    stabiliser's own thread in `step`, which stats a file when it is noticed and again when its
+    settle time is up: the cost is two `lstat` calls per file, whatever the backlog.
+    """
+
+    def __init__(self, settle_seconds: float, queue: WorkQueue, clock: Callable[[], float]) -> None:
+        self.settle_seconds = settle_seconds
+        self._queue = queue
+        self._clock = clock
+        self._noticed: dict[Path, Spot] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._candidates: dict[Path, Candidate] = {}
+        self._due: list[tuple[float, Path]] = []
+        self._skipped: set[Path] = set()
+
+    def notice(self, spot: Spot) -> None:
+        with self._lock:
+            self._noticed[spot.path] = spot
+        self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def __len__(self) -> int:
+        return len(self._candidates)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            timeout = self.step(self._clock())
+            self._wake.wait(timeout)
+            self._wake.clear()
+
+    def step(self, now: float) -> float:
+        """Look at new notices and at files whose settle time is up; seconds until the next."""
+        with self._lock:
+            noticed, self._noticed = self._noticed, {}
+        for spot in noticed.values():
+            self._look(spot, now)
+        while self._due and self._due[0][0] <= now:
+            _, path = heapq.heappop(self._due)
+            candidate = self._candidates.get(path)
+            if candidate is not None and candidate.since + self.settle_seconds <= now:
+                self._look(candidate.spot, now)
+        return max(0.0, self._due[0][0] - now) if self._due else 1.0
+
+    def _look(self, spot: Spot, now: float) -> None:
+        if spot.path in self._queue:
+            return  # already queued or being uploaded; the uploader re-checks it
+        previous = self._candidates.pop(spot.path, None)
+        try:
+            st = os.lstat(spot.path)
+        except FileNotFoundError:
+            if previous is not None:
+                event(log, "vanished", file=spot.rel, reason="removed before it was uploaded")
+            return
+        kind = kind_of(st.st_mode)
+        if kind != "file":
+            self._skip_once(spot, kind)
+            return
+        self._skipped.discard(spot.path)
+        candidate = observe(previous, spot, Snapshot.of(st), now)
+        if is_stable(candidate, now, self.settle_seconds):
+            self._queue.put(Item(spot, candidate.snapshot))
+            event(log, "queued", file=spot.rel, type=spot.file_type, bytes=st.st_size)
+            return
+        self._candidates[spot.path] = candidate
+        if candidate is not previous:
+            heapq.heappush(self._due, (candidate.since + self.settle_seconds, spot.path))
+
+    def _skip_once(self, spot: Spot, kind: str) -> None:
+        if spot.path not in self._skipped:
+            self._skipped.add(spot.path)
+            event(log, "skipped", file=spot.rel, reason=f"a {kind}, not a regular file")

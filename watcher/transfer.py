@@ -1,0 +1,154 @@
+"""Stage 4b, the PUT: send exactly one stable version of a file to its signed URL.
+
+The file is opened without following links or blocking, checked to be the very version that
+settled, streamed from that descriptor with an exact `Content-Length` (S3 refuses chunked bodies),
+and checked again afterwards; if it changed, the upload does not count. The PUT goes through
+urllib3's pool directly: requests adds per-request overhead that decides small-file throughput
+(see the README), and the body, headers and URL need nothing requests offers.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import urllib3
+from urllib3.exceptions import HTTPError
+
+from .faults import Fault, Kind, classify_put, put_reason, transport_retry
+from .items import Item, Snapshot
+
+OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+SEND_BLOCK_BYTES = 256 * 1024  # fewer, larger writes for big bodies; bounds memory per PUT
+
+
+class FileGone(Exception):
+    """The producer removed the file: forget it."""
+
+
+class FileChanged(Exception):
+    """The file is not the version that settled: let it settle again."""
+
+
+class NotRegular(Exception):
+    """The path is now a link, FIFO, folder...: never opened for reading."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    status: int
+    seconds: float
+    etag: str
+
+
+class BoundedReader:
+    """Reads exactly `size` bytes of a descriptor; seekable so urllib3 can rewind for a retry.
+
+    A file that grows is cut at `size` (the rest is another version); one that shrinks raises
+    FileChanged instead of letting the server wait for bytes that never come.
+    """
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd = fd
+        self._size = size
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        want = self._size - self._pos if n < 0 else min(n, self._size - self._pos)
+        if want <= 0:
+            return b""
+        data = os.read(self._fd, want)
+        if not data:
+            raise FileChanged("the file shrank while it was being sent")
+        self._pos += len(data)
+        return data
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self._pos = os.lseek(self._fd, offset, whence)
+        return self._pos
+
+
+def open_version(path: Path, expected: Snapshot) -> int:
+    """A descriptor on the file, provided it is still the regular file that settled."""
+    try:
+        fd = os.open(path, OPEN_FLAGS)
+    except FileNotFoundError:
+        raise FileGone from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotRegular("a symlink") from None
+        raise Fault(Kind.FINAL, f"cannot read the file: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegular("not a regular file")
+        if Snapshot.of(st) != expected:
+            raise FileChanged("the file changed after it settled")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def unchanged(fd: int, path: Path, expected: Snapshot) -> bool:
+    """Is the file, on its descriptor and at its path, still the version that was sent?"""
+    try:
+        return Snapshot.of(os.fstat(fd)) == expected == Snapshot.of(os.lstat(path))
+    except FileNotFoundError:
+        return False
+
+
+class Transfer:
+    """Shared by the PUT worker threads: urllib3's PoolManager is thread-safe."""
+
+    def __init__(self, timeout_seconds: float, concurrency: int, content_type: str = "") -> None:
+        self._content_type = content_type
+        self._pool = urllib3.PoolManager(
+            num_pools=4,
+            maxsize=concurrency,
+            retries=transport_retry(),
+            timeout=urllib3.Timeout(connect=timeout_seconds, read=timeout_seconds),
+            blocksize=SEND_BLOCK_BYTES,
+        )
+
+    def put(self, url: str, item: Item) -> Sent:
+        """PUT the item's file to `url`; raises Fault, FileGone, FileChanged or NotRegular."""
+        expected = item.snapshot
+        fd = open_version(item.path, expected)
+        try:
+            headers = {"Content-Length": str(expected.size)}
+            if self._content_type:
+                headers["Content-Type"] = self._content_type
+            body = BoundedReader(fd, expected.size) if expected.size else b""
+            started = time.monotonic()
+            try:
+                response = self._pool.urlopen(
+                    "PUT", url, body=body, headers=headers, redirect=False, preload_content=True
+                )
+            except HTTPError as exc:
+                raise Fault(Kind.SERVICE, f"PUT to storage failed: {_why(exc)}") from None
+            seconds = time.monotonic() - started
+            kind = classify_put(response.status, response.data)
+            if kind is not None:
+                raise Fault(kind, put_reason(response.status, response.data), response.status)
+            if not unchanged(fd, item.path, expected):
+                raise FileChanged("the file changed while it was being sent")
+            return Sent(response.status, seconds, response.headers.get("ETag", "").strip('"'))
+        finally:
+            os.close(fd)
+
+
+def _why(exc: HTTPError) -> str:
+    """A short cause for a network failure, without the URL (its query is a credential)."""
+    reason = getattr(exc, "reason", None) or exc
+    text = type(reason).__name__
+    if isinstance(reason, OSError) and reason.strerror:
+        text += f" ({reason.strerror})"
+    return text

@@ -1,0 +1,263 @@
+"""Stage 4, upload: batches of queued files get signed URLs, then PUT workers send them.
+
+One dispatcher thread takes up to `batch_size` queued files of one type, asks the API for their
+URLs and hands each (file, URL) to a small ready queue; `upload_concurrency` worker threads PUT
+from it. The ready queue holds only a few tickets, so URLs are requested just in time, never
+for a whole backlog. Every failure arrives as a `Fault` and is settled in `_settle`, the one
+place that decides what happens to the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .api import ApiClient, SignedUrl
+from .faults import Fault, Kind, backoff_seconds
+from .gate import ServiceGate
+from .items import Item, Spot
+from .logs import event
+from .mover import Mover
+from .settings import Settings
+from .transfer import FileChanged, FileGone, NotRegular, Sent, Transfer
+from .workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+URL_MARGIN_SECONDS = 5.0  # ask again when a URL has less left than this (S3 checks at the start)
+EXPIRED_IN_A_ROW = 3  # URLs that arrive already expired point at a clock problem: back off
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    item: Item
+    url: SignedUrl
+    received_at: float  # local epoch seconds
+
+
+def url_is_stale(url: SignedUrl, received_at: float, now: float) -> bool:
+    """A URL that was fine when it arrived but is about to expire: ask for a fresh one.
+
+    A URL that arrived already that close is tried anyway: the storage's clock decides, and
+    a fresh one would be no better.
+    """
+    if url.expires_at is None:
+        return False
+    deadline = url.expires_at - URL_MARGIN_SECONDS
+    return now >= deadline > received_at
+
+
+def refusal(item: Item, max_file_size: int) -> str | None:
+    """Why a file can never be uploaded as it is, decided before asking for a URL."""
+    if item.snapshot.size > max_file_size:
+        return f"the file has {item.snapshot.size} bytes, more than max_file_size ({max_file_size})"
+    try:
+        item.spot.name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the file name is not valid UTF-8, so the API cannot be asked for it"
+    return None
+
+
+class Uploader:
+    """Owns the dispatcher and worker loops; the service runs each in its own thread."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        api: ApiClient,
+        transfer: Transfer,
+        mover: Mover,
+        work: WorkQueue,
+        gate: ServiceGate,
+        hand_back: Callable[[Spot], None],
+    ) -> None:
+        self._settings = settings
+        self._api = api
+        self._transfer = transfer
+        self._mover = mover
+        self._work = work
+        self._gate = gate
+        self._hand_back = hand_back
+        self._ready: queue.Queue[Ticket] = queue.Queue(maxsize=settings.upload_concurrency)
+        self._lock = threading.Lock()
+        self.uploaded = 0
+        self.failed = 0
+        self.sending = 0
+
+    # -- the dispatcher thread -------------------------------------------------------------
+
+    def dispatch_step(self, stop: threading.Event) -> None:
+        batch = self._work.take_batch(self._settings.batch_size, timeout=0.5)
+        sendable = []
+        for item in batch:
+            reason = refusal(item, self._settings.max_file_size)
+            if reason is None:
+                sendable.append(item)
+            else:
+                self._fail(item, reason, None)
+        if sendable and self._gate.wait(stop):
+            self._request(sendable, stop)
+
+    def _request(self, items: list[Item], stop: threading.Event) -> None:
+        try:
+            answer = self._api.upload_urls([i.spot.name for i in items], items[0].spot.file_type)
+        except Fault as fault:
+            if fault.kind is Kind.REFUSED and len(items) > 1:  # find the name(s) it refuses
+                middle = len(items) // 2
+                self._request(items[:middle], stop)
+                self._request(items[middle:], stop)
+                return
+            for item in items:
+                self._settle(item, fault)
+            return
+        self._gate.fine()
+        received = time.time()
+        for item in items:
+            url = answer.get(item.spot.name)
+            if isinstance(url, SignedUrl):
+                self._hand_over(Ticket(item, url, received), stop)
+            else:
+                missing = Fault(Kind.FILE, "the API's answer has no URL for this file name")
+                self._settle(item, url or missing)
+
+    def _hand_over(self, ticket: Ticket, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self._ready.put(ticket, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    # -- the PUT worker threads ------------------------------------------------------------
+
+    def put_step(self, stop: threading.Event) -> None:
+        try:
+            ticket = self._ready.get(timeout=0.5)
+        except queue.Empty:
+            return
+        item = ticket.item
+        if url_is_stale(ticket.url, ticket.received_at, time.time()):
+            self._work.put_back(item)  # a fresh URL, no attempt used
+            return
+        if not self._gate.wait(stop):
+            return  # stopping: the file stays in the drop folder
+        item = item.sending()
+        with self._lock:
+            self.sending += 1
+        try:
+            sent = self._transfer.put(ticket.url.url, item)
+        except Fault as fault:
+            self._settle(item, fault)
+        except FileGone:
+            self._forget(item, "vanished", "removed before it was uploaded")
+        except NotRegular as exc:
+            self._forget(item, "skipped", f"{exc}, not a regular file")
+        except FileChanged as exc:
+            self._work.release(item.path)
+            event(log, "changed", file=item.spot.rel, reason=str(exc))
+            self._hand_back(item.spot)
+        else:
+            self._gate.fine()
+            self._done(item, sent)
+        finally:
+            with self._lock:
+                self.sending -= 1
+
+    # -- outcomes --------------------------------------------------------------------------
+
+    def _settle(self, item: Item, fault: Fault) -> None:
+        """The one place that decides a file's fate after a fault."""
+        if fault.kind is Kind.SERVICE:
+            self._gate.trouble(fault)
+            self._work.put_back(item)
+        elif fault.kind is Kind.EXPIRED:
+            item = item.expired_again()
+            if item.expired >= EXPIRED_IN_A_ROW:
+                self._gate.trouble(
+                    Fault(
+                        Kind.SERVICE, "signed URLs keep arriving expired: check this host's clock"
+                    )
+                )
+            self._work.put_back(item)
+        elif fault.kind is Kind.FILE and item.attempts + 1 < self._settings.max_attempts:
+            item = item.retried()
+            s = self._settings
+            wait = backoff_seconds(
+                item.attempts, s.retry_initial_seconds, s.retry_max_seconds, random.random()
+            )
+            event(
+                log,
+                "retrying",
+                file=item.spot.rel,
+                attempt=item.attempts,
+                status=fault.status,
+                seconds=round(wait, 2),
+                reason=fault.reason,
+            )
+            self._work.put_back(item, time.monotonic() + wait)
+        else:  # FINAL, REFUSED (a single name), or FILE with no attempts left
+            self._fail(
+                item.retried() if fault.kind is Kind.FILE else item, fault.reason, fault.status
+            )
+
+    def _done(self, item: Item, sent: Sent) -> None:
+        try:
+            final = self._mover.to_done(item.path)
+        except FileNotFoundError:
+            self._forget(item, "vanished", "uploaded, then removed before it could be moved")
+            return
+        except OSError as exc:
+            self._cannot_move(item, "done", exc)
+            return
+        self._work.release(item.path)
+        with self._lock:
+            self.uploaded += 1
+        event(
+            log,
+            "uploaded",
+            file=item.spot.rel,
+            type=item.spot.file_type,
+            bytes=item.snapshot.size,
+            seconds=round(sent.seconds, 3),
+            status=sent.status,
+            moved_to=final.name if final.name != item.spot.name else None,
+        )
+
+    def _fail(self, item: Item, reason: str, status: int | None) -> None:
+        sidecar = {"file": item.spot.rel, "reason": reason, "status": status, "attempts": item.puts}
+        try:
+            final = self._mover.to_failed(item.path, sidecar)
+        except FileNotFoundError:
+            self._forget(item, "vanished", "removed before it could be moved to failed/")
+            return
+        except OSError as exc:
+            self._cannot_move(item, "failed", exc)
+            return
+        self._work.release(item.path)
+        with self._lock:
+            self.failed += 1
+        event(
+            log,
+            "failed",
+            level=logging.WARNING,
+            file=item.spot.rel,
+            type=item.spot.file_type,
+            status=status,
+            attempts=item.puts,
+            moved_to=final.name if final.name != item.spot.name else None,
+            reason=reason,
+        )
+
+    def _cannot_move(self, item: Item, where: str, exc: OSError) -> None:
+        """done/ or failed/ refuses the file (full, read-only): it stays, as in an outage."""
+        self._gate.trouble(Fault(Kind.SERVICE, f"cannot move a file into {where}/: {exc.strerror}"))
+        self._work.put_back(item)
+
+    def _forget(self, item: Item, name: str, reason: str) -> None:
+        self._work.release(item.path)
+        event(log, name, file=item.spot.rel, reason=reason)

@@ -1,0 +1,152 @@
+"""Stage 1, watch: turn filesystem events and periodic scans of the drop folder into noticed spots.
+
+Events are hints, never facts: the handler runs on watchdog's single dispatcher thread under the
+observer's lock, so it only maps the path to a `Spot` and hands it on (the stabiliser decides).
+A full scan runs at start (after the observer, so nothing falls between) and every
+`rescan_seconds`, because inotify drops events on overflow without a word and network mounts
+send none.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import logging
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from watchdog.events import (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from .items import Spot, display
+from .settings import FILE_TYPES, ConfigError
+
+log = logging.getLogger(__name__)
+
+_WANTED = (FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent)
+
+
+def is_ignored(name: str, patterns: Iterable[str]) -> bool:
+    """Basename matching (watchdog 7's own patterns match whole paths)."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def locate(
+    path: str, drop_dir: str, default_type: str | None, ignore: Iterable[str]
+) -> Spot | None:
+    """The spot for a path in the drop folder, or None when it is not ours to upload.
+
+    Files directly in drop_dir get `default_type`; files in drop_dir/users|contracts|other get
+    that type. Anything deeper, in another subfolder, outside, or with an ignored name is None.
+    """
+    rel = os.path.relpath(path, drop_dir)
+    parts = rel.split(os.sep)
+    if rel.startswith(os.pardir) or parts == ["."] or is_ignored(parts[-1], ignore):
+        return None
+    if len(parts) == 1:
+        return Spot(Path(path), display(rel), parts[0], default_type)
+    if len(parts) == 2 and parts[0] in FILE_TYPES:
+        return Spot(Path(path), display("/".join(parts)), parts[1], parts[0])
+    return None
+
+
+class _Handler(FileSystemEventHandler):
+    """Enqueue-only; an exception here would kill watchdog's dispatcher thread for good."""
+
+    def __init__(self, to_spot: Callable[[str], Spot | None], sink: Callable[[Spot], None]):
+        self._to_spot = to_spot
+        self._sink = sink
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if not isinstance(event, _WANTED):
+            return  # opened / closed-no-write (our own reads), deleted, attrib, folders
+        try:
+            path = event.dest_path if isinstance(event, FileMovedEvent) else event.src_path
+            spot = self._to_spot(os.fsdecode(path))
+            if spot is not None:
+                self._sink(spot)
+        except Exception:  # deliberately swallowed: the rescan is the safety net
+            log.exception("could not handle %s", event.event_type, extra={"event": "watch_error"})
+
+
+class Watcher:
+    """The observer on the drop folder plus the full scan; both feed `sink`."""
+
+    def __init__(
+        self,
+        drop_dir: Path,
+        default_type: str | None,
+        ignore: tuple[str, ...],
+        sink: Callable[[Spot], None],
+        polling: bool = False,
+        poll_interval_seconds: float = 2.0,
+    ) -> None:
+        self.drop_dir = drop_dir
+        self._default_type = default_type
+        self._ignore = ignore
+        self._sink = sink
+        self._polling = polling
+        self._poll_interval = poll_interval_seconds
+        self._observer: BaseObserver | None = None
+
+    def to_spot(self, path: str) -> Spot | None:
+        return locate(path, str(self.drop_dir), self._default_type, self._ignore)
+
+    def start(self) -> None:
+        observer: BaseObserver = (
+            PollingObserver(timeout=self._poll_interval) if self._polling else Observer()
+        )
+        observer.name = "observer"
+        observer.schedule(_Handler(self.to_spot, self._sink), str(self.drop_dir), recursive=True)
+        try:
+            observer.start()
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise ConfigError(
+                    "cannot watch the drop folder: the inotify watch limit is used up "
+                    "(raise fs.inotify.max_user_watches, or set polling = true)"
+                ) from None
+            raise ConfigError(f"cannot watch drop_dir {self.drop_dir}: {exc.strerror}") from None
+        self._observer = observer
+
+    def alive(self) -> bool:
+        return self._observer is not None and self._observer.is_alive()
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+
+    def scan(self) -> int:
+        """Notice every entry of the drop folder and its type subfolders; the count noticed."""
+        noticed = 0
+        for folder, depth in [(self.drop_dir, 0), *((self.drop_dir / t, 1) for t in FILE_TYPES)]:
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                if depth == 0:
+                    log.warning("drop folder %s is missing", folder, extra={"event": "scan_failed"})
+                continue
+            except OSError as exc:
+                log.warning(
+                    "cannot list %s: %s", folder, exc.strerror, extra={"event": "scan_failed"}
+                )
+                continue
+            for entry in entries:
+                if depth == 0 and entry.name in FILE_TYPES and entry.is_dir(follow_symlinks=False):
+                    continue  # scanned as a type folder
+                spot = self.to_spot(entry.path)
+                if spot is not None:
+                    self._sink(spot)
+                    noticed += 1
+        return noticed
