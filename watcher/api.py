@@ -7,6 +7,7 @@ the endpoint and never carries a secret, a token or a signed URL's query.
 
 from __future__ import annotations
 
+import calendar
 import email.utils
 import ipaddress
 import logging
@@ -75,7 +76,7 @@ def url_expiry(url: str) -> float | None:
             return float(query["Expires"][0])
         if "X-Amz-Date" in query and "X-Amz-Expires" in query:
             signed = time.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ")
-            return email.utils.mktime_tz((*signed[:9], 0)) + float(query["X-Amz-Expires"][0])
+            return calendar.timegm(signed) + float(query["X-Amz-Expires"][0])
     except (ValueError, OverflowError):
         return None
     return None

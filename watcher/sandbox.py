@@ -96,9 +96,11 @@ class Sandbox:
         self.refuse_names: set[str] = set()  # 400 for a request naming any of these
         self.omit_names: set[str] = set()  # left out of the URL answer
         self.extra_names: set[str] = set()  # added to the URL answer, unasked
-        self.url_scheme_override: str | None = None  # e.g. "ftp" to hand out a bad URL
+        self.url_base: str | None = None  # hand out URLs on another base, e.g. "ftp://x"
+        self.expire_next = 0  # this many next URLs are minted already expired
         self.presign = presign
         self.requests: list[Recorded] = []
+        self.arrived: dict[str, int] = {"token": 0, "urls": 0, "put": 0}  # before any fault
         self._faults: list[Injected] = []
         self._tokens: dict[str, float] = {}
         self._signing_secret = secrets.token_urlsafe(24)
@@ -199,6 +201,11 @@ class Sandbox:
             answer["expires_in"] = int(lifetime) if float(lifetime).is_integer() else lifetime
         return answer
 
+    def forget_tokens(self) -> None:
+        """Every token issued so far is refused from now on (as after a revocation)."""
+        with self._lock:
+            self._tokens.clear()
+
     def token_valid(self, token: str) -> bool:
         with self._lock:
             expiry = self._tokens.get(token)
@@ -209,15 +216,17 @@ class Sandbox:
         if self.presign is not None:
             return self.presign(key, self.url_seconds)
         path = f"/{BUCKET}/{quote(key, safe='/')}"
-        expires = str(int(self.now() + self.url_seconds))
+        lifetime = self.url_seconds
+        with self._lock:
+            if self.expire_next > 0:
+                self.expire_next -= 1
+                lifetime = -60
+        expires = str(int(self.now() + lifetime))
         signature = sign_v2(self._signing_secret, "PUT", "", "", expires, path)
         query = (
             f"AWSAccessKeyId={ACCESS_KEY}&Expires={expires}&Signature={quote(signature, safe='')}"
         )
-        scheme_and_host = self.url
-        if self.url_scheme_override:
-            scheme_and_host = self.url.replace("http", self.url_scheme_override, 1)
-        return f"{scheme_and_host}{path}?{query}"
+        return f"{self.url_base or self.url}{path}?{query}"
 
     def check_put(self, raw_path: str, query: str, headers: Any) -> tuple[int, str, str] | None:
         """S3's checks of a presigned PUT: None when it may proceed, else (status, code, msg)."""
@@ -333,6 +342,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _misbehave(self, endpoint: str) -> bool:
         """Apply an injected fault; True when it produced the answer (or none at all)."""
         sandbox = self.server.sandbox
+        with sandbox._lock:
+            sandbox.arrived[endpoint] += 1
         fault = sandbox._next_fault(endpoint)
         if fault is None:
             return False

@@ -70,6 +70,7 @@ class Service:
         self._stop = threading.Event()  # tells every thread to finish
         self._wakeup = threading.Event()  # wakes the main loop (signals)
         self._stop_requests = 0
+        self.ready = threading.Event()  # set with READY=1 (tests wait on it)
         self._threads: list[threading.Thread] = []
 
         drop, done, failed = require_folders(settings)
@@ -121,6 +122,7 @@ class Service:
         waiting = self.watcher.scan()
         self._notifier.send("READY=1", f"STATUS=watching, {waiting} file(s) waiting at start")
         event(log, "ready", drop_dir=str(self.watcher.drop_dir), waiting=waiting)
+        self.ready.set()
         try:
             return self._supervise()
         finally:
@@ -174,6 +176,7 @@ class Service:
         self._stop.set()
         self.work.close()
         self.stabiliser.wake()
+        self.uploader.close()
         deadline = self._clock() + self.settings.shutdown_timeout_seconds
         for thread in self._threads:
             while thread.is_alive() and self._stop_requests < 2:
@@ -181,6 +184,7 @@ class Service:
                 if remaining <= 0:
                     break
                 thread.join(min(remaining, 0.2))
+        self.watcher.join(max(0.0, deadline - self._clock()))
         abandoned = sum(t.is_alive() for t in self._threads if t.name.startswith("put-"))
         self.api.close()
         event(

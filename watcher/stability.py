@@ -13,7 +13,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,9 +79,9 @@ class Stabiliser:
         self._due: list[tuple[float, Path]] = []
         self._skipped: set[Path] = set()
 
-    def notice(self, spot: Spot) -> None:
+    def notice(self, spots: Iterable[Spot]) -> None:
         with self._lock:
-            self._noticed[spot.path] = spot
+            self._noticed.update((spot.path, spot) for spot in spots)
         self._wake.set()
 
     def wake(self) -> None:
@@ -100,38 +100,41 @@ class Stabiliser:
         """Look at new notices and at files whose settle time is up; seconds until the next."""
         with self._lock:
             noticed, self._noticed = self._noticed, {}
-        for spot in noticed.values():
-            self._look(spot, now)
+        stable = [self._look(spot, now) for spot in noticed.values()]
         while self._due and self._due[0][0] <= now:
             _, path = heapq.heappop(self._due)
             candidate = self._candidates.get(path)
             if candidate is not None and candidate.since + self.settle_seconds <= now:
-                self._look(candidate.spot, now)
+                stable.append(self._look(candidate.spot, now))
+        items = [item for item in stable if item is not None]
+        if items:  # together, so that files that settled together share a batch
+            self._queue.put_many(items)
         return max(0.0, self._due[0][0] - now) if self._due else 1.0
 
-    def _look(self, spot: Spot, now: float) -> None:
+    def _look(self, spot: Spot, now: float) -> Item | None:
+        """Stat one file; the item when it has just become stable."""
         if spot.path in self._queue:
-            return  # already queued or being uploaded; the uploader re-checks it
+            return None  # already queued or being uploaded; the uploader re-checks it
         previous = self._candidates.pop(spot.path, None)
         try:
             st = os.lstat(spot.path)
         except FileNotFoundError:
             if previous is not None:
                 event(log, "vanished", file=spot.rel, reason="removed before it was uploaded")
-            return
+            return None
         kind = kind_of(st.st_mode)
         if kind != "file":
             self._skip_once(spot, kind)
-            return
+            return None
         self._skipped.discard(spot.path)
         candidate = observe(previous, spot, Snapshot.of(st), now)
         if is_stable(candidate, now, self.settle_seconds):
-            self._queue.put(Item(spot, candidate.snapshot))
             event(log, "queued", file=spot.rel, type=spot.file_type, bytes=st.st_size)
-            return
+            return Item(spot, candidate.snapshot)
         self._candidates[spot.path] = candidate
         if candidate is not previous:
             heapq.heappush(self._due, (candidate.since + self.settle_seconds, spot.path))
+        return None
 
     def _skip_once(self, spot: Spot, kind: str) -> None:
         if spot.path not in self._skipped:

@@ -9,6 +9,7 @@ place that decides what happens to the file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import random
@@ -74,7 +75,7 @@ class Uploader:
         mover: Mover,
         work: WorkQueue,
         gate: ServiceGate,
-        hand_back: Callable[[Spot], None],
+        hand_back: Callable[[list[Spot]], None],
     ) -> None:
         self._settings = settings
         self._api = api
@@ -83,7 +84,7 @@ class Uploader:
         self._work = work
         self._gate = gate
         self._hand_back = hand_back
-        self._ready: queue.Queue[Ticket] = queue.Queue(maxsize=settings.upload_concurrency)
+        self._ready: queue.Queue[Ticket | None] = queue.Queue(maxsize=settings.upload_concurrency)
         self._lock = threading.Lock()
         self.uploaded = 0
         self.failed = 0
@@ -135,11 +136,19 @@ class Uploader:
 
     # -- the PUT worker threads ------------------------------------------------------------
 
+    def close(self) -> None:
+        """Wake idle workers at a stop: a None ticket ends a worker's wait."""
+        for _ in range(self._settings.upload_concurrency):
+            with contextlib.suppress(queue.Full):
+                self._ready.put_nowait(None)
+
     def put_step(self, stop: threading.Event) -> None:
         try:
-            ticket = self._ready.get(timeout=0.5)
+            ticket = self._ready.get(timeout=1.0)
         except queue.Empty:
             return
+        if ticket is None or stop.is_set():
+            return  # stopping: the file stays in the drop folder
         item = ticket.item
         if url_is_stale(ticket.url, ticket.received_at, time.time()):
             self._work.put_back(item)  # a fresh URL, no attempt used
@@ -160,7 +169,7 @@ class Uploader:
         except FileChanged as exc:
             self._work.release(item.path)
             event(log, "changed", file=item.spot.rel, reason=str(exc))
-            self._hand_back(item.spot)
+            self._hand_back([item.spot])
         else:
             self._gate.fine()
             self._done(item, sent)

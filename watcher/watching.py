@@ -36,6 +36,16 @@ log = logging.getLogger(__name__)
 _WANTED = (FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent)
 
 
+class _QuietStop(logging.Filter):
+    """watchdog 7 logs an ERROR when its inotify thread is stopped mid-read: a benign race."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
+
+
+logging.getLogger("watchdog.observers.inotify").addFilter(_QuietStop())
+
+
 def is_ignored(name: str, patterns: Iterable[str]) -> bool:
     """Basename matching (watchdog 7's own patterns match whole paths)."""
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
@@ -63,7 +73,7 @@ def locate(
 class _Handler(FileSystemEventHandler):
     """Enqueue-only; an exception here would kill watchdog's dispatcher thread for good."""
 
-    def __init__(self, to_spot: Callable[[str], Spot | None], sink: Callable[[Spot], None]):
+    def __init__(self, to_spot: Callable[[str], Spot | None], sink: Callable[[list[Spot]], None]):
         self._to_spot = to_spot
         self._sink = sink
 
@@ -74,7 +84,7 @@ class _Handler(FileSystemEventHandler):
             path = event.dest_path if isinstance(event, FileMovedEvent) else event.src_path
             spot = self._to_spot(os.fsdecode(path))
             if spot is not None:
-                self._sink(spot)
+                self._sink([spot])
         except Exception:  # deliberately swallowed: the rescan is the safety net
             log.exception("could not handle %s", event.event_type, extra={"event": "watch_error"})
 
@@ -87,7 +97,7 @@ class Watcher:
         drop_dir: Path,
         default_type: str | None,
         ignore: tuple[str, ...],
-        sink: Callable[[Spot], None],
+        sink: Callable[[list[Spot]], None],
         polling: bool = False,
         poll_interval_seconds: float = 2.0,
     ) -> None:
@@ -123,13 +133,17 @@ class Watcher:
         return self._observer is not None and self._observer.is_alive()
 
     def stop(self) -> None:
+        """Stop watching at once; `join` waits for watchdog's threads to end."""
         if self._observer is not None:
             self._observer.stop()
-            self._observer.join(timeout=5)
+
+    def join(self, timeout: float) -> None:
+        if self._observer is not None:
+            self._observer.join(timeout)
 
     def scan(self) -> int:
         """Notice every entry of the drop folder and its type subfolders; the count noticed."""
-        noticed = 0
+        noticed: list[Spot] = []
         for folder, depth in [(self.drop_dir, 0), *((self.drop_dir / t, 1) for t in FILE_TYPES)]:
             try:
                 entries = list(os.scandir(folder))
@@ -147,6 +161,6 @@ class Watcher:
                     continue  # scanned as a type folder
                 spot = self.to_spot(entry.path)
                 if spot is not None:
-                    self._sink(spot)
-                    noticed += 1
-        return noticed
+                    noticed.append(spot)
+        self._sink(noticed)  # at once, so files that settle together share a batch
+        return len(noticed)

@@ -36,13 +36,13 @@ class WorkQueue:
         with self._changed:
             return len(self._heap), len(self._paths) - len(self._heap)
 
-    def put(self, item: Item, not_before: float = 0.0) -> None:
-        """Queue a file; a path already queued or in flight is ignored."""
+    def put_many(self, items: list[Item]) -> None:
+        """Queue files; a path already queued or in flight is ignored."""
         with self._changed:
-            if item.path in self._paths:
-                return
-            self._paths.add(item.path)
-            self._push(item, not_before)
+            for item in items:
+                if item.path not in self._paths:
+                    self._paths.add(item.path)
+                    self._push(item, 0.0)
 
     def put_back(self, item: Item, not_before: float = 0.0) -> None:
         """Return a taken item (its path is still held) to wait for another try."""

@@ -1,0 +1,192 @@
+"""Shared fixtures: real folders, the real sandbox on loopback, the daemon in-process or as a
+subprocess, deadline-based waiting, and a guard against leaked threads and leaked secrets."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from watcher import logs
+from watcher.sandbox import Sandbox
+from watcher.service import Service
+from watcher.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
+    """Poll `condition` until it is truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what or condition}")
+        time.sleep(0.02)
+
+
+@dataclass
+class Folders:
+    root: Path
+    drop: Path
+    done: Path
+    failed: Path
+
+    def files(self, folder: Path) -> list[str]:
+        """Relative paths of the regular files below `folder`, sidecars included."""
+        return sorted(
+            str(p.relative_to(folder))
+            for p in folder.rglob("*")
+            if p.is_file() and not p.is_symlink()
+        )
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> Folders:
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    return Folders(tmp_path, drop, tmp_path / "done", tmp_path / "failed")
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
+    with Sandbox(tmp_path / "store") as sb:
+        yield sb
+
+
+def make_settings(sandbox: Sandbox, folders: Folders | None, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "app_id": sandbox.app_id,
+        "client_id": sandbox.client_id,
+        "client_secret": SecretStr(sandbox.client_secret),
+        "api_url": sandbox.url,
+        "token_url": f"{sandbox.url}/oauth2/token",
+        "settle_seconds": 0.3,
+        "retry_initial_seconds": 0.05,
+        "retry_max_seconds": 0.2,
+        "request_timeout_seconds": 5.0,
+        "shutdown_timeout_seconds": 5.0,
+    }
+    if folders is not None:
+        values["drop_dir"] = folders.drop
+    values.update(overrides)
+    return Settings(**values)
+
+
+class Captured:
+    """Every log line the daemon wrote, through the real formatter (JSON)."""
+
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+
+    @property
+    def text(self) -> str:
+        return self.stream.getvalue()
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        docs = [json.loads(line) for line in self.text.splitlines() if line.strip()]
+        return [d for d in docs if name is None or d.get("event") == name]
+
+
+@pytest.fixture
+def logs_json() -> Iterator[Captured]:
+    """Route logging through watcher.logs (DEBUG, JSON) into a buffer for the test."""
+    captured = Captured()
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, sys.excepthook, threading.excepthook)
+    logs.setup("DEBUG", "json", captured.stream)
+    yield captured
+    root.handlers[:], sys.excepthook, threading.excepthook = saved[0], saved[2], saved[3]
+    root.setLevel(saved[1])
+    assert_no_secrets(captured.text)
+
+
+def assert_no_secrets(text: str) -> None:
+    from watcher.sandbox import CLIENT_SECRET
+
+    for forbidden in (
+        CLIENT_SECRET,
+        "Signature=",
+        "X-Amz-Signature=",
+        "AWSAccessKeyId=",
+        'access_token": "',
+    ):
+        assert forbidden not in text, f"{forbidden!r} leaked into the output"
+
+
+class Daemon:
+    """The service running in-process on a thread of the test."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.service = Service(settings)
+        self.status: int | None = None
+        self._thread = threading.Thread(target=self._run, name="test-daemon")
+
+    def _run(self) -> None:
+        self.status = self.service.run()
+
+    def __enter__(self) -> Service:
+        self._thread.start()
+        wait_for(lambda: self.service.ready.is_set() or not self._thread.is_alive(), what="READY")
+        return self.service
+
+    def __exit__(self, *exc: object) -> None:
+        self.service.request_stop()
+        self._thread.join(30)
+        assert not self._thread.is_alive(), "the daemon did not stop"
+        assert self.status == 0
+
+
+@pytest.fixture
+def daemon(sandbox: Sandbox, folders: Folders, logs_json: Captured) -> Callable[..., Daemon]:
+    def start(**overrides: Any) -> Daemon:
+        return Daemon(make_settings(sandbox, folders, **overrides))
+
+    return start
+
+
+@contextmanager
+def subprocess_daemon(env: dict[str, str], *args: str) -> Iterator[subprocess.Popen[str]]:
+    """`productiv-watcher run` as a real child process, its stderr collected."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PRODUCTIV_")}
+    full_env.update(env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "watcher", "run", *args],
+        env=full_env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    before = set(threading.enumerate())
+    yield
+    wait_for(
+        lambda: not [t for t in threading.enumerate() if t not in before and t.is_alive()],
+        timeout=10,
+        what="the test's threads to end",
+    )

@@ -1,0 +1,350 @@
+"""The pure decisions, tested directly from tables (no threads, no network, no sleeping)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from watcher.api import SignedUrl, token_needs_refresh, url_expiry, url_problem
+from watcher.faults import (
+    Kind,
+    backoff_seconds,
+    classify_api_status,
+    classify_put,
+    retry_after_seconds,
+)
+from watcher.items import Item, Snapshot, Spot
+from watcher.logs import Redactor
+from watcher.mover import NAME_MAX_BYTES, candidate_names
+from watcher.stability import Candidate, is_stable, observe
+from watcher.uploader import refusal, url_is_stale
+from watcher.watching import is_ignored, locate
+
+SNAP = Snapshot(1, 2, 10, 100, 100)
+SPOT = Spot(Path("/d/a.csv"), "a.csv", "a.csv", None)
+DEFAULT_IGNORE = (
+    ".*",
+    "*.tmp",
+    "*.part",
+    "*.partial",
+    "*.crdownload",
+    "*.swp",
+    "*~",
+    "~$*",
+    "Thumbs.db",
+    "desktop.ini",
+)
+
+
+# -- stability -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("previous", "snapshot", "now", "expected_since"),
+    [
+        (None, SNAP, 5.0, 5.0),  # first look starts the clock
+        (Candidate(SPOT, SNAP, 1.0), SNAP, 5.0, 1.0),  # unchanged keeps it
+        (Candidate(SPOT, SNAP, 1.0), Snapshot(1, 2, 11, 100, 100), 5.0, 5.0),  # grew
+        (Candidate(SPOT, SNAP, 1.0), Snapshot(1, 2, 10, 101, 100), 5.0, 5.0),  # mtime
+        (Candidate(SPOT, SNAP, 1.0), Snapshot(1, 2, 10, 100, 101), 5.0, 5.0),  # ctime only (cp -p)
+        (Candidate(SPOT, SNAP, 1.0), Snapshot(1, 3, 10, 100, 100), 5.0, 5.0),  # replaced (inode)
+    ],
+)
+def test_observe_restarts_the_clock_on_any_change(previous, snapshot, now, expected_since):
+    assert observe(previous, SPOT, snapshot, now).since == expected_since
+
+
+@pytest.mark.parametrize(
+    ("since", "now", "settle", "stable"),
+    [
+        (0.0, 1.9, 2.0, False),
+        (0.0, 2.0, 2.0, True),
+        (0.0, 9.0, 2.0, True),
+        (5.0, 5.0, 0.1, False),
+    ],
+)
+def test_is_stable(since, now, settle, stable):
+    assert is_stable(Candidate(SPOT, SNAP, since), now, settle) is stable
+
+
+# -- where a path belongs --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "default_type", "expected"),
+    [
+        ("/d/a.csv", None, ("a.csv", None)),
+        ("/d/a.csv", "users", ("a.csv", "users")),
+        ("/d/users/a.csv", None, ("users/a.csv", "users")),
+        ("/d/contracts/a b.pdf", "users", ("contracts/a b.pdf", "contracts")),
+        ("/d/other/x", None, ("other/x", "other")),
+        ("/d/misc/a.csv", None, None),  # not a type folder
+        ("/d/users/deep/a.csv", None, None),  # too deep
+        ("/d/.hidden", None, None),
+        ("/d/users/a.csv.part", None, None),
+        ("/d", None, None),
+        ("/elsewhere/a.csv", None, None),
+        ("/d/users", None, ("users", None)),  # the folder itself is an entry (skipped later)
+    ],
+)
+def test_locate(path, default_type, expected):
+    spot = locate(path, "/d", default_type, DEFAULT_IGNORE)
+    assert (None if spot is None else (spot.rel, spot.file_type)) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "ignored"),
+    [
+        ("report.csv", False),
+        (".report.csv", True),
+        ("a.tmp", True),
+        ("a.TMP", False),
+        ("x.crdownload", True),
+        ("~$budget.xlsx", True),
+        ("notes~", True),
+        ("Thumbs.db", True),
+        ("a.partial", True),
+        ("desktop.ini", True),
+        ("data.swp", True),
+        ("ok.part.csv", False),
+    ],
+)
+def test_ignore_patterns_match_the_basename(name, ignored):
+    assert is_ignored(name, DEFAULT_IGNORE) is ignored
+
+
+# -- names in done/ and failed/ --------------------------------------------------------------
+
+NOON = 1795763700.0  # 2026-11-27T07:15:00Z
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        (
+            "report.pdf",
+            ["report.pdf", "report.20261127T071500Z.pdf", "report.20261127T071500Z-2.pdf"],
+        ),
+        ("README", ["README", "README.20261127T071500Z", "README.20261127T071500Z-2"]),
+        ("a.tar.gz", ["a.tar.gz", "a.tar.20261127T071500Z.gz", "a.tar.20261127T071500Z-2.gz"]),
+    ],
+)
+def test_candidate_names(name, expected):
+    names = candidate_names(name, NOON)
+    assert [next(names) for _ in range(3)] == expected
+
+
+@given(
+    st.text(
+        st.characters(blacklist_characters="/\x00", blacklist_categories=("Cs",)),
+        min_size=1,
+        max_size=120,
+    ),
+    st.integers(0, 20),
+)
+def test_candidate_names_are_distinct_and_fit(name, reserve):
+    if len(os.fsencode(name)) > NAME_MAX_BYTES or name in (".", ".."):
+        return
+    names = list(candidate_names(name, NOON, reserve))[:50]
+    assert len(set(names)) == len(names)
+    assert all(len(os.fsencode(n)) <= NAME_MAX_BYTES - reserve for n in names)
+
+
+def test_long_name_leaves_room_for_the_sidecar():
+    name = "x" * 250 + ".csv"
+    first = next(candidate_names(name, NOON, reserve=len(".error.json")))
+    assert first.endswith(".20261127T071500Z.csv")
+    assert len(first) + len(".error.json") <= NAME_MAX_BYTES
+
+
+# -- whose fault, and how long to wait ---------------------------------------------------------
+
+EXPIRED_XML = b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
+MISMATCH_XML = b"<Error><Code>SignatureDoesNotMatch</Code><Message>no</Message></Error>"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "kind"),
+    [
+        (200, b"", None),
+        (403, EXPIRED_XML, Kind.EXPIRED),
+        (400, EXPIRED_XML, Kind.EXPIRED),  # rclone serve s3 answers 400
+        (403, MISMATCH_XML, Kind.FILE),
+        (400, b"<Error><Code>RequestTimeout</Code></Error>", Kind.FILE),
+        (
+            403,
+            b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>",
+            Kind.FILE,
+        ),
+        (411, b"", Kind.FILE),
+        (429, b"", Kind.SERVICE),
+        (500, b"", Kind.SERVICE),
+        (503, b"<Error><Code>SlowDown</Code></Error>", Kind.SERVICE),
+        (307, b"", Kind.SERVICE),
+    ],
+)
+def test_classify_put(status, body, kind):
+    assert classify_put(status, body) is kind
+
+
+@pytest.mark.parametrize(
+    ("status", "endpoint", "kind"),
+    [
+        (200, "urls", None),
+        (400, "urls", Kind.REFUSED),
+        (414, "urls", Kind.REFUSED),
+        (404, "urls", Kind.SERVICE),
+        (403, "urls", Kind.SERVICE),
+        (401, "urls", Kind.SERVICE),
+        (429, "urls", Kind.SERVICE),
+        (503, "urls", Kind.SERVICE),
+        (400, "token", Kind.SERVICE),
+        (401, "token", Kind.SERVICE),
+        (302, "urls", Kind.SERVICE),
+    ],
+)
+def test_classify_api_status(status, endpoint, kind):
+    assert classify_api_status(status, endpoint) is kind
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, None),
+        ("", None),
+        ("7", 7.0),
+        ("0", 0.0),
+        ("100000", 900.0),
+        ("Fri, 27 Nov 2026 07:16:00 GMT", 60.0),
+        ("Fri, 27 Nov 2026 07:00:00 GMT", 0.0),
+        ("soon", None),
+    ],
+)
+def test_retry_after(header, expected):
+    assert retry_after_seconds(header, NOON) == expected
+
+
+def test_backoff_doubles_up_to_the_cap_with_jitter_between_half_and_whole():
+    assert [backoff_seconds(n, 1.0, 300.0, 0.999999) for n in (1, 2, 3, 4)] == pytest.approx(
+        [1, 2, 4, 8], rel=1e-5
+    )
+    assert backoff_seconds(1, 1.0, 300.0, 0.0) == 0.5
+    assert backoff_seconds(50, 1.0, 300.0, 0.0) == 150.0
+
+
+@given(st.integers(1, 10_000), st.floats(0.01, 10), st.floats(10, 1000), st.floats(0, 0.999))
+def test_backoff_is_bounded(step, initial, maximum, jitter):
+    wait = backoff_seconds(step, initial, maximum, jitter)
+    assert initial / 2 <= wait <= maximum or wait >= maximum / 2
+
+
+# -- URLs and tokens ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("https://productiv-data.s3.us-west-2.amazonaws.com/k/a.pdf?X=1", True),
+        ("http://127.0.0.1:9000/b/k?x=1", True),
+        ("http://127.5.5.5/b/k", True),
+        ("http://[::1]:80/b/k", True),
+        ("http://localhost/b/k", True),
+        ("http://example.com/b/k", False),
+        ("http://10.0.0.1/b/k", False),
+        ("https://user:pass@s3.amazonaws.com/b/k", False),
+        ("https://user@s3.amazonaws.com/b/k", False),
+        ("ftp://s3.amazonaws.com/b/k", False),
+        ("file:///etc/passwd", False),
+        ("not a url", False),
+        ("https://[::1/x", False),
+    ],
+)
+def test_url_problem(url, ok):
+    assert (url_problem(url) is None) is ok
+
+
+@pytest.mark.parametrize(
+    ("url", "expiry"),
+    [
+        ("https://h/b/k?AWSAccessKeyId=A&Expires=1795763700&Signature=a%2Bb", NOON),
+        (
+            "https://h/b/k?X-Amz-Date=20261127T071500Z&X-Amz-Expires=600&X-Amz-Signature=s",
+            NOON + 600,
+        ),
+        ("https://h/b/k?X-Amz-Date=garbage&X-Amz-Expires=600", None),
+        ("https://h/b/k", None),
+    ],
+)
+def test_url_expiry(url, expiry):
+    assert url_expiry(url) == expiry
+
+
+@pytest.mark.parametrize(
+    ("expires_at", "received_at", "now", "stale"),
+    [
+        (None, 0.0, 1e12, False),
+        (1000.0, 0.0, 900.0, False),
+        (1000.0, 0.0, 996.0, True),  # fine on arrival, nearly gone now: ask again
+        (1000.0, 999.0, 999.5, False),  # arrived this close: let the storage decide
+    ],
+)
+def test_url_is_stale(expires_at, received_at, now, stale):
+    assert url_is_stale(SignedUrl("u", expires_at), received_at, now) is stale
+
+
+@pytest.mark.parametrize(
+    ("obtained", "lifetime", "now", "refresh"),
+    [
+        (0, 3600, 3539, False),
+        (0, 3600, 3540, True),  # 60 s margin
+        (0, 60, 29, False),
+        (0, 60, 30, True),  # half of a short lifetime
+        (0, float("inf"), 1e12, False),
+    ],
+)
+def test_token_needs_refresh(obtained, lifetime, now, refresh):
+    assert token_needs_refresh(obtained, lifetime, now) is refresh
+
+
+def test_refusal():
+    def item(name: str, size: int) -> Item:
+        return Item(Spot(Path("/d") / name, name, name, None), Snapshot(1, 1, size, 1, 1))
+
+    assert refusal(item("a.csv", 10), 10) is None
+    assert "max_file_size" in (refusal(item("a.csv", 11), 10) or "")
+    assert "UTF-8" in (refusal(item(os.fsdecode(b"bad\xff.csv"), 1), 10) or "")
+
+
+# -- what may be logged ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (
+            "PUT /b/k.csv?AWSAccessKeyId=A&Expires=1&Signature=x%2B HTTP/1.1",
+            "PUT /b/k.csv?<redacted> HTTP/1.1",
+        ),
+        ("url=https://h/k?X-Amz-Signature=abc&X-Amz-Date=1", "url=https://h/k?<redacted>"),
+        ("file=what?.csv", "file=what?.csv"),  # a '?' in a file name stays
+        ("token is hunter2-secret ok", "token is *** ok"),
+    ],
+)
+def test_redactor(line, expected):
+    redact = Redactor()
+    redact.add(["hunter2-secret"])
+    assert redact(line) == expected
+
+
+@given(
+    st.text(min_size=4, max_size=40).filter(lambda s: s.strip() == s and "?" not in s),
+    st.text(max_size=40),
+)
+def test_redactor_never_lets_a_registered_secret_through(secret, noise):
+    redact = Redactor()
+    redact.add([secret])
+    assert secret not in redact(noise + secret + noise)

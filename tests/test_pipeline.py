@@ -1,0 +1,364 @@
+"""The whole pipeline in-process, against the sandbox over real sockets and real folders."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Captured, Folders, wait_for
+
+
+def write(path: Path, data: bytes | str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def done_soon(folders: Folders, *rels: str, timeout: float = 15) -> None:
+    wait_for(lambda: all((folders.done / r).exists() for r in rels), timeout, f"{rels} in done/")
+
+
+def test_files_waiting_at_start_go_up_whole_and_move_to_done(daemon, folders, sandbox):
+    write(folders.drop / "top.csv", b"top")
+    write(folders.drop / "users" / "people.csv", b"u" * 70_000)
+    write(folders.drop / "contracts" / "deal.pdf", os.urandom(300_000))
+    expected = {
+        rel: (folders.drop / rel).read_bytes()
+        for rel in ("top.csv", "users/people.csv", "contracts/deal.pdf")
+    }
+    with daemon(file_type="other"):
+        done_soon(folders, *expected)
+    assert folders.files(folders.drop) == []
+    assert sandbox.stored("top.csv", "other") == expected["top.csv"]
+    assert sandbox.stored("people.csv", "users") == expected["users/people.csv"]
+    assert sandbox.stored("deal.pdf", "contracts") == expected["contracts/deal.pdf"]
+    assert {rel: (folders.done / rel).read_bytes() for rel in expected} == expected
+
+
+def test_put_has_content_length_no_chunking_and_no_content_type(daemon, folders, sandbox):
+    with daemon():
+        write(folders.drop / "empty.csv", b"")
+        write(folders.drop / "some.csv", b"12345")
+        done_soon(folders, "empty.csv", "some.csv")
+    puts = [r for r in sandbox.requests if r.endpoint == "put"]
+    assert sorted(r.headers.get("Content-Length") for r in puts) == ["0", "5"]
+    assert all(
+        "Transfer-Encoding" not in r.headers and "Content-Type" not in r.headers for r in puts
+    )
+    assert sandbox.stored("empty.csv") == b""
+
+
+def test_a_file_written_slowly_is_uploaded_once_and_whole(daemon, folders, sandbox, logs_json):
+    target = folders.drop / "slow.csv"
+    with daemon(settle_seconds=0.5):
+        with target.open("wb") as out:
+            for n in range(15):  # 1.5 s of writing, a write every 0.1 s
+                out.write(f"line {n}\n".encode())
+                out.flush()
+                time.sleep(0.1)
+        done_soon(folders, "slow.csv")
+    assert sandbox.stored("slow.csv") == b"".join(f"line {n}\n".encode() for n in range(15))
+    assert sandbox.count("put") == 1
+    assert len(logs_json.events("uploaded")) == 1
+
+
+def test_a_scanner_that_closes_and_reopens_between_pages_is_uploaded_once(daemon, folders, sandbox):
+    target = folders.drop / "scan.pdf"
+    with daemon(settle_seconds=0.5):
+        for page in range(6):
+            with target.open("ab") as out:  # closed after every page: a close event each time
+                out.write(f"page {page}\n".encode() * 100)
+            time.sleep(0.2)
+        done_soon(folders, "scan.pdf")
+    assert sandbox.count("put") == 1
+    assert sandbox.stored("scan.pdf").count(b"page 5") == 100
+
+
+def test_files_moved_in_or_renamed_in_place_are_uploaded(daemon, folders, sandbox, tmp_path):
+    outside = write(tmp_path / "staging" / "moved.csv", b"moved")
+    with daemon():
+        os.rename(outside, folders.drop / "moved.csv")
+        write(folders.drop / ".rsync.tmp", b"renamed")
+        os.rename(folders.drop / ".rsync.tmp", folders.drop / "renamed.csv")
+        done_soon(folders, "moved.csv", "renamed.csv")
+    assert sandbox.stored("renamed.csv") == b"renamed"
+
+
+def test_ignored_names_and_deeper_folders_stay_put(daemon, folders, sandbox, logs_json):
+    ignored = [".hidden", "a.tmp", "b.part", "c.crdownload", "~$d.xlsx", "e~", "Thumbs.db"]
+    for name in ignored:
+        write(folders.drop / name, b"x")
+    write(folders.drop / "users" / "deeper" / "f.csv", b"x")
+    write(folders.drop / "misc" / "g.csv", b"x")
+    with daemon():
+        write(folders.drop / "marker.csv", b"x")
+        done_soon(folders, "marker.csv")
+    asked = {name for r in sandbox.requests for name in r.names}
+    assert asked == {"marker.csv"}
+    assert all((folders.drop / name).exists() for name in ignored)
+    skipped = {e["file"] for e in logs_json.events("skipped")}
+    assert skipped == {"misc", "users/deeper"}
+
+
+def test_files_that_settle_together_share_signed_url_requests(daemon, folders, sandbox):
+    for n in range(23):
+        write(folders.drop / "users" / f"f{n:02}.csv", b"x")
+    with daemon(batch_size=5):
+        done_soon(folders, *(f"users/f{n:02}.csv" for n in range(23)))
+    assert sandbox.count("urls") == math.ceil(23 / 5)
+    assert all(len(r.names) <= 5 for r in sandbox.requests if r.endpoint == "urls")
+
+
+def test_one_batch_never_holds_two_files_of_the_same_name(daemon, folders, sandbox):
+    write(folders.drop / "same.csv", b"top")
+    write(folders.drop / "users" / "same.csv", b"users")
+    with daemon(file_type="users"):
+        done_soon(folders, "same.csv", "users/same.csv")
+    assert all(len(set(r.names)) == len(r.names) for r in sandbox.requests if r.endpoint == "urls")
+    assert sandbox.count("urls") == 2
+
+
+def test_a_taken_name_in_done_gets_a_timestamp_and_nothing_is_overwritten(daemon, folders):
+    write(folders.done / "report.pdf", b"yesterday")
+    write(folders.drop / "report.pdf", b"today")
+    with daemon():
+        wait_for(lambda: len(list(folders.done.iterdir())) == 2)
+        write(folders.drop / "report.pdf", b"later today")
+        wait_for(lambda: len(list(folders.done.iterdir())) == 3)
+    assert (folders.done / "report.pdf").read_bytes() == b"yesterday"
+    contents = sorted(p.read_bytes() for p in folders.done.iterdir())
+    assert contents == [b"later today", b"today", b"yesterday"]
+    names = sorted(p.name for p in folders.done.iterdir())
+    assert names[1].startswith("report.20") and names[1].endswith("Z.pdf")
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "fault"),
+    [
+        ("token", {"status": 503}),
+        ("token", {"drop": True}),
+        ("urls", {"status": 500}),
+        ("urls", {"status": 502}),
+        ("urls", {"status": 503}),
+        ("urls", {"status": 429, "retry_after": "1", "count": 2}),
+        ("urls", {"drop": True}),
+        ("urls", {"body": '{"truncated'}),
+        ("put", {"status": 500}),
+        ("put", {"status": 503}),
+        ("put", {"status": 429, "retry_after": "1", "count": 2}),
+        ("put", {"drop": True}),
+        ("put", {"status": 307}),
+    ],
+)
+def test_service_faults_are_retried_and_never_fail_a_file(
+    daemon, folders, sandbox, logs_json, endpoint, fault
+):
+    sandbox.inject(endpoint, **{"count": 4, **fault})
+    write(folders.drop / "a.csv", b"payload")
+    with daemon():
+        done_soon(folders, "a.csv", timeout=20)
+    assert sandbox.stored("a.csv") == b"payload"
+    assert folders.files(folders.failed) == []
+    assert logs_json.events("retrying")
+    assert logs_json.events("recovered")
+
+
+def test_a_hung_connection_times_out_and_is_retried(daemon, folders, sandbox, logs_json):
+    sandbox.inject("put", count=1, delay=3.0)
+    write(folders.drop / "a.csv", b"payload")
+    with daemon(request_timeout_seconds=0.5):
+        done_soon(folders, "a.csv", timeout=20)
+    assert folders.files(folders.failed) == []
+
+
+def test_retry_lines_are_per_backoff_step_not_per_file(daemon, folders, sandbox, logs_json):
+    for n in range(30):
+        write(folders.drop / f"f{n}.csv", b"x")
+    sandbox.inject("urls", count=3, status=503)
+    with daemon():
+        done_soon(folders, *(f"f{n}.csv" for n in range(30)))
+    assert len(logs_json.events("retrying")) == 3
+
+
+def test_an_expired_url_is_replaced_without_costing_an_attempt(daemon, folders, sandbox):
+    sandbox.expire_next = 1
+    write(folders.drop / "a.csv", b"payload")
+    with daemon(max_attempts=1):
+        done_soon(folders, "a.csv")
+    assert sandbox.count("put", 403) == 1
+    assert sandbox.count("urls") == 2
+    assert sandbox.stored("a.csv") == b"payload"
+
+
+def test_a_401_gets_one_fresh_token(daemon, folders, sandbox):
+    with daemon():
+        write(folders.drop / "a.csv", b"1")
+        done_soon(folders, "a.csv")
+        sandbox.forget_tokens()
+        write(folders.drop / "b.csv", b"2")
+        done_soon(folders, "b.csv")
+    assert sandbox.count("token") == 2
+    assert sandbox.count("urls", 401) == 1
+
+
+def test_a_refused_put_goes_to_failed_with_a_sidecar(daemon, folders, sandbox, logs_json):
+    sandbox.inject("put", count=3, status=403)
+    write(folders.drop / "contracts" / "no.pdf", b"x")
+    with daemon(max_attempts=3):
+        wait_for((folders.failed / "contracts" / "no.pdf.error.json").exists)
+    sidecar = json.loads((folders.failed / "contracts" / "no.pdf.error.json").read_text())
+    assert sidecar["file"] == "contracts/no.pdf"
+    assert sidecar["status"] == 403
+    assert sidecar["attempts"] == 3
+    assert "403" in sidecar["reason"] and "AccessDenied" in sidecar["reason"]
+    assert sidecar["failed_at"].endswith("Z")
+    assert (
+        oct((folders.failed / "contracts" / "no.pdf.error.json").stat().st_mode & 0o777) == "0o640"
+    )
+    assert (folders.failed / "contracts" / "no.pdf").read_bytes() == b"x"
+    [failed] = logs_json.events("failed")
+    assert failed["file"] == "contracts/no.pdf" and failed["status"] == 403
+
+
+def test_a_name_missing_from_the_answer_is_retried_then_failed(daemon, folders, sandbox):
+    sandbox.omit_names = {"lost.csv"}
+    write(folders.drop / "lost.csv", b"x")
+    write(folders.drop / "fine.csv", b"y")
+    with daemon(max_attempts=2):
+        wait_for((folders.failed / "lost.csv.error.json").exists)
+        done_soon(folders, "fine.csv")
+    sidecar = json.loads((folders.failed / "lost.csv.error.json").read_text())
+    assert "no URL" in sidecar["reason"] and sidecar["attempts"] == 0
+    assert sum("lost.csv" in r.names for r in sandbox.requests) == 2
+
+
+def test_a_refused_name_is_found_by_splitting_the_batch(daemon, folders, sandbox):
+    sandbox.refuse_names = {"bad name.csv"}
+    for name in ("a.csv", "b.csv", "bad name.csv", "c.csv", "d.csv"):
+        write(folders.drop / name, name)
+    with daemon():
+        wait_for((folders.failed / "bad name.csv.error.json").exists)
+        done_soon(folders, "a.csv", "b.csv", "c.csv", "d.csv")
+    sidecar = json.loads((folders.failed / "bad name.csv.error.json").read_text())
+    assert "invalid filename: bad name.csv" in sidecar["reason"]
+    assert sidecar["status"] == 400
+
+
+def test_names_that_cannot_be_sent_or_files_too_large_fail_without_asking(daemon, folders, sandbox):
+    bad = os.fsdecode(b"caf\xe9.csv")  # Latin-1 bytes: not UTF-8
+    write(folders.drop / bad, b"x")
+    write(folders.drop / "big.csv", b"x" * 11)
+    with daemon(max_file_size=10):
+        wait_for(lambda: len(folders.files(folders.failed)) == 4)
+    assert sandbox.count("urls") == 0
+    sidecar = json.loads((folders.failed / (bad + ".error.json")).read_bytes())
+    assert sidecar["file"] == "caf\\xe9.csv" and "UTF-8" in sidecar["reason"]
+    assert (
+        "max_file_size" in json.loads((folders.failed / "big.csv.error.json").read_text())["reason"]
+    )
+
+
+def test_a_plain_http_url_to_another_host_is_refused(daemon, folders, sandbox):
+    sandbox.url_base = "http://example.com"
+    write(folders.drop / "a.csv", b"x")
+    with daemon():
+        wait_for((folders.failed / "a.csv.error.json").exists)
+    assert "not https" in json.loads((folders.failed / "a.csv.error.json").read_text())["reason"]
+    assert sandbox.count("put") == 0
+
+
+def test_links_fifos_sockets_and_folders_are_never_uploaded(
+    daemon, folders, sandbox, logs_json, tmp_path
+):
+    outside = write(tmp_path / "secret.txt", b"outside")
+    inside = write(folders.drop / "real.csv", b"real")
+    os.symlink(outside, folders.drop / "out-link.csv")
+    os.symlink(inside, folders.drop / "in-link.csv")
+    os.symlink(folders.drop / "nowhere", folders.drop / "dangling.csv")
+    os.symlink(folders.drop / "loop.csv", folders.drop / "loop.csv")
+    os.mkfifo(folders.drop / "pipe.csv")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(folders.drop / "sock.csv"))
+    (folders.drop / "folder.csv").mkdir()
+    try:
+        with daemon():
+            done_soon(folders, "real.csv")
+            wait_for(lambda: len(logs_json.events("skipped")) == 7)
+    finally:
+        sock.close()
+    assert {r for r in sandbox.requests for r in r.names} == {"real.csv"}
+    assert {e["file"] for e in logs_json.events("skipped")} == {
+        "out-link.csv",
+        "in-link.csv",
+        "dangling.csv",
+        "loop.csv",
+        "pipe.csv",
+        "sock.csv",
+        "folder.csv",
+    }
+    assert (folders.drop / "pipe.csv").exists() and (folders.drop / "out-link.csv").is_symlink()
+
+
+def test_a_file_deleted_before_upload_is_forgotten(daemon, folders, sandbox, logs_json):
+    with daemon(settle_seconds=1.0) as service:
+        write(folders.drop / "gone.csv", b"x")
+        wait_for(lambda: len(service.stabiliser) == 1)
+        (folders.drop / "gone.csv").unlink()
+        wait_for(lambda: logs_json.events("vanished"))
+    assert sandbox.count("urls") == 0
+
+
+def test_a_file_changed_during_upload_is_sent_again_whole(daemon, folders, sandbox, logs_json):
+    sandbox.inject("put", count=1, delay=1.0)
+    target = write(folders.drop / "grow.csv", b"first\n")
+    with daemon() as service:
+        wait_for(lambda: service.uploader.sending == 1 and sandbox.arrived["put"] == 1)
+        with target.open("ab") as out:
+            out.write(b"second\n")
+        done_soon(folders, "grow.csv")
+    assert [e["file"] for e in logs_json.events("changed")] == ["grow.csv"]
+    assert sandbox.stored("grow.csv") == b"first\nsecond\n"
+    assert (folders.done / "grow.csv").read_bytes() == b"first\nsecond\n"
+    assert sandbox.count("put", 200) == 2
+
+
+def test_stop_waits_for_puts_in_flight_and_leaves_the_rest(sandbox, folders, logs_json):
+    from tests.conftest import Daemon, make_settings
+
+    sandbox.inject("put", count=1, delay=1.0)
+    for n in range(5):
+        write(folders.drop / f"f{n}.csv", b"x")
+    daemon = Daemon(make_settings(sandbox, folders, upload_concurrency=1, batch_size=1))
+    with daemon as service:
+        wait_for(lambda: service.uploader.sending == 1)
+    assert len(folders.files(folders.done)) == 1
+    assert len(folders.files(folders.drop)) == 4
+    assert logs_json.events("stopped")[0]["uploaded"] == 1
+
+
+def test_no_thread_is_left_behind_after_a_stop(daemon, folders):
+    before = {t.name for t in threading.enumerate()}
+    with daemon():
+        pass
+    wait_for(lambda: {t.name for t in threading.enumerate()} <= before)
+
+
+def test_logs_never_show_secrets_tokens_or_signed_queries(
+    daemon, folders, sandbox, logs_json: Captured
+):
+    sandbox.inject("put", count=1, status=403)
+    write(folders.drop / "a.csv", b"x")
+    with daemon(max_attempts=1, log_level="DEBUG"):
+        wait_for((folders.failed / "a.csv").exists)
+    text = logs_json.text
+    assert "urllib3" in text  # DEBUG lines of the HTTP library were written, and redacted
+    assert "?<redacted>" in text
+    tokens = [t for t in sandbox._tokens]
+    assert tokens and not any(t in text for t in tokens)
