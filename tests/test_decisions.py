@@ -164,6 +164,10 @@ def test_long_name_leaves_room_for_the_sidecar():
 # -- whose fault, and how long to wait ---------------------------------------------------------
 
 EXPIRED_XML = b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
+RCLONE_EXPIRED_XML = (
+    b"<Error><Code>AccessDenied</Code><Message>The difference between the request time and the "
+    b"server&#39;s time exceeds the maximum allowed.</Message></Error>"
+)
 MISMATCH_XML = b"<Error><Code>SignatureDoesNotMatch</Code><Message>no</Message></Error>"
 
 
@@ -172,7 +176,8 @@ MISMATCH_XML = b"<Error><Code>SignatureDoesNotMatch</Code><Message>no</Message><
     [
         (200, b"", None),
         (403, EXPIRED_XML, Kind.EXPIRED),
-        (400, EXPIRED_XML, Kind.EXPIRED),  # rclone serve s3 answers 400
+        (400, RCLONE_EXPIRED_XML, Kind.EXPIRED),  # rclone serve s3's words for it
+        (403, b"<Error><Code>RequestTimeTooSkewed</Code></Error>", Kind.EXPIRED),
         (403, MISMATCH_XML, Kind.FILE),
         (400, b"<Error><Code>RequestTimeout</Code></Error>", Kind.FILE),
         (

@@ -96,15 +96,20 @@ def s3_error(body: bytes) -> tuple[str, str]:
 def classify_put(status: int, body: bytes) -> Kind | None:
     """PUT answer -> None when stored, else whose problem it is (trusting the server's clock).
 
-    An expired URL is answered 403 by S3 and 400 by some S3 servers (rclone), always with
-    Code AccessDenied and a message saying it expired: fetch a fresh URL, no attempt used.
+    An expired URL is answered 403 by S3 ("Request has expired") and 400 by rclone's serve s3
+    ("The difference between the request time and the server's time exceeds..."), both with
+    Code AccessDenied: fetch a fresh URL, no attempt used. RequestTimeTooSkewed is the same
+    story told about the clocks.
     """
     if 200 <= status < 300:
         return None
     if status == 429 or status >= 500 or 300 <= status < 400:
         return Kind.SERVICE
     code, message = s3_error(body)
-    if code == "AccessDenied" and "expired" in message.lower():
+    message = message.lower()
+    if code == "RequestTimeTooSkewed" or (
+        code == "AccessDenied" and ("expired" in message or "request time" in message)
+    ):
         return Kind.EXPIRED
     return Kind.FILE
 

@@ -95,6 +95,7 @@ class Settings(BaseSettings):
         frozen=True,
         extra="forbid",
         hide_input_in_errors=True,
+        env_ignore_empty=True,
         case_sensitive=False,
     )
 

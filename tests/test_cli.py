@@ -1,0 +1,213 @@
+"""The command line as systemd and operators use it: real subprocesses, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, Folders, assert_no_secrets, subprocess_daemon, wait_for
+from watcher import __version__
+from watcher.sandbox import Sandbox
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PRODUCTIV_")}
+    full_env.update(env or {})
+    result = subprocess.run(
+        [sys.executable, "-m", "watcher", *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+    )
+    assert_no_secrets(result.stdout + result.stderr)
+    return result
+
+
+def daemon_env(sandbox: Sandbox, folders: Folders, **extra: str) -> dict[str, str]:
+    return {
+        **sandbox.env(),
+        "PRODUCTIV_DROP_DIR": str(folders.drop),
+        "PRODUCTIV_SETTLE_SECONDS": "0.3",
+        "PRODUCTIV_RETRY_INITIAL_SECONDS": "0.05",
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("command", ["", "run", "check", "upload", "sandbox", "demo"])
+def test_version_and_help_on_every_command(command):
+    args = [command] if command else []
+    assert __version__ in cli(*args, "--version").stdout
+    assert "usage: productiv-watcher" in cli(*args, "--help").stdout
+
+
+def test_invalid_settings_exit_78_naming_each_setting(folders):
+    result = cli("run", env={"PRODUCTIV_BATCH_SIZE": "0", "PRODUCTIV_CLIENT_SECRET": "x"})
+    assert result.returncode == 78
+    assert "invalid setting app_id" in result.stderr
+    assert "invalid setting batch_size" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_config_errors_are_json_lines_in_json_mode(tmp_path):
+    result = cli(
+        "check", "--config", str(tmp_path / "missing.toml"), env={"PRODUCTIV_LOG_FORMAT": "json"}
+    )
+    assert result.returncode == 78
+    [line] = result.stderr.splitlines()
+    doc = json.loads(line)
+    assert doc["event"] == "config_error" and doc["level"] == "error"
+    assert "missing.toml does not exist" in doc["message"]
+
+
+def test_a_missing_drop_folder_is_exit_78_and_is_never_created(sandbox, tmp_path):
+    drop = tmp_path / "not-mounted"
+    result = cli("run", env={**sandbox.env(), "PRODUCTIV_DROP_DIR": str(drop)})
+    assert result.returncode == 78
+    assert f"drop_dir {drop} does not exist" in result.stderr
+    assert not drop.exists()
+
+
+def test_done_on_another_filesystem_is_exit_78(sandbox, folders):
+    other = Path("/dev/shm")
+    if not other.is_dir() or other.stat().st_dev == folders.drop.stat().st_dev:
+        pytest.skip("no second filesystem (/dev/shm) to put done/ on")
+    done = other / f"pw-done-{os.getpid()}"
+    try:
+        result = cli("run", env=daemon_env(sandbox, folders, PRODUCTIV_DONE_DIR=str(done)))
+    finally:
+        done.rmdir() if done.exists() else None
+    assert result.returncode == 78
+    assert "done_dir" in result.stderr and "filesystem" in result.stderr
+
+
+def test_check_reports_and_exits_0_when_all_is_well(sandbox, folders):
+    folders.done.mkdir()
+    folders.failed.mkdir()
+    result = cli("check", env=daemon_env(sandbox, folders))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "token: ok" in result.stdout and "all good" in result.stdout
+
+
+def test_check_exits_1_on_wrong_credentials_or_missing_folders(sandbox, folders):
+    result = cli("check", env=daemon_env(sandbox, folders, PRODUCTIV_CLIENT_SECRET="wrong-secret"))
+    assert result.returncode == 1
+    assert "token: FAIL" in result.stdout and "invalid_client" in result.stdout
+    assert "done_dir" in result.stdout and "does not exist" in result.stdout
+
+
+def test_check_works_with_http_basic_client_auth(sandbox, folders):
+    sandbox.client_secret = "p@ss:word+/=%"  # characters RFC 6749 2.3.1 form-encodes
+    env = daemon_env(sandbox, folders, PRODUCTIV_CLIENT_AUTH="basic")
+    env["PRODUCTIV_CLIENT_SECRET"] = sandbox.client_secret
+    folders.done.mkdir()
+    folders.failed.mkdir()
+    assert cli("check", env=env).returncode == 0
+
+
+def test_upload_sends_the_named_files_without_moving_them(sandbox, tmp_path):
+    a = tmp_path / "a.csv"
+    a.write_bytes(b"a")
+    b = tmp_path / "b.csv"
+    b.write_bytes(b"b")
+    result = cli("upload", "--type", "contracts", str(a), str(b), env=sandbox.env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sandbox.stored("a.csv", "contracts") == b"a" and a.exists()
+    assert result.stdout.count("uploaded") == 2
+
+
+def test_upload_exits_1_naming_the_reason(sandbox, tmp_path):
+    sandbox.inject("urls", count=10, status=503)
+    a = tmp_path / "a.csv"
+    a.write_bytes(b"a")
+    env = {
+        **sandbox.env(),
+        "PRODUCTIV_MAX_ATTEMPTS": "2",
+        "PRODUCTIV_RETRY_INITIAL_SECONDS": "0.05",
+    }
+    result = cli("upload", str(a), str(tmp_path / "missing.csv"), env=env)
+    assert result.returncode == 1
+    assert "FAILED" in result.stdout and "503" in result.stdout
+    assert "No such file" in result.stdout
+
+
+def test_sandbox_command_prints_the_settings_that_point_at_it(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "watcher", "sandbox", "--port", "0", "--store", str(tmp_path / "s")],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith("PRODUCTIV_API_URL=http://127.0.0.1:")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+
+
+def test_sigterm_mid_upload_finishes_the_put_and_loses_nothing(sandbox, folders):
+    sandbox.inject("put", count=1, delay=1.5)
+    for n in range(4):
+        (folders.drop / f"f{n}.csv").write_bytes(f"file {n}".encode())
+    env = daemon_env(sandbox, folders, PRODUCTIV_UPLOAD_CONCURRENCY="1", PRODUCTIV_BATCH_SIZE="1")
+    with subprocess_daemon(env) as proc:
+        wait_for(lambda: sandbox.arrived["put"] == 1, what="the first PUT")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        stderr = proc.stderr.read() if proc.stderr else ""
+    assert_no_secrets(stderr)
+    done = folders.files(folders.done)
+    assert len(done) == 1
+    assert sorted(done + folders.files(folders.drop)) == [f"f{n}.csv" for n in range(4)]
+    assert "stopping" in stderr and "stopped" in stderr
+
+
+def test_a_second_signal_exits_at_once_and_still_loses_nothing(sandbox, folders):
+    sandbox.inject("put", count=1, delay=20)
+    (folders.drop / "a.csv").write_bytes(b"a")
+    with subprocess_daemon(daemon_env(sandbox, folders)) as proc:
+        wait_for(lambda: sandbox.arrived["put"] == 1, what="the PUT")
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(5) == 0
+    assert folders.files(folders.drop) == ["a.csv"]
+
+
+def test_a_stop_abandons_a_put_that_outlasts_the_shutdown_timeout(sandbox, folders):
+    sandbox.inject("put", count=1, delay=20)
+    (folders.drop / "a.csv").write_bytes(b"a")
+    env = daemon_env(sandbox, folders, PRODUCTIV_SHUTDOWN_TIMEOUT_SECONDS="0.5")
+    with subprocess_daemon(env) as proc:
+        wait_for(lambda: sandbox.arrived["put"] == 1, what="the PUT")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(5) == 0
+        stderr = proc.stderr.read() if proc.stderr else ""
+    assert "abandoned=1" in stderr
+    assert folders.files(folders.drop) == ["a.csv"]
+
+
+def test_json_logs_are_one_object_per_line(sandbox, folders):
+    (folders.drop / "a.csv").write_bytes(b"a")
+    with subprocess_daemon(daemon_env(sandbox, folders, PRODUCTIV_LOG_FORMAT="json")) as proc:
+        wait_for(lambda: (folders.done / "a.csv").exists())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        lines = proc.stderr.read().splitlines() if proc.stderr else []
+    docs = [json.loads(line) for line in lines]
+    events = [d["event"] for d in docs]
+    assert events[:2] == ["started", "ready"] and events[-1] == "stopped" and "stopping" in events
+    [uploaded] = [d for d in docs if d["event"] == "uploaded"]
+    assert uploaded["file"] == "a.csv" and uploaded["bytes"] == 1 and uploaded["level"] == "info"
+    assert docs[0]["settings"]["client_secret"] == "***"

@@ -1,0 +1,175 @@
+"""Settings: sources and their precedence, validation messages, and secrets kept out of them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from watcher.settings import ConfigError, load
+
+SECRET = "s3cr3t-value-for-tests"
+TEXT = st.text(st.characters(blacklist_characters="\x00"))  # the environment cannot hold NUL
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    for name in list(os.environ):
+        if name.startswith("PRODUCTIV_") or name == "CREDENTIALS_DIRECTORY":
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("PRODUCTIV_APP_ID", "app")
+    monkeypatch.setenv("PRODUCTIV_CLIENT_ID", "id")
+    monkeypatch.chdir(tmp_path)
+    return monkeypatch
+
+
+def toml(tmp_path: Path, text: str, mode: int = 0o600) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_environment_beats_toml_beats_credentials_beats_defaults(env, tmp_path):
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "client_secret").write_text("from-credentials\n")
+    env.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    config = toml(tmp_path, 'batch_size = 7\nsettle_seconds = 3.5\ndrop_dir = "/srv/drop"\n')
+    env.setenv("PRODUCTIV_BATCH_SIZE", "9")
+    s = load(config)
+    assert s.batch_size == 9  # env
+    assert s.settle_seconds == 3.5  # TOML
+    assert s.client_secret is not None
+    assert s.client_secret.get_secret_value() == "from-credentials"  # newline stripped
+    assert s.upload_concurrency == 4  # default
+    assert s.done_dir == Path("/srv/done") and s.failed_dir == Path("/srv/failed")
+    env.setenv("PRODUCTIV_CLIENT_SECRET", "from-env")
+    assert load(config).client_secret.get_secret_value() == "from-env"  # env beats the file
+
+
+def test_productiv_config_names_the_file(env, tmp_path):
+    env.setenv("PRODUCTIV_CONFIG", str(toml(tmp_path, 'client_secret = "x"\nbatch_size = 3\n')))
+    assert load().batch_size == 3
+
+
+def test_lists_in_the_environment_are_json(env):
+    env.setenv("PRODUCTIV_CLIENT_SECRET", "x")
+    env.setenv("PRODUCTIV_IGNORE_PATTERNS", '["*.tmp", "draft-*"]')
+    assert load().ignore_patterns == ("*.tmp", "draft-*")
+    env.setenv("PRODUCTIV_IGNORE_PATTERNS", "*.tmp")
+    with pytest.raises(ConfigError, match="ignore_patterns"):
+        load()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("batch_size = 0", "invalid setting batch_size"),
+        ("settle_seconds = -1", "invalid setting settle_seconds"),
+        ('client_auth = "digest"', "invalid setting client_auth"),
+        ('file_type = "invoices"', "invalid setting file_type"),
+        ('max_file_size = "6GiB"', "invalid setting max_file_size"),
+        ('api_url = "ftp://x"', "invalid setting api_url"),
+        ('api_url = "https://u:p@x"', "invalid setting api_url"),
+        ("bacth_size = 3", "invalid setting bacth_size: Extra inputs are not permitted"),
+        ("retry_initial_seconds = 10\nretry_max_seconds = 5", "retry_max_seconds"),
+        ('drop_dir = "/d"\ndone_dir = "/d/done"', "done_dir must be outside drop_dir"),
+        ('log_level = "loud"', "invalid setting log_level"),
+    ],
+)
+def test_each_bad_setting_is_named(env, tmp_path, text, message):
+    env.setenv("PRODUCTIV_CLIENT_SECRET", SECRET)
+    with pytest.raises(ConfigError) as caught:
+        load(toml(tmp_path, text))
+    assert message in str(caught.value)
+    assert SECRET not in str(caught.value)
+
+
+def test_several_bad_settings_give_one_line_each(env, tmp_path):
+    env.setenv("PRODUCTIV_BATCH_SIZE", "0")
+    env.setenv("PRODUCTIV_UPLOAD_CONCURRENCY", "many")
+    env.delenv("PRODUCTIV_APP_ID")
+    with pytest.raises(ConfigError) as caught:
+        load()
+    lines = str(caught.value).splitlines()
+    assert any(line.startswith("invalid setting app_id") for line in lines)
+    assert any(line.startswith("invalid setting batch_size") for line in lines)
+    assert any(line.startswith("invalid setting upload_concurrency") for line in lines)
+
+
+def test_credentials_are_required_unless_a_token_is_given(env):
+    with pytest.raises(ConfigError, match="client_id and client_secret are required"):
+        load()
+    env.setenv("PRODUCTIV_ACCESS_TOKEN", "tok")
+    assert load().access_token is not None
+
+
+def test_a_missing_or_broken_config_file_is_an_error(env, tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(toml(tmp_path, "batch_size = = 3"))
+
+
+def test_a_secret_never_shows_in_a_message_or_the_public_view(env, tmp_path):
+    env.setenv("PRODUCTIV_CLIENT_SECRET", SECRET)
+    env.setenv("PRODUCTIV_ACCESS_TOKEN", SECRET + "-token")
+    s = load()
+    assert SECRET not in repr(s) and SECRET not in str(s.public_view())
+    env.setenv("PRODUCTIV_CLIENT_SECRET", "")
+    env.setenv("PRODUCTIV_BATCH_SIZE", SECRET)  # a value in the wrong place is not echoed
+    with pytest.raises(ConfigError) as caught:
+        load()
+    assert SECRET not in str(caught.value)
+
+
+def test_a_world_readable_config_holding_the_secret_is_warned_about(env, tmp_path, caplog):
+    load(toml(tmp_path, f'client_secret = "{SECRET}"', mode=0o644))
+    assert "readable by others" in caplog.text and SECRET not in caplog.text
+
+
+def test_relative_paths_become_absolute_against_the_working_directory(env, tmp_path):
+    env.setenv("PRODUCTIV_CLIENT_SECRET", "x")
+    env.setenv("PRODUCTIV_DROP_DIR", "in/drop")
+    assert load().drop_dir == tmp_path / "in" / "drop"
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "batch_size",
+                "settle_seconds",
+                "max_file_size",
+                "file_type",
+                "polling",
+                "ignore_patterns",
+                "client_auth",
+                "api_url",
+                "log_format",
+                "nonsense",
+            ]
+        ),
+        st.one_of(
+            st.integers(),
+            st.floats(allow_nan=True),
+            TEXT,
+            st.booleans(),
+            st.lists(TEXT, max_size=3),
+            st.none(),
+        ),
+    )
+)
+def test_fuzzed_settings_give_a_config_error_or_settings_never_a_traceback(env, tmp_path, values):
+    env.setenv("PRODUCTIV_CLIENT_SECRET", "x")
+    for name, value in values.items():
+        env.setenv(f"PRODUCTIV_{name.upper()}", str(value) if value is not None else "")
+    try:
+        load()
+    except ConfigError as exc:
+        assert str(exc).startswith("invalid setting")
