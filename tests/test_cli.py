@@ -92,18 +92,23 @@ def test_done_on_another_filesystem_is_exit_78(sandbox, folders):
 
 
 def test_check_reports_and_exits_0_when_all_is_well(sandbox, folders):
-    folders.done.mkdir()
-    folders.failed.mkdir()
     result = cli("check", env=daemon_env(sandbox, folders))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "token: ok" in result.stdout and "all good" in result.stdout
 
 
-def test_check_exits_1_on_wrong_credentials_or_missing_folders(sandbox, folders):
+def test_check_exits_1_on_wrong_credentials(sandbox, folders):
     result = cli("check", env=daemon_env(sandbox, folders, PRODUCTIV_CLIENT_SECRET="wrong-secret"))
     assert result.returncode == 1
+    assert "folders: ok" in result.stdout  # done/ and failed/ are created at start
     assert "token: FAIL" in result.stdout and "invalid_client" in result.stdout
-    assert "done_dir" in result.stdout and "does not exist" in result.stdout
+    assert "check client_id and client_secret" in result.stdout
+
+
+def test_check_exits_1_when_the_drop_folder_is_missing(sandbox, folders):
+    result = cli("check", env=daemon_env(sandbox, folders, PRODUCTIV_DROP_DIR="/nonexistent/drop"))
+    assert result.returncode == 1
+    assert "folders: FAIL drop_dir /nonexistent/drop does not exist" in result.stdout
 
 
 def test_check_works_with_http_basic_client_auth(sandbox, folders):

@@ -166,8 +166,10 @@ def test_service_faults_are_retried_and_never_fail_a_file(
         done_soon(folders, "a.csv", timeout=20)
     assert sandbox.stored("a.csv") == b"payload"
     assert folders.files(folders.failed) == []
-    assert logs_json.events("retrying")
-    assert logs_json.events("recovered")
+    retrying = logs_json.events("retrying")
+    assert retrying and logs_json.events("recovered")
+    if "retry_after" in fault:  # honoured exactly, whatever the backoff says
+        assert {r["seconds"] for r in retrying} == {1.0}
 
 
 def test_a_hung_connection_times_out_and_is_retried(daemon, folders, sandbox, logs_json):
@@ -362,3 +364,102 @@ def test_logs_never_show_secrets_tokens_or_signed_queries(
     assert "?<redacted>" in text
     tokens = [t for t in sandbox._tokens]
     assert tokens and not any(t in text for t in tokens)
+
+
+def test_an_unknown_app_is_a_loud_outage_not_a_failed_file(daemon, folders, sandbox, logs_json):
+    write(folders.drop / "a.csv", b"x")
+    with daemon(app_id="no-such-app"):
+        wait_for(lambda: len(logs_json.events("retrying")) >= 2)
+    assert logs_json.events("retrying")[0]["status"] == 404
+    assert folders.files(folders.drop) == ["a.csv"] and folders.files(folders.failed) == []
+
+
+def test_the_rescan_finds_files_no_event_announced(daemon, folders, sandbox):
+    # A polling observer that looks only once a minute stands in for a mount without events.
+    with daemon(polling=True, poll_interval_seconds=60, rescan_seconds=0.5):
+        write(folders.drop / "quiet.csv", b"x")
+        done_soon(folders, "quiet.csv")
+
+
+def test_polling_mode_uploads(daemon, folders, sandbox):
+    with daemon(polling=True, poll_interval_seconds=0.2):
+        write(folders.drop / "users" / "polled.csv", b"x")
+        done_soon(folders, "users/polled.csv")
+    assert sandbox.stored("polled.csv", "users") == b"x"
+
+
+def test_a_file_replaced_while_settling_is_uploaded_as_its_last_version(daemon, folders, sandbox):
+    with daemon(settle_seconds=0.6) as service:
+        write(folders.drop / "r.csv", b"old")
+        wait_for(lambda: len(service.stabiliser) == 1)
+        write(folders.drop / ".r.tmp", b"new version")
+        os.replace(folders.drop / ".r.tmp", folders.drop / "r.csv")
+        done_soon(folders, "r.csv")
+    assert sandbox.stored("r.csv") == b"new version"
+    assert sandbox.count("put") == 1
+
+
+def test_an_unreadable_file_goes_to_failed_with_the_reason(sandbox, logs_json):
+    """Runs the daemon as `nobody`: root reads every file, so only a dropped privilege shows it."""
+    import pwd
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from tests.conftest import ROOT, assert_no_secrets
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run the daemon as another user")
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="pw-nobody-"))  # pytest's tmp_path is private to root
+    (base / "drop").mkdir(parents=True)
+    write(base / "drop" / "locked.csv", b"secret").chmod(0o000)
+    write(base / "drop" / "open.csv", b"fine").chmod(0o644)
+    base.chmod(0o755)
+    for folder in (base, base / "drop"):
+        os.chown(folder, nobody.pw_uid, nobody.pw_gid)
+    env = {
+        **sandbox.env(),
+        "PRODUCTIV_DROP_DIR": str(base / "drop"),
+        "PRODUCTIV_SETTLE_SECONDS": "0.3",
+        "PYTHONPATH": str(ROOT),
+        "PATH": os.environ["PATH"],
+    }
+    proc = subprocess.Popen(
+        [
+            "setpriv",
+            f"--reuid={nobody.pw_uid}",
+            f"--regid={nobody.pw_gid}",
+            "--clear-groups",
+            sys.executable,
+            "-m",
+            "watcher",
+            "run",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
+
+    def finished() -> bool:
+        return (base / "failed" / "locked.csv.error.json").exists() and (
+            base / "done" / "open.csv"
+        ).exists()
+
+    try:
+        deadline = time.monotonic() + 15
+        while not finished() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        stderr = proc.communicate(timeout=15)[1]
+    try:
+        assert finished(), stderr
+        assert_no_secrets(stderr)
+        reason = json.loads((base / "failed" / "locked.csv.error.json").read_text())["reason"]
+        assert reason == "cannot read the file: Permission denied"
+        assert ((base / "failed" / "locked.csv").stat().st_mode & 0o777) == 0  # permissions kept
+    finally:
+        shutil.rmtree(base)

@@ -157,13 +157,15 @@ class ApiClient:
         params = [("filenames", name) for name in names]
         if file_type:
             params.append(("type", file_type))
-        for retry_401 in (True, False):
+        for first_try in (True, False):
             token = self.token()
             headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
             response = self._call("urls", "GET", url, params=params, headers=headers)
-            if response.status_code == 401 and retry_401 and self._forget_token(token):
-                continue
-            break
+            if response.status_code != 401:
+                break
+            if not (first_try and self._forget_token(token)):  # one fresh token, one retry
+                reason = _api_reason("signed-URL endpoint", response)
+                raise Fault(Kind.SERVICE, reason, 401)
         body = _json(response, "signed-URL endpoint")
         if not isinstance(body, dict):
             raise Fault(Kind.SERVICE, "signed-URL endpoint answered something other than a map")

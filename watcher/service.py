@@ -31,26 +31,31 @@ log = logging.getLogger(__name__)
 
 
 def prepare_folders(settings: Settings, create: bool = True) -> list[str]:
-    """Problems with the folders, one sentence each; creates done/ and failed/ when asked."""
+    """Problems with the folders, one sentence each; creates done/ and failed/ when asked.
+
+    Without `create` (the `check` command), a missing done/ or failed/ is judged by its parent,
+    where the daemon would create it.
+    """
     drop, done, failed = require_folders(settings)
     if not drop.is_dir():
         return [f"drop_dir {drop} does not exist or is not a folder (it is never created)"]
     problems = []
     drop_dev = drop.stat().st_dev
-    for name, folder in (("drop_dir", drop), ("done_dir", done), ("failed_dir", failed)):
-        if create and not folder.exists():
+    for name, wanted in (("drop_dir", drop), ("done_dir", done), ("failed_dir", failed)):
+        if not wanted.exists() and create:
             try:
-                folder.mkdir(parents=True)
+                wanted.mkdir(parents=True)
             except OSError as exc:
-                problems.append(f"{name} {folder} cannot be created: {exc.strerror}")
+                problems.append(f"{name} {wanted} cannot be created: {exc.strerror}")
                 continue
+        folder = wanted if wanted.exists() else wanted.parent
         if not folder.is_dir():
-            problems.append(f"{name} {folder} does not exist")
+            problems.append(f"{name} {wanted} does not exist")
         elif not os.access(folder, os.W_OK | os.X_OK):
             problems.append(f"{name} {folder} is not writable by this user")
         elif folder.stat().st_dev != drop_dev:
             problems.append(
-                f"{name} {folder} is not on the drop folder's filesystem (files move by rename)"
+                f"{name} {wanted} is not on the drop folder's filesystem (files move by rename)"
             )
     return problems
 

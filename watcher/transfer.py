@@ -19,7 +19,7 @@ from pathlib import Path
 import urllib3
 from urllib3.exceptions import HTTPError
 
-from .faults import Fault, Kind, classify_put, put_reason, transport_retry
+from .faults import Fault, Kind, classify_put, put_reason, retry_after_seconds, transport_retry
 from .items import Item, Snapshot
 
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -137,7 +137,8 @@ class Transfer:
             seconds = time.monotonic() - started
             kind = classify_put(response.status, response.data)
             if kind is not None:
-                raise Fault(kind, put_reason(response.status, response.data), response.status)
+                wait = retry_after_seconds(response.headers.get("Retry-After"), time.time())
+                raise Fault(kind, put_reason(response.status, response.data), response.status, wait)
             if not unchanged(fd, item.path, expected):
                 raise FileChanged("the file changed while it was being sent")
             return Sent(response.status, seconds, response.headers.get("ETag", "").strip('"'))
