@@ -160,25 +160,55 @@ def daemon(sandbox: Sandbox, folders: Folders, logs_json: Captured) -> Callable[
     return start
 
 
+class Child:
+    """`productiv-watcher run` as a real child process; its stderr lines collected as they come."""
+
+    def __init__(self, env: dict[str, str], *args: str) -> None:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("PRODUCTIV_")}
+        full_env.update(env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "watcher", "run", *args],
+            env=full_env,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            cwd=ROOT,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, name="child-stderr")
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.lines)
+
+    def send_signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        status = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return status
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.wait(10)
+        assert_no_secrets(self.stderr)
+
+
 @contextmanager
-def subprocess_daemon(env: dict[str, str], *args: str) -> Iterator[subprocess.Popen[str]]:
-    """`productiv-watcher run` as a real child process, its stderr collected."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PRODUCTIV_")}
-    full_env.update(env)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "watcher", "run", *args],
-        env=full_env,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
+def subprocess_daemon(env: dict[str, str], *args: str) -> Iterator[Child]:
+    child = Child(env, *args)
     try:
-        yield proc
+        yield child
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
+        child.close()
 
 
 @pytest.fixture(autouse=True)

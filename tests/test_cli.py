@@ -171,7 +171,7 @@ def test_sigterm_mid_upload_finishes_the_put_and_loses_nothing(sandbox, folders)
         wait_for(lambda: sandbox.arrived["put"] == 1, what="the first PUT")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
-        stderr = proc.stderr.read() if proc.stderr else ""
+        stderr = proc.stderr
     assert_no_secrets(stderr)
     done = folders.files(folders.done)
     assert len(done) == 1
@@ -198,7 +198,7 @@ def test_a_stop_abandons_a_put_that_outlasts_the_shutdown_timeout(sandbox, folde
         wait_for(lambda: sandbox.arrived["put"] == 1, what="the PUT")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(5) == 0
-        stderr = proc.stderr.read() if proc.stderr else ""
+        stderr = proc.stderr
     assert "abandoned=1" in stderr
     assert folders.files(folders.drop) == ["a.csv"]
 
@@ -209,7 +209,7 @@ def test_json_logs_are_one_object_per_line(sandbox, folders):
         wait_for(lambda: (folders.done / "a.csv").exists())
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
-        lines = proc.stderr.read().splitlines() if proc.stderr else []
+        lines = proc.lines
     docs = [json.loads(line) for line in lines]
     events = [d["event"] for d in docs]
     assert events[:2] == ["started", "ready"] and events[-1] == "stopped" and "stopping" in events

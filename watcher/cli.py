@@ -51,9 +51,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_run(args: argparse.Namespace) -> int:
     from .service import Service
 
-    service = Service(_settings(args))
+    service = Service(_settings(args), reload=lambda: load(args.config))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: service.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: service.request_reload())
     return service.run()
 
 

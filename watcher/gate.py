@@ -39,6 +39,11 @@ class ServiceGate:
         self.last_error: str | None = None
         self.failing_since: float | None = None
 
+    def failing_since_epoch(self) -> float | None:
+        """When the current outage began, as wall-clock time (for the status line)."""
+        since = self.failing_since
+        return None if since is None else time.time() - (self._clock() - since)
+
     def wait(self, stop: threading.Event) -> bool:
         """Block until the current backoff step is over; False when stopping."""
         while not stop.is_set():

@@ -60,7 +60,10 @@ def _timestamp(record: logging.LogRecord) -> str:
 
 
 def _text_value(value: Any) -> str:
-    text = json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
+    if isinstance(value, (list, tuple)):
+        text = ",".join(map(str, value))
+    else:
+        text = json.dumps(value, default=str) if isinstance(value, dict) else str(value)
     return json.dumps(text, ensure_ascii=False) if re.search(r"[\s\"=]", text) or not text else text
 
 

@@ -13,14 +13,16 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 
-from . import __version__
+from . import __version__, logs
 from .api import ApiClient
 from .gate import ServiceGate
+from .health import Counts, Heartbeat, status_line, stuck
 from .logs import REDACT, event
 from .mover import Mover
 from .notify import Notifier, SystemdNotifier
-from .settings import ConfigError, Settings, require_folders
+from .settings import MAX_CONCURRENCY, ConfigError, Settings, require_folders, split_changes
 from .stability import Stabiliser
 from .transfer import Transfer
 from .uploader import Uploader
@@ -28,6 +30,8 @@ from .watching import Watcher
 from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
+
+Step = Callable[[threading.Event, Heartbeat], None]
 
 
 def prepare_folders(settings: Settings, create: bool = True) -> list[str]:
@@ -67,16 +71,21 @@ class Service:
         self,
         settings: Settings,
         notifier: Notifier | None = None,
+        reload: Callable[[], Settings] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self._notifier = notifier or SystemdNotifier()
+        self._reload = reload
         self._clock = clock
         self._stop = threading.Event()  # tells every thread to finish
         self._wakeup = threading.Event()  # wakes the main loop (signals)
         self._stop_requests = 0
+        self._reload_requested = False
         self.ready = threading.Event()  # set with READY=1 (tests wait on it)
-        self._threads: list[threading.Thread] = []
+        self._threads: dict[str, tuple[threading.Thread, Heartbeat]] = {}
+        self._stuck: str | None = None
+        self._last_status = ""
 
         drop, done, failed = require_folders(settings)
         REDACT.add(settings.secret_values())
@@ -87,11 +96,7 @@ class Service:
         self.uploader = Uploader(
             settings,
             self.api,
-            Transfer(
-                settings.request_timeout_seconds,
-                settings.upload_concurrency,
-                settings.content_type,
-            ),
+            Transfer(settings.request_timeout_seconds, MAX_CONCURRENCY, settings.content_type),
             Mover(drop, done, failed, time.time),
             self.work,
             self.gate,
@@ -111,6 +116,11 @@ class Service:
         self._stop_requests += 1
         self._wakeup.set()
 
+    def request_reload(self) -> None:
+        """Signal-handler safe (SIGHUP): the main loop re-reads the settings."""
+        self._reload_requested = True
+        self._wakeup.set()
+
     def run(self) -> int:
         problems = prepare_folders(self.settings)
         if problems:
@@ -120,9 +130,12 @@ class Service:
             "started",
             version=__version__,
             notify_socket="set" if self._notifier.enabled else "unset",
+            watchdog_seconds=self._notifier.watchdog_seconds,
             settings=self.settings.public_view(),
         )
-        self._start_threads()
+        self._spawn("stabiliser", lambda stop, beat: self.stabiliser.run(stop))
+        self._spawn("dispatcher", self.uploader.dispatch_step)
+        self._spawn_workers()
         self.watcher.start()
         waiting = self.watcher.scan()
         self._notifier.send("READY=1", f"STATUS=watching, {waiting} file(s) waiting at start")
@@ -133,45 +146,112 @@ class Service:
         finally:
             self._shutdown()
 
-    def _start_threads(self) -> None:
-        loops: list[tuple[str, Callable[[threading.Event], None]]] = [
-            ("stabiliser", self.stabiliser.run),
-            ("dispatcher", self._forever(self.uploader.dispatch_step)),
-        ]
-        loops += [
-            (f"put-{n}", self._forever(self.uploader.put_step))
-            for n in range(1, self.settings.upload_concurrency + 1)
-        ]
-        for name, loop in loops:
-            thread = threading.Thread(target=loop, args=(self._stop,), name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+    # -- threads ---------------------------------------------------------------------------
 
-    @staticmethod
-    def _forever(
-        step: Callable[[threading.Event], None],
-    ) -> Callable[[threading.Event], None]:
-        def loop(stop: threading.Event) -> None:
-            while not stop.is_set():
-                step(stop)
+    def _spawn(self, name: str, step: Step, keep: Callable[[], bool] = lambda: True) -> None:
+        beat = Heartbeat(name, self._clock)
 
-        return loop
+        def loop() -> None:
+            while not self._stop.is_set() and keep():
+                step(self._stop, beat)
+
+        thread = threading.Thread(target=loop, name=name, daemon=True)
+        self._threads[name] = (thread, beat)
+        thread.start()
+
+    def _spawn_workers(self) -> None:
+        """Start PUT workers up to upload_concurrency; those above it retire by themselves."""
+        for n in range(1, self.settings.upload_concurrency + 1):
+            name = f"put-{n}"
+            if name not in self._threads or not self._threads[name][0].is_alive():
+                self._spawn(name, self.uploader.put_step, partial(self._wanted, n))
+
+    def _wanted(self, n: int) -> bool:
+        return n <= self.settings.upload_concurrency
+
+    def _dead_threads(self) -> list[str]:
+        dead = []
+        for name, (thread, _) in list(self._threads.items()):
+            if thread.is_alive():
+                continue
+            if name.startswith("put-") and not self._wanted(int(name[4:])):
+                del self._threads[name]  # retired after a reload lowered the concurrency
+            else:
+                dead.append(name)
+        if not self.watcher.alive():
+            dead.append("observer")
+        return dead
+
+    # -- the main loop -----------------------------------------------------------------------
 
     def _supervise(self) -> int:
-        """The main loop: rescan on time, and fail fast when a thread has died."""
+        """Rescan on time, reload on SIGHUP, keep systemd informed, fail fast on a dead thread."""
         next_scan = self._clock() + self.settings.rescan_seconds
+        next_ping = self._clock()
+        interval = self._notifier.watchdog_seconds
         while not self._stop_requests:
-            self._wakeup.wait(0.5)
-            dead = [t.name for t in self._threads if not t.is_alive()]
-            if not self.watcher.alive():
-                dead.append("observer")
-            if dead and not self._stop_requests:
+            now = self._clock()
+            dead = self._dead_threads()
+            if dead:
                 event(log, "crashed", level=logging.CRITICAL, reason=f"thread died: {dead}")
                 return 1
-            if self._clock() >= next_scan:
+            if self._reload_requested:
+                self._reload_requested = False
+                self._apply_reload()
+            if now >= next_scan:
                 self.watcher.scan()
-                next_scan = self._clock() + self.settings.rescan_seconds
+                next_scan = now + self.settings.rescan_seconds
+            self._send_status()
+            if interval is not None and now >= next_ping:
+                next_ping = now + interval
+                self._ping(now, 2 * interval)
+            self._wakeup.wait(min(0.5, interval or 0.5))
+            self._wakeup.clear()
         return 0
+
+    def _ping(self, now: float, period: float) -> None:
+        """WATCHDOG=1 only while the upload threads show life; say once when they do not."""
+        beats = [beat for name, (_, beat) in self._threads.items() if name != "stabiliser"]
+        reason = stuck(beats, now, period)
+        if reason is None:
+            self._notifier.send("WATCHDOG=1")
+        elif reason != self._stuck:
+            event(log, "stuck", level=logging.ERROR, reason=reason + ": no watchdog ping")
+        self._stuck = reason
+
+    def _send_status(self) -> None:
+        settling, (queued, _) = len(self.stabiliser), self.work.counts()
+        line = status_line(
+            Counts(
+                waiting=settling + queued,
+                uploading=self.uploader.sending,
+                uploaded=self.uploader.uploaded,
+                failed=self.uploader.failed,
+                retrying_since=self.gate.failing_since_epoch(),
+                last_error=self.gate.last_error,
+            )
+        )
+        if line != self._last_status:
+            self._last_status = line
+            self._notifier.send(f"STATUS={line}")
+
+    def _apply_reload(self) -> None:
+        if self._reload is None:
+            return
+        try:
+            new = self._reload()
+        except ConfigError as exc:
+            event(log, "reload_failed", str(exc), level=logging.ERROR)
+            return
+        applied, restart = split_changes(self.settings, new)
+        self.settings = new
+        self.uploader.reconfigure(new)
+        self.stabiliser.settle_seconds = new.settle_seconds
+        self.gate.initial_seconds = new.retry_initial_seconds
+        self.gate.max_seconds = new.retry_max_seconds
+        logs.set_level(new.log_level)
+        self._spawn_workers()
+        event(log, "reloaded", applied=applied or None, restart_needed=restart or None)
 
     def _shutdown(self) -> None:
         """Observer first, then let PUTs in flight finish within the timeout, then go."""
@@ -183,14 +263,16 @@ class Service:
         self.stabiliser.wake()
         self.uploader.close()
         deadline = self._clock() + self.settings.shutdown_timeout_seconds
-        for thread in self._threads:
+        for thread, _ in self._threads.values():
             while thread.is_alive() and self._stop_requests < 2:
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     break
                 thread.join(min(remaining, 0.2))
         self.watcher.join(max(0.0, deadline - self._clock()))
-        abandoned = sum(t.is_alive() for t in self._threads if t.name.startswith("put-"))
+        abandoned = sum(
+            thread.is_alive() for name, (thread, _) in self._threads.items() if name[:4] == "put-"
+        )
         self.api.close()
         event(
             log,

@@ -41,6 +41,22 @@ FILE_TYPES: tuple[FileType, ...] = ("users", "contracts", "other")
 SECRET_FIELDS = ("client_secret", "access_token")
 CREDENTIAL_FIELDS = ("client_id", *SECRET_FIELDS)
 MAX_PUT_BYTES = 5 * 1024**3  # S3's limit for a single PUT
+MAX_CONCURRENCY = 64
+# What SIGHUP can change in a running daemon; anything else needs a restart.
+LIVE_SETTINGS = frozenset(
+    {
+        "log_level",
+        "settle_seconds",
+        "batch_size",
+        "upload_concurrency",
+        "max_attempts",
+        "retry_initial_seconds",
+        "retry_max_seconds",
+        "rescan_seconds",
+        "shutdown_timeout_seconds",
+        "max_file_size",
+    }
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +132,7 @@ class Settings(BaseSettings):
     settle_seconds: float = Field(default=2.0, gt=0, le=3600)
     shutdown_timeout_seconds: float = Field(default=20.0, ge=0)
     batch_size: int = Field(default=50, ge=1, le=1000)
-    upload_concurrency: int = Field(default=4, ge=1, le=64)
+    upload_concurrency: int = Field(default=4, ge=1, le=MAX_CONCURRENCY)
     max_attempts: int = Field(default=5, ge=1)
     retry_initial_seconds: float = Field(default=1.0, gt=0)
     retry_max_seconds: float = Field(default=300.0, gt=0)
@@ -252,3 +268,12 @@ def require_folders(settings: Settings) -> tuple[Path, Path, Path]:
     if settings.drop_dir is None or settings.done_dir is None or settings.failed_dir is None:
         raise ConfigError("invalid setting drop_dir: Field required")
     return settings.drop_dir, settings.done_dir, settings.failed_dir
+
+
+def split_changes(old: Settings, new: Settings) -> tuple[list[str], list[str]]:
+    """(changed settings a reload applies live, changed settings that need a restart)."""
+    changed = [name for name in Settings.model_fields if getattr(old, name) != getattr(new, name)]
+    return (
+        [name for name in changed if name in LIVE_SETTINGS],
+        [name for name in changed if name not in LIVE_SETTINGS],
+    )

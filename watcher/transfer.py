@@ -13,6 +13,7 @@ import errno
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,10 +53,11 @@ class BoundedReader:
     FileChanged instead of letting the server wait for bytes that never come.
     """
 
-    def __init__(self, fd: int, size: int) -> None:
+    def __init__(self, fd: int, size: int, on_read: Callable[[], None]) -> None:
         self._fd = fd
         self._size = size
         self._pos = 0
+        self._on_read = on_read
 
     def read(self, n: int = -1) -> bytes:
         want = self._size - self._pos if n < 0 else min(n, self._size - self._pos)
@@ -65,6 +67,7 @@ class BoundedReader:
         if not data:
             raise FileChanged("the file shrank while it was being sent")
         self._pos += len(data)
+        self._on_read()
         return data
 
     def tell(self) -> int:
@@ -112,21 +115,23 @@ class Transfer:
         self._content_type = content_type
         self._pool = urllib3.PoolManager(
             num_pools=4,
-            maxsize=concurrency,
+            maxsize=concurrency,  # the setting's bound: a reload may add workers
             retries=transport_retry(),
             timeout=urllib3.Timeout(connect=timeout_seconds, read=timeout_seconds),
             blocksize=SEND_BLOCK_BYTES,
         )
 
-    def put(self, url: str, item: Item) -> Sent:
-        """PUT the item's file to `url`; raises Fault, FileGone, FileChanged or NotRegular."""
+    def put(self, url: str, item: Item, on_progress: Callable[[], None] = lambda: None) -> Sent:
+        """PUT the item's file to `url`; raises Fault, FileGone, FileChanged or NotRegular.
+
+        `on_progress` is called for every block sent (the watchdog's sign of life)."""
         expected = item.snapshot
         fd = open_version(item.path, expected)
         try:
             headers = {"Content-Length": str(expected.size)}
             if self._content_type:
                 headers["Content-Type"] = self._content_type
-            body = BoundedReader(fd, expected.size) if expected.size else b""
+            body = BoundedReader(fd, expected.size, on_progress) if expected.size else b""
             started = time.monotonic()
             try:
                 response = self._pool.urlopen(

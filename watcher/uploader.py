@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from .api import ApiClient, SignedUrl
 from .faults import Fault, Kind, backoff_seconds
 from .gate import ServiceGate
+from .health import Heartbeat
 from .items import Item, Spot
 from .logs import event
 from .mover import Mover
@@ -92,8 +93,10 @@ class Uploader:
 
     # -- the dispatcher thread -------------------------------------------------------------
 
-    def dispatch_step(self, stop: threading.Event) -> None:
+    def dispatch_step(self, stop: threading.Event, beat: Heartbeat) -> None:
+        beat.idle()
         batch = self._work.take_batch(self._settings.batch_size, timeout=0.5)
+        beat.busy()
         sendable = []
         for item in batch:
             reason = refusal(item, self._settings.max_file_size)
@@ -101,23 +104,26 @@ class Uploader:
                 sendable.append(item)
             else:
                 self._fail(item, reason, None)
+        beat.idle()
         if sendable and self._gate.wait(stop):
-            self._request(sendable, stop)
+            beat.busy()
+            self._request(sendable, stop, beat)
 
-    def _request(self, items: list[Item], stop: threading.Event) -> None:
+    def _request(self, items: list[Item], stop: threading.Event, beat: Heartbeat) -> None:
         try:
             answer = self._api.upload_urls([i.spot.name for i in items], items[0].spot.file_type)
         except Fault as fault:
             if fault.kind is Kind.REFUSED and len(items) > 1:  # find the name(s) it refuses
                 middle = len(items) // 2
-                self._request(items[:middle], stop)
-                self._request(items[middle:], stop)
+                self._request(items[:middle], stop, beat)
+                self._request(items[middle:], stop, beat)
                 return
             for item in items:
                 self._settle(item, fault)
             return
         self._gate.fine()
         received = time.time()
+        beat.idle()  # handing over waits for a free worker, by design
         for item in items:
             url = answer.get(item.spot.name)
             if isinstance(url, SignedUrl):
@@ -136,13 +142,18 @@ class Uploader:
 
     # -- the PUT worker threads ------------------------------------------------------------
 
+    def reconfigure(self, settings: Settings) -> None:
+        """A reload: batch size, attempts, backoff and size limit apply from the next file on."""
+        self._settings = settings
+
     def close(self) -> None:
         """Wake idle workers at a stop: a None ticket ends a worker's wait."""
         for _ in range(self._settings.upload_concurrency):
             with contextlib.suppress(queue.Full):
                 self._ready.put_nowait(None)
 
-    def put_step(self, stop: threading.Event) -> None:
+    def put_step(self, stop: threading.Event, beat: Heartbeat) -> None:
+        beat.idle()
         try:
             ticket = self._ready.get(timeout=1.0)
         except queue.Empty:
@@ -155,11 +166,12 @@ class Uploader:
             return
         if not self._gate.wait(stop):
             return  # stopping: the file stays in the drop folder
+        beat.busy()
         item = item.sending()
         with self._lock:
             self.sending += 1
         try:
-            sent = self._transfer.put(ticket.url.url, item)
+            sent = self._transfer.put(ticket.url.url, item, beat.progress)
         except Fault as fault:
             self._settle(item, fault)
         except FileGone:

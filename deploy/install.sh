@@ -1,0 +1,131 @@
+#!/bin/sh
+# Install productiv-watcher as a systemd service on a Debian/Ubuntu/RHEL-like host. Idempotent:
+# run it again to upgrade; it never overwrites a config or secret that is already there.
+#
+#   sudo deploy/install.sh [--secret-file FILE] [--base DIR] [--group NAME] [--dry-run]
+#   sudo deploy/install.sh --uninstall [--dry-run]
+#
+#   --secret-file FILE  copy the Productiv client secret to /etc/productiv-watcher/client_secret (0600)
+#   --base DIR          the folders' parent (default /srv/productiv): DIR/drop, DIR/done, DIR/failed
+#   --group NAME        the group producers join to drop files (default productiv-drop)
+#   --python PATH       the Python that builds the virtual environment (default python3)
+#   --root DIR          install below DIR instead of / (packaging, tests): no users, no systemctl
+#   --dry-run           print what would be done, change nothing
+#   --uninstall         remove the program and units; keep config, secret and every folder's files
+set -eu
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+user=productiv-watcher
+group=productiv-drop
+base=/srv/productiv
+python=python3
+root=
+secret=
+dry=0
+uninstall=0
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --secret-file) secret=$2; shift 2 ;;
+        --base) base=$2; shift 2 ;;
+        --group) group=$2; shift 2 ;;
+        --python) python=$2; shift 2 ;;
+        --root) root=$2; shift 2 ;;
+        --dry-run) dry=1; shift ;;
+        --uninstall) uninstall=1; shift ;;
+        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+opt=$root/opt/productiv-watcher
+etc=$root/etc/productiv-watcher
+units=$root/etc/systemd/system
+folders=$root$base
+
+say() { printf '%s\n' "$*"; }
+run() {
+    say "+ $*"
+    [ "$dry" = 1 ] || "$@"
+}
+system() { [ -z "$root" ]; }  # touching the real system: users, ownership, systemctl
+
+if [ "$dry" = 0 ] && system && [ "$(id -u)" != 0 ]; then
+    echo "install.sh: run as root (or with --dry-run / --root DIR)" >&2
+    exit 1
+fi
+
+if [ "$uninstall" = 1 ]; then
+    if system && command -v systemctl >/dev/null 2>&1; then
+        run systemctl disable --now productiv-watcher.service || true
+    fi
+    run rm -f "$units/productiv-watcher.service" "$units/productiv-watcher@.service"
+    run rm -rf "$opt"
+    if system && command -v systemctl >/dev/null 2>&1; then run systemctl daemon-reload; fi
+    say "removed the program and its units; kept $etc and the files in $folders"
+    exit 0
+fi
+
+# 1. The service's user, and the group producers join to drop files.
+if system; then
+    getent group "$group" >/dev/null || run groupadd --system "$group"
+    if ! getent passwd "$user" >/dev/null; then
+        nologin=$(command -v nologin || echo /usr/sbin/nologin)
+        run useradd --system --user-group --home-dir /nonexistent --no-create-home \
+            --shell "$nologin" --comment "productiv-watcher daemon" "$user"
+    fi
+    run usermod --append --groups "$group" "$user"
+fi
+
+# 2. The program, in its own virtual environment (rebuilt from this checkout on every run).
+run mkdir -p "$opt"
+[ -x "$opt/venv/bin/python" ] || run "$python" -m venv "$opt/venv"
+run "$opt/venv/bin/python" -m pip install --quiet --upgrade pip
+run "$opt/venv/bin/python" -m pip install --quiet --upgrade "$here"
+
+# 3. Settings and secret: created once, never overwritten.
+run mkdir -p "$etc"
+run chmod 0755 "$etc"
+if [ ! -e "$etc/config.toml" ]; then
+    run install -m 0640 "$here/deploy/config.example.toml" "$etc/config.toml"
+    run sed -i "s#^drop_dir = .*#drop_dir = \"$base/drop\"#" "$etc/config.toml"
+    if system; then run chgrp "$user" "$etc/config.toml"; fi
+else
+    say "keeping $etc/config.toml"
+fi
+if [ -n "$secret" ]; then
+    if [ -e "$etc/client_secret" ]; then
+        say "keeping $etc/client_secret (remove it first to replace it)"
+    else
+        run install -m 0600 "$secret" "$etc/client_secret"  # root only: systemd hands it over
+    fi
+fi
+
+# 4. The folders: producers (group $group) write into drop/; setgid keeps the group on files.
+for name in drop done failed; do
+    run mkdir -p "$folders/$name"
+    run chmod 2770 "$folders/$name"
+    if system; then run chown "$user:$group" "$folders/$name"; fi
+done
+run chmod 0755 "$folders"
+
+# 5. The units.
+run mkdir -p "$units"
+for unit in productiv-watcher.service productiv-watcher@.service; do
+    run install -m 0644 "$here/systemd/$unit" "$units/$unit"
+done
+if [ "$base" != /srv/productiv ]; then
+    run sed -i "s#/srv/productiv#$base#" "$units/productiv-watcher.service" "$units/productiv-watcher@.service"
+fi
+if [ "$group" != productiv-drop ]; then
+    run sed -i "s#^SupplementaryGroups=.*#SupplementaryGroups=$group#" "$units/productiv-watcher.service" "$units/productiv-watcher@.service"
+fi
+if system && command -v systemctl >/dev/null 2>&1; then run systemctl daemon-reload; fi
+
+say ""
+say "installed. Next:"
+say "  1. edit $etc/config.toml (app_id, client_id)"
+[ -n "$secret" ] || say "  2. put the client secret in $etc/client_secret (mode 0600, owner root)"
+say "  3. CREDENTIALS_DIRECTORY=$etc $opt/venv/bin/productiv-watcher check --config $etc/config.toml"
+say "  4. systemctl enable --now productiv-watcher; systemctl status productiv-watcher"
+say "  producers join the group $group and write into $base/drop"

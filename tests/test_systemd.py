@@ -1,0 +1,292 @@
+"""Running under systemd: the notify protocol on a real datagram socket, signals, reload,
+fail-fast, the units' hardening score and the install script."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    ROOT,
+    Captured,
+    Daemon,
+    Folders,
+    make_settings,
+    subprocess_daemon,
+    wait_for,
+)
+from watcher.sandbox import Sandbox
+
+
+class NotifySocket:
+    """A Unix datagram socket standing in for systemd's; records (time, message) pairs."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="notify-socket")
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+    def texts(self, prefix: str) -> list[str]:
+        return [
+            line for _, m in self.messages for line in m.splitlines() if line.startswith(prefix)
+        ]
+
+    def times(self, line: str) -> list[float]:
+        return [t for t, m in self.messages if line in m.splitlines()]
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifySocket]:
+    sock = NotifySocket(str(tmp_path / "notify.sock"))
+    yield sock
+    sock.close()
+
+
+def env_for(
+    sandbox: Sandbox, folders: Folders, notify: NotifySocket, **extra: str
+) -> dict[str, str]:
+    return {
+        **sandbox.env(),
+        "PRODUCTIV_DROP_DIR": str(folders.drop),
+        "PRODUCTIV_SETTLE_SECONDS": "0.3",
+        "NOTIFY_SOCKET": notify.address,
+        **extra,
+    }
+
+
+def test_ready_status_watchdog_and_stopping_reach_systemd(sandbox, folders, notify):
+    for n in range(3):
+        (folders.drop / f"f{n}.csv").write_bytes(b"x")
+    env = env_for(sandbox, folders, notify, WATCHDOG_USEC="400000")  # a ping every 0.2 s
+    with subprocess_daemon(env) as proc:
+        wait_for(lambda: notify.texts("READY=1"))
+        wait_for(lambda: any("3 uploaded" in s for s in notify.texts("STATUS=")))
+        wait_for(lambda: len(notify.times("WATCHDOG=1")) >= 8)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    first = notify.messages[0][1]
+    assert "READY=1" in first and "3 file(s) waiting" in first
+    statuses = notify.texts("STATUS=")
+    assert any("3 waiting" in s for s in statuses) and "STATUS=stopping" in statuses
+    pings = notify.times("WATCHDOG=1")
+    gaps = sorted(b - a for a, b in itertools.pairwise(pings))
+    assert 0.1 <= gaps[len(gaps) // 2] <= 0.35  # the median gap is about WATCHDOG_USEC / 2
+    assert notify.texts("STOPPING=1")
+
+
+def test_the_status_names_an_outage_and_its_error(sandbox, folders, notify):
+    sandbox.inject("urls", count=100, status=503)
+    (folders.drop / "a.csv").write_bytes(b"x")
+    with subprocess_daemon(env_for(sandbox, folders, notify)) as proc:
+        wait_for(lambda: any("retrying" in s for s in notify.texts("STATUS=")))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    [status] = [s for s in notify.texts("STATUS=") if "retrying" in s][:1]
+    assert "service unavailable since" in status and "HTTP 503" in status
+
+
+def test_no_watchdog_ping_while_the_uploader_is_wedged(sandbox, folders, notify):
+    sandbox.inject("put", count=1, delay=30)  # the storage accepts the body, then never answers
+    env = env_for(
+        sandbox,
+        folders,
+        notify,
+        WATCHDOG_USEC="400000",
+        PRODUCTIV_REQUEST_TIMEOUT_SECONDS="60",
+        PRODUCTIV_SHUTDOWN_TIMEOUT_SECONDS="0.5",
+    )
+    with subprocess_daemon(env) as proc:
+        wait_for(lambda: len(notify.times("WATCHDOG=1")) >= 2)
+        (folders.drop / "a.csv").write_bytes(b"x")
+        wait_for(lambda: sandbox.arrived["put"] == 1)
+        wedged = time.monotonic()
+        time.sleep(1.5)  # the observation window: pings must have stopped within ~0.4 s
+        late = [t for t in notify.times("WATCHDOG=1") if t > wedged + 0.6]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        stderr = proc.stderr
+    assert late == []
+    assert "stuck" in stderr and "put-1 has made no progress" in stderr
+
+
+def test_an_abstract_notify_socket_works(sandbox, folders):
+    sock = NotifySocket(f"@productiv-watcher-test-{os.getpid()}")
+    try:
+        with subprocess_daemon(env_for(sandbox, folders, sock)) as proc:
+            wait_for(lambda: sock.texts("READY=1"))
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+    finally:
+        sock.close()
+
+
+def test_watchdog_pings_only_for_the_pid_systemd_named(sandbox, folders, notify):
+    env = env_for(sandbox, folders, notify, WATCHDOG_USEC="200000", WATCHDOG_PID="1")
+    with subprocess_daemon(env) as proc:
+        wait_for(lambda: notify.texts("READY=1"))
+        wait_for(lambda: len(notify.texts("STATUS=")) >= 1)
+        time.sleep(0.5)  # an observation window: several ping periods
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    assert notify.texts("WATCHDOG=1") == []
+
+
+def test_a_dead_worker_thread_ends_the_process_with_status_1(sandbox, folders, logs_json: Captured):
+    daemon = Daemon(make_settings(sandbox, folders))
+
+    def broken(stop, beat):
+        raise RuntimeError("a bug")
+
+    daemon.service.uploader.put_step = broken  # type: ignore[method-assign]
+    thread = threading.Thread(target=daemon._run, name="test-daemon")
+    thread.start()
+    thread.join(15)
+    assert daemon.status == 1
+    assert logs_json.events("crashed")
+
+
+def test_sighup_applies_what_it_can_and_names_what_needs_a_restart(
+    sandbox, folders, tmp_path, notify
+):
+    config = tmp_path / "config.toml"
+    config.write_text(f'drop_dir = "{folders.drop}"\nsettle_seconds = 0.3\nbatch_size = 50\n')
+    env = {
+        k: v
+        for k, v in env_for(sandbox, folders, notify).items()
+        if k not in ("PRODUCTIV_DROP_DIR", "PRODUCTIV_SETTLE_SECONDS")
+    }
+    with subprocess_daemon(env, "--config", str(config)) as proc:
+        wait_for(lambda: notify.texts("READY=1"))
+        config.write_text(
+            f'drop_dir = "{tmp_path}"\nsettle_seconds = 0.2\nbatch_size = 7\n'
+            'upload_concurrency = 2\nlog_level = "DEBUG"\n'
+        )
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: " reloaded " in proc.stderr)
+        config.write_text("batch_size = = broken")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload_failed" in proc.stderr)
+        (folders.drop / "still.csv").write_bytes(b"x")
+        wait_for(lambda: (folders.done / "still.csv").exists())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        stderr = proc.stderr
+    [reloaded] = [line for line in stderr.splitlines() if " reloaded " in line]
+    assert "applied=settle_seconds,batch_size,upload_concurrency,log_level" in reloaded
+    assert "restart_needed=drop_dir,done_dir,failed_dir" in reloaded
+    assert "reload_failed" in stderr and "not valid TOML" in stderr
+    assert " DEBUG " in stderr  # the new log level is live
+
+
+# -- the units --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unit", ["productiv-watcher.service", "productiv-watcher@.service"])
+def test_units_are_hardened_to_ok_or_better(unit, tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed on this machine")
+    path = tmp_path / unit.replace("@.", "@example.")
+    shutil.copy(ROOT / "systemd" / unit, path)
+    result = subprocess.run(
+        [analyze, "security", "--offline=true", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    score = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", result.stdout).group(1))
+    assert score <= 2.0, result.stdout
+
+
+def test_the_unit_says_what_the_issue_asks():
+    text = (ROOT / "systemd" / "productiv-watcher.service").read_text()
+    for line in [
+        "Type=notify",
+        "NotifyAccess=main",
+        "Restart=on-failure",
+        "RestartPreventExitStatus=78",
+        "LoadCredential=client_secret:/etc/productiv-watcher/client_secret",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+        "SystemCallFilter=@system-service",
+    ]:
+        assert line in text.splitlines()
+    stop = int(re.search(r"TimeoutStopSec=(\d+)s", text).group(1))
+    assert stop > 20  # above the default shutdown_timeout_seconds
+    assert "Environment=" not in text  # never secrets in a world-readable unit
+
+
+# -- the install script ---------------------------------------------------------------------
+
+
+def test_install_is_idempotent_and_uninstall_keeps_the_files(tmp_path):
+    root = tmp_path / "root"
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret\n")
+    install = [str(ROOT / "deploy" / "install.sh"), "--root", str(root)]
+
+    dry = subprocess.run([*install, "--dry-run"], capture_output=True, text=True, check=True)
+    assert "+ install -m 0644" in dry.stdout and not root.exists()
+
+    subprocess.run([*install, "--secret-file", str(secret)], capture_output=True, check=True)
+    etc = root / "etc" / "productiv-watcher"
+    assert oct((etc / "client_secret").stat().st_mode & 0o777) == "0o600"
+    assert oct((etc / "config.toml").stat().st_mode & 0o777) == "0o640"
+    assert oct((root / "srv" / "productiv" / "drop").stat().st_mode & 0o7777) == "0o2770"
+    assert (root / "etc" / "systemd" / "system" / "productiv-watcher@.service").exists()
+    exe = root / "opt" / "productiv-watcher" / "venv" / "bin" / "productiv-watcher"
+    assert (
+        "productiv-watcher"
+        in subprocess.run(
+            [str(exe), "--version"], capture_output=True, text=True, check=True
+        ).stdout
+    )
+
+    (etc / "config.toml").write_text("app_id = 'mine'\n")
+    (root / "srv" / "productiv" / "drop" / "waiting.csv").write_text("x")
+    subprocess.run([*install, "--secret-file", str(secret)], capture_output=True, check=True)
+    assert (etc / "config.toml").read_text() == "app_id = 'mine'\n"  # never overwritten
+
+    subprocess.run([*install, "--uninstall"], capture_output=True, check=True)
+    assert not (root / "opt" / "productiv-watcher").exists()
+    assert not (root / "etc" / "systemd" / "system" / "productiv-watcher.service").exists()
+    assert (etc / "config.toml").exists() and (etc / "client_secret").exists()
+    assert (root / "srv" / "productiv" / "drop" / "waiting.csv").exists()
+
+
+def test_every_setting_is_in_the_example_config_and_the_readme():
+    from watcher.settings import Settings
+
+    example = (ROOT / "deploy" / "config.example.toml").read_text()
+    readme = (ROOT / "README.md").read_text()
+    for name in Settings.model_fields:
+        assert re.search(rf"^#? ?{name} = ", example, re.M), f"{name} missing from the example"
+        assert f"`{name}`" in readme, f"{name} missing from the README's table"

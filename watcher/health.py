@@ -1,0 +1,70 @@
+"""Is the pipeline healthy? Heartbeats of the upload threads, and the status line systemd shows.
+
+systemd's watchdog restarts a service that stops pinging. The supervisor pings only while every
+upload thread is either waiting by design (an empty queue, a backoff, free workers) or has shown
+progress (a block of a file sent, a call answered) within the watchdog period: a PUT or an API
+call that hangs past it means the process is wedged, and a restart is the cure.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+
+class Heartbeat:
+    """One thread's sign of life. Written by its thread, read by the supervisor (plain floats and
+    bools: each assignment is atomic)."""
+
+    def __init__(self, name: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self._clock = clock
+        self._last = clock()
+        self._waiting = True
+
+    def busy(self) -> None:
+        self._last = self._clock()
+        self._waiting = False
+
+    def progress(self) -> None:
+        self._last = self._clock()
+
+    def idle(self) -> None:
+        self._last = self._clock()
+        self._waiting = True
+
+    def silent_for(self, now: float) -> float:
+        """Seconds since the last sign of life, 0 while waiting by design."""
+        return 0.0 if self._waiting else max(0.0, now - self._last)
+
+
+def stuck(beats: Iterable[Heartbeat], now: float, period: float) -> str | None:
+    """Why the upload threads look wedged, or None."""
+    for beat in beats:
+        silent = beat.silent_for(now)
+        if silent > period:
+            return f"{beat.name} has made no progress for {silent:.0f} s"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    waiting: int  # settling or queued
+    uploading: int
+    uploaded: int
+    failed: int
+    retrying_since: float | None = None  # epoch seconds
+    last_error: str | None = None
+
+
+def status_line(counts: Counts) -> str:
+    """What `systemctl status` shows: the numbers, and the outage if there is one."""
+    line = (
+        f"{counts.waiting} waiting, {counts.uploading} uploading, "
+        f"{counts.uploaded} uploaded, {counts.failed} failed"
+    )
+    if counts.retrying_since is not None:
+        since = time.strftime("%H:%M:%S", time.localtime(counts.retrying_since))
+        line += f"; service unavailable since {since}, retrying: {counts.last_error}"
+    return line
