@@ -21,7 +21,7 @@ import pytest
 from pydantic import SecretStr
 
 from watcher import logs
-from watcher.sandbox import Sandbox
+from watcher.sandbox import CLIENT_SECRET, ISSUED, Sandbox
 from watcher.service import Service
 from watcher.settings import Settings
 
@@ -116,17 +116,35 @@ def logs_json() -> Iterator[Captured]:
     assert_no_secrets(captured.text)
 
 
-def assert_no_secrets(text: str) -> None:
-    from watcher.sandbox import CLIENT_SECRET
+FORBIDDEN = (CLIENT_SECRET, "Signature=", "X-Amz-Signature=", "AWSAccessKeyId=", 'access_token": "')
 
-    for forbidden in (
-        CLIENT_SECRET,
-        "Signature=",
-        "X-Amz-Signature=",
-        "AWSAccessKeyId=",
-        'access_token": "',
-    ):
-        assert forbidden not in text, f"{forbidden!r} leaked into the output"
+
+def leaks(text: str) -> list[str]:
+    """Secret values and signed-query parts found in `text`: the test secret, every token any
+    sandbox issued, and the parameters that only a signed URL's query carries."""
+    found = [value for value in FORBIDDEN if value in text]
+    return found + [token for token in list(ISSUED) if token in text]
+
+
+def assert_no_secrets(text: str) -> None:
+    assert not leaks(text), f"{leaks(text)!r} leaked into the output"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def redacting_records() -> None:
+    """As the daemon does at start: even pytest's own log capture sees only scrubbed records."""
+    logs.install_redaction()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Every output of every test (stdout, stderr, logs) is grepped for secrets: a leak fails it."""
+    outcome = yield
+    report = outcome.get_result()
+    found = sorted({leak for _, text in report.sections for leak in leaks(text)})
+    if found and report.passed:
+        report.outcome = "failed"
+        report.longrepr = f"secret or signed query leaked into the test's output: {found}"
 
 
 class Daemon:

@@ -20,24 +20,13 @@ from watcher.faults import (
 from watcher.items import Item, Snapshot, Spot
 from watcher.logs import Redactor
 from watcher.mover import NAME_MAX_BYTES, candidate_names
+from watcher.settings import DEFAULT_IGNORE
 from watcher.stability import Candidate, is_stable, observe
 from watcher.uploader import refusal, url_is_stale
 from watcher.watching import is_ignored, locate
 
 SNAP = Snapshot(1, 2, 10, 100, 100)
 SPOT = Spot(Path("/d/a.csv"), "a.csv", "a.csv", None)
-DEFAULT_IGNORE = (
-    ".*",
-    "*.tmp",
-    "*.part",
-    "*.partial",
-    "*.crdownload",
-    "*.swp",
-    "*~",
-    "~$*",
-    "Thumbs.db",
-    "desktop.ini",
-)
 
 
 # -- stability -----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import threading
 import time
@@ -463,3 +464,21 @@ def test_an_unreadable_file_goes_to_failed_with_the_reason(sandbox, logs_json):
         assert ((base / "failed" / "locked.csv").stat().st_mode & 0o777) == 0  # permissions kept
     finally:
         shutil.rmtree(base)
+
+
+def test_a_drop_folder_that_disappears_and_comes_back_is_watched_again(daemon, folders, logs_json):
+    with daemon():
+        away = folders.root / "drop-away"
+        folders.drop.rename(away)
+        wait_for(lambda: logs_json.events("watch_lost"))
+        write(away / "while-away.csv", b"1")
+        away.rename(folders.drop)  # back, same inode
+        wait_for(lambda: logs_json.events("watch_restored"))
+        done_soon(folders, "while-away.csv")
+        shutil.rmtree(folders.drop)  # gone for good, then a new folder of the same name
+        wait_for(lambda: len(logs_json.events("watch_lost")) == 2)
+        folders.drop.mkdir()
+        wait_for(lambda: len(logs_json.events("watch_restored")) == 2)
+        write(folders.drop / "after.csv", b"2")
+        done_soon(folders, "after.csv")
+    assert "gone" in logs_json.events("watch_lost")[0]["reason"]

@@ -139,15 +139,9 @@ class ApiClient:
         else:
             form |= {"client_id": s.client_id, "client_secret": secret}
         response = self._call("token", "POST", s.token_url, data=form, auth=auth)
-        body = _json(response, "token endpoint")
-        token = body.get("access_token") if isinstance(body, dict) else None
-        if not isinstance(token, str) or not token:
-            raise Fault(Kind.SERVICE, "token endpoint answered without an access_token")
+        token, lifetime = parse_token(_json(response, "token endpoint"))
         REDACT.add([token])
-        lifetime = body.get("expires_in")
-        if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)) or lifetime <= 0:
-            lifetime = DEFAULT_TOKEN_SECONDS
-        return token, float(lifetime)
+        return token, lifetime
 
     def upload_urls(self, names: list[str], file_type: str | None) -> dict[str, SignedUrl | Fault]:
         """Signed URLs for these names (a refused URL maps to a FINAL Fault); missing names
@@ -167,21 +161,7 @@ class ApiClient:
                 reason = _api_reason("signed-URL endpoint", response)
                 raise Fault(Kind.SERVICE, reason, 401)
         body = _json(response, "signed-URL endpoint")
-        if not isinstance(body, dict):
-            raise Fault(Kind.SERVICE, "signed-URL endpoint answered something other than a map")
-        skew = _clock_skew(response, self._clock())
-        answer: dict[str, SignedUrl | Fault] = {}
-        for name in names:
-            value = body.get(name)
-            if not isinstance(value, str):
-                continue
-            problem = url_problem(value)
-            if problem is not None:
-                answer[name] = Fault(Kind.FINAL, problem)
-                continue
-            expiry = url_expiry(value)
-            answer[name] = SignedUrl(value, None if expiry is None else expiry + skew)
-        return answer
+        return parse_urls(body, names, _clock_skew(response, self._clock()))
 
     def _call(self, endpoint: str, method: str, url: str, **kwargs: Any) -> requests.Response:
         """One HTTP call; raises Fault unless the answer is 2xx (or a 401 the caller handles)."""
@@ -199,6 +179,40 @@ class ApiClient:
             retry_after = retry_after_seconds(response.headers.get("Retry-After"), self._clock())
             raise Fault(kind, _api_reason(where, response), response.status_code, retry_after)
         return response
+
+
+def parse_token(body: Any) -> tuple[str, float]:
+    """(access token, lifetime in seconds) from a token answer; Fault when there is none."""
+    token = body.get("access_token") if isinstance(body, dict) else None
+    if not isinstance(token, str) or not token:
+        raise Fault(Kind.SERVICE, "the token endpoint answered without an access_token")
+    lifetime = body.get("expires_in")
+    if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)):
+        return token, DEFAULT_TOKEN_SECONDS
+    if not 0 < lifetime < 10**9:  # nonsense (negative, NaN, infinite): assume the default
+        return token, DEFAULT_TOKEN_SECONDS
+    return token, float(lifetime)
+
+
+def parse_urls(body: Any, names: list[str], skew: float) -> dict[str, SignedUrl | Fault]:
+    """The usable URL (or the reason it is refused) per requested name; others are ignored.
+
+    `skew` is how far our clock is ahead of the API's, added to each URL's expiry.
+    """
+    if not isinstance(body, dict):
+        raise Fault(Kind.SERVICE, "the signed-URL endpoint answered something other than a map")
+    answer: dict[str, SignedUrl | Fault] = {}
+    for name in names:
+        value = body.get(name)
+        if not isinstance(value, str):
+            continue
+        problem = url_problem(value)
+        if problem is not None:
+            answer[name] = Fault(Kind.FINAL, problem)
+            continue
+        expiry = url_expiry(value)
+        answer[name] = SignedUrl(value, None if expiry is None else expiry + skew)
+    return answer
 
 
 def _json(response: requests.Response, where: str) -> Any:

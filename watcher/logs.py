@@ -42,6 +42,28 @@ class Redactor:
 REDACT = Redactor()
 
 
+def install_redaction() -> None:
+    """Scrub every log record as it is created, so that no handler at all (ours, a library's,
+    a test runner's) ever holds a secret or a signed query: urllib3 logs whole URLs at DEBUG."""
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "redacting", False):
+        return
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            return record  # a malformed call: the formatter still redacts what it prints
+        clean = REDACT(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return record
+
+    factory.redacting = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
+
+
 def event(
     logger: logging.Logger,
     name: str,
@@ -115,6 +137,7 @@ def setup(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) 
     root.addHandler(handler)
     root.setLevel(level)
     logging.captureWarnings(True)
+    install_redaction()
     sys.excepthook = _log_uncaught
     threading.excepthook = _log_thread_crash
 

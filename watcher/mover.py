@@ -12,7 +12,6 @@ import ctypes
 import errno
 import json
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -93,37 +92,57 @@ class Mover:
         return self._move(path, self._done, reserve=0)
 
     def to_failed(self, path: Path, sidecar: dict[str, Any]) -> Path:
-        """Move to failed/ and write `<final name>.error.json` beside it (mode 0640)."""
-        final = self._move(path, self._failed, reserve=len(SIDECAR_SUFFIX))
-        doc = {**sidecar, "failed_at": _iso(self._clock())}
-        write_atomic(final.with_name(final.name + SIDECAR_SUFFIX), json.dumps(doc, indent=2) + "\n")
-        return final
+        """Write `<final name>.error.json` (mode 0640), then move the file beside it.
 
-    def _move(self, path: Path, root: Path, reserve: int) -> Path:
+        The sidecar comes first, so a file never sits in failed/ without its reason: if the
+        sidecar cannot be written (a full disk), nothing moves and the file waits in drop/.
+        """
+        text = json.dumps({**sidecar, "failed_at": _iso(self._clock())}, indent=2) + "\n"
+
+        def claim(final: Path) -> Path:
+            sidecar_path = final.with_name(final.name + SIDECAR_SUFFIX)
+            write_new(sidecar_path, text)
+            return sidecar_path
+
+        return self._move(path, self._failed, reserve=len(SIDECAR_SUFFIX), claim=claim)
+
+    def _move(
+        self, path: Path, root: Path, reserve: int, claim: Callable[[Path], Path] | None = None
+    ) -> Path:
         """Keeps the type subfolder (drop/users/a.csv -> done/users/a.csv)."""
         folder = root / path.parent.relative_to(self._drop)
         folder.mkdir(parents=True, exist_ok=True)
         for name in candidate_names(path.name, self._clock(), reserve):
+            final = folder / name
             try:
-                rename_noreplace(path, folder / name)
+                claimed = claim(final) if claim is not None else None
             except FileExistsError:
                 continue
+            try:
+                rename_noreplace(path, final)
+            except BaseException as exc:
+                if claimed is not None:
+                    claimed.unlink(missing_ok=True)
+                if isinstance(exc, FileExistsError):
+                    continue
+                raise
             fsync_dir(folder)
             fsync_dir(path.parent)
-            return folder / name
+            return final
         raise FileExistsError(errno.EEXIST, "no free name left", str(folder / path.name))
 
 
-def write_atomic(path: Path, text: str, mode: int = 0o640) -> None:
-    """Write a small file whole or not at all: a temporary name, fsync, then rename."""
-    tmp = path.with_name(f".tmp.{os.getpid()}.{threading.get_ident()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+def write_new(path: Path, text: str, mode: int = 0o640) -> None:
+    """Create a small file that must not exist yet, whole or not at all (fsynced)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         os.write(fd, text.encode("utf-8", "surrogateescape"))
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
-    os.replace(tmp, path)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
 
 
 def _iso(epoch: float) -> str:

@@ -41,6 +41,7 @@ CHUNK = 1024 * 1024
 DRAIN_LIMIT = 8 * CHUNK  # a refused PUT's body is read up to this size, then the line is cut
 
 Presign = Callable[[str, int], str]  # (object key, lifetime seconds) -> URL
+ISSUED: set[str] = set()  # every token any sandbox issued in this process (tests grep for them)
 
 
 @dataclass
@@ -196,6 +197,7 @@ class Sandbox:
         lifetime = self.token_seconds
         with self._lock:
             self._tokens[token] = self.now() + (lifetime or 300.0)
+            ISSUED.add(token)
         answer: dict[str, Any] = {"access_token": token, "token_type": "Bearer"}
         if lifetime is not None:
             answer["expires_in"] = int(lifetime) if float(lifetime).is_integer() else lifetime

@@ -178,8 +178,6 @@ class Service:
                 del self._threads[name]  # retired after a reload lowered the concurrency
             else:
                 dead.append(name)
-        if not self.watcher.alive():
-            dead.append("observer")
         return dead
 
     # -- the main loop -----------------------------------------------------------------------
@@ -195,6 +193,7 @@ class Service:
             if dead:
                 event(log, "crashed", level=logging.CRITICAL, reason=f"thread died: {dead}")
                 return 1
+            self.watcher.check()
             if self._reload_requested:
                 self._reload_requested = False
                 self._apply_reload()

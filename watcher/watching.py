@@ -9,10 +9,12 @@ send none.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from .items import Spot, display
+from .logs import event
 from .settings import FILE_TYPES, ConfigError
 
 log = logging.getLogger(__name__)
@@ -108,11 +111,47 @@ class Watcher:
         self._polling = polling
         self._poll_interval = poll_interval_seconds
         self._observer: BaseObserver | None = None
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the watched folder
 
     def to_spot(self, path: str) -> Spot | None:
         return locate(path, str(self.drop_dir), self._default_type, self._ignore)
 
     def start(self) -> None:
+        """Watch the drop folder (called once at start; `check` re-attaches later)."""
+        self._identity = self._current_identity()
+        self._start_observer()
+
+    def check(self) -> None:
+        """Called by the main loop: notice a drop folder that was removed, replaced or remounted,
+        or an observer thread that died, and watch again (with a full scan) once it is back."""
+        identity = self._current_identity()
+        if identity == self._identity and self.alive():
+            return
+        if self._identity is not None:
+            why = "is gone" if identity is None else "was replaced or remounted"
+            if identity == self._identity:
+                why = "lost its observer thread"
+            event(log, "watch_lost", level=logging.WARNING, reason=f"the drop folder {why}")
+            self.stop()
+            self._identity = None
+        if identity is None:
+            return
+        try:
+            self._start_observer()
+        except ConfigError as exc:
+            event(log, "watch_lost", level=logging.ERROR, reason=str(exc))
+            return
+        self._identity = identity
+        event(log, "watch_restored", drop_dir=str(self.drop_dir), waiting=self.scan())
+
+    def _current_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.drop_dir)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+    def _start_observer(self) -> None:
         observer: BaseObserver = (
             PollingObserver(timeout=self._poll_interval) if self._polling else Observer()
         )
@@ -135,7 +174,8 @@ class Watcher:
     def stop(self) -> None:
         """Stop watching at once; `join` waits for watchdog's threads to end."""
         if self._observer is not None:
-            self._observer.stop()
+            with contextlib.suppress(OSError):  # the folder may be gone already
+                self._observer.stop()
 
     def join(self, timeout: float) -> None:
         if self._observer is not None:

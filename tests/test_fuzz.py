@@ -1,0 +1,106 @@
+"""Property-based and fuzz tests of the pure parts: whatever comes in, a clear answer or a
+classified Fault comes out, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from watcher.api import SignedUrl, parse_token, parse_urls, url_expiry, url_problem
+from watcher.faults import Fault, Kind, classify_put, retry_after_seconds, s3_error
+from watcher.settings import DEFAULT_IGNORE, FILE_TYPES
+from watcher.watching import locate
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+NAMES = st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=5, unique=True)
+
+
+@settings(max_examples=500)
+@given(st.one_of(JSON, st.dictionaries(st.sampled_from(["access_token", "expires_in", "x"]), JSON)))
+def test_any_token_answer_gives_a_token_or_a_service_fault(body):
+    try:
+        token, lifetime = parse_token(body)
+    except Fault as fault:
+        assert fault.kind is Kind.SERVICE and "access_token" in fault.reason
+    else:
+        assert isinstance(token, str) and token
+        assert math.isfinite(lifetime) and lifetime > 0
+
+
+@settings(max_examples=500)
+@given(JSON, NAMES, st.floats(-1e6, 1e6))
+def test_any_url_answer_gives_urls_for_asked_names_only_or_a_service_fault(body, names, skew):
+    try:
+        answer = parse_urls(body, names, skew)
+    except Fault as fault:
+        assert fault.kind is Kind.SERVICE
+    else:
+        assert set(answer) <= set(names)
+        for value in answer.values():
+            assert isinstance(value, SignedUrl) or value.kind is Kind.FINAL
+
+
+@settings(max_examples=300)
+@given(NAMES, st.dictionaries(st.text(max_size=12), st.text(max_size=60), max_size=6))
+def test_url_maps_with_wrong_or_extra_names_are_handled(names, extra):
+    body = {**extra, names[0]: "https://s3.example.com/b/k?X-Amz-Expires=60&X-Amz-Date=20261127T000000Z"}
+    answer = parse_urls(body, names, 0.0)
+    assert isinstance(answer[names[0]], SignedUrl)
+    assert set(answer) <= set(names)
+
+
+@given(st.text(max_size=200))
+def test_any_url_is_judged_without_crashing(url):
+    problem = url_problem(url)
+    assert problem is None or isinstance(problem, str)
+    url_expiry(url)
+
+
+@given(st.sampled_from(["https", "http", "ftp", "file", "HTTPS"]), st.text(
+    st.characters(whitelist_categories=("Ll", "Nd")), min_size=1, max_size=10), st.text(
+    st.characters(whitelist_categories=("Ll", "Nd")), max_size=10))
+def test_credentials_in_a_url_are_always_refused(scheme, user, password):
+    url = f"{scheme}://{user}:{password}@s3.amazonaws.com/b/k?x=1"
+    assert url_problem(url) is not None
+
+
+@given(st.binary(max_size=300), st.integers(100, 599))
+def test_any_storage_answer_is_classified(body, status):
+    kind = classify_put(status, body)
+    assert (kind is None) == (200 <= status < 300)
+    s3_error(body)
+
+
+@given(st.text(max_size=40))
+def test_any_retry_after_is_a_bounded_number_or_none(value):
+    seconds = retry_after_seconds(value, 1_795_763_700.0)
+    assert seconds is None or 0 <= seconds <= 900
+
+
+NAME_CHARS = st.characters(blacklist_characters="/\x00", blacklist_categories=("Cs",))
+
+
+@given(st.lists(st.text(NAME_CHARS, min_size=1, max_size=20), min_size=1, max_size=4),
+       st.sampled_from([None, *FILE_TYPES]))
+def test_locate_never_places_a_file_outside_the_drop_folder_or_under_a_wrong_type(parts, default):
+    if any(p in (".", "..") for p in parts):
+        return
+    path = os.path.join("/d", *parts)
+    spot = locate(path, "/d", default, DEFAULT_IGNORE)
+    if spot is None:
+        return
+    assert Path(spot.path).parent in (Path("/d"), *(Path("/d") / t for t in FILE_TYPES))
+    assert spot.name == parts[-1]
+    assert spot.file_type == (parts[0] if len(parts) == 2 else default)
+    assert spot.rel == "/".join(parts)
+    json.dumps(spot.rel)
