@@ -140,35 +140,48 @@ def test_a_taken_name_in_done_gets_a_timestamp_and_nothing_is_overwritten(daemon
     assert names[1].startswith("report.20") and names[1].endswith("Z.pdf")
 
 
+SERVICE_FAULTS = [
+    *({"status": status} for status in (500, 502, 503, 504)),
+    {"status": 429, "retry_after": "1", "count": 2},
+    {"drop": True},
+    {"delay": 2.0},  # hangs past request_timeout_seconds
+]
+
+
 @pytest.mark.parametrize(
     ("endpoint", "fault"),
     [
-        ("token", {"status": 503}),
-        ("token", {"drop": True}),
-        ("urls", {"status": 500}),
-        ("urls", {"status": 502}),
-        ("urls", {"status": 503}),
-        ("urls", {"status": 429, "retry_after": "1", "count": 2}),
-        ("urls", {"drop": True}),
-        ("urls", {"body": '{"truncated'}),
-        ("put", {"status": 500}),
-        ("put", {"status": 503}),
-        ("put", {"status": 429, "retry_after": "1", "count": 2}),
-        ("put", {"drop": True}),
+        *(("token", f) for f in SERVICE_FAULTS),
+        ("token", {"body": '{"access_tok'}),  # truncated
+        ("token", {"body": "<html>gateway</html>"}),  # not JSON
+        ("token", {"status": 302}),
+        *(("urls", f) for f in SERVICE_FAULTS),
+        ("urls", {"body": '{"a.csv": "http'}),
+        ("urls", {"body": "<html>gateway</html>"}),
+        ("urls", {"status": 302}),
+        ("urls", {"partial": True, "count": 2}),  # some names missing, one never asked for
+        *(("put", f) for f in SERVICE_FAULTS),
         ("put", {"status": 307}),
     ],
+    ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={w}" for k, w in v.items()),
 )
 def test_service_faults_are_retried_and_never_fail_a_file(
     daemon, folders, sandbox, logs_json, endpoint, fault
 ):
-    sandbox.inject(endpoint, **{"count": 4, **fault})
-    write(folders.drop / "a.csv", b"payload")
-    with daemon():
-        done_soon(folders, "a.csv", timeout=20)
-    assert sandbox.stored("a.csv") == b"payload"
+    contents = {f"{n}.csv": os.urandom(2000 * n) for n in range(1, 4)}
+    for name, data in contents.items():
+        write(folders.drop / name, data)
+    # Enough in a row to outlast urllib3's in-call retries (of 3 files at once, for PUTs).
+    sandbox.inject(endpoint, **{"count": 12 if endpoint == "put" else 4, **fault})
+    with daemon(request_timeout_seconds=0.5):
+        done_soon(folders, *contents, timeout=30)
+    assert {name: sandbox.stored(name) for name in contents} == contents
     assert folders.files(folders.failed) == []
+    assert not logs_json.events("failed")
     retrying = logs_json.events("retrying")
-    assert retrying and logs_json.events("recovered")
+    assert retrying
+    if "partial" not in fault:  # a partial answer is a file-level retry, not an outage
+        assert logs_json.events("recovered")
     if "retry_after" in fault:  # honoured exactly, whatever the backoff says
         assert {r["seconds"] for r in retrying} == {1.0}
 

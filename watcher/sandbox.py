@@ -55,6 +55,7 @@ class Injected:
     delay: float = 0.0  # wait this long first (longer than the client's timeout = a hang)
     retry_after: str | None = None
     body: str | None = None  # raw body to answer with (e.g. truncated JSON)
+    partial: bool = False  # signed URLs: answer for every other name only, plus an unasked one
 
 
 @dataclass
@@ -356,10 +357,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             sandbox._record(Recorded(self.command, endpoint, self._path(), 0))
             return True
+        if fault.partial and endpoint == "urls":
+            self._urls(self._path(), partial=True)
+            return True
         if fault.status is None and fault.body is None:
             return False  # only a delay
         status = fault.status or 200
         extra = {"Retry-After": fault.retry_after} if fault.retry_after else {}
+        if 300 <= status < 400:
+            extra["Location"] = f"{sandbox.url}/elsewhere"
         if endpoint != "put" or self.headers.get("Content-Length"):
             self._drain()
         if fault.body is not None:
@@ -446,7 +452,7 @@ class _Handler(BaseHTTPRequestHandler):
         sandbox._record(Recorded("POST", "token", "/oauth2/token", status))
         self._json(status, doc, {"Cache-Control": "no-store"})
 
-    def _urls(self, path: str) -> None:
+    def _urls(self, path: str, partial: bool = False) -> None:
         sandbox = self.server.sandbox
         app_id = unquote(path[len(URL_PREFIX) : -len("/upload")])
         query = parse_qs(urlsplit(self.path).query, keep_blank_values=True)
@@ -468,6 +474,8 @@ class _Handler(BaseHTTPRequestHandler):
                 status, doc = 400, {"message": f"invalid filename: {bad[0]}"}
         if doc is None:
             wanted = [n for n in names if n not in sandbox.omit_names] + sorted(sandbox.extra_names)
+            if partial:
+                wanted = [*wanted[::2], "not-asked-for.csv"]
             doc = {name: sandbox.signed_url(file_type, name) for name in wanted}
         sandbox._record(Recorded("GET", "urls", path, status, names=names))
         self._json(status, doc)
