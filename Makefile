@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint types unit clean
+.PHONY: demo test lint types unit soak clean
 
 $(BIN)/productiv-watcher: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,12 @@ lint: $(BIN)/productiv-watcher
 types: $(BIN)/productiv-watcher
 	$(BIN)/mypy watcher
 
+# Four workers: the tests mostly wait on sockets and files, so they overlap well on 2 cores.
 unit: $(BIN)/productiv-watcher
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 4
+
+soak: $(BIN)/productiv-watcher
+	$(BIN)/pytest -q -s -m soak tests/soak
 
 clean:
 	rm -rf $(VENV) demo *.egg-info

@@ -181,16 +181,18 @@ def daemon(sandbox: Sandbox, folders: Folders, logs_json: Captured) -> Callable[
 class Child:
     """`productiv-watcher run` as a real child process; its stderr lines collected as they come."""
 
-    def __init__(self, env: dict[str, str], *args: str) -> None:
+    def __init__(
+        self, env: dict[str, str], *args: str, prefix: list[str] | None = None, cwd: Path = ROOT
+    ) -> None:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("PRODUCTIV_")}
         full_env.update(env)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "watcher", "run", *args],
+            [*(prefix or []), sys.executable, "-m", "watcher", "run", *args],
             env=full_env,
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
-            cwd=ROOT,
+            cwd=cwd,
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, name="child-stderr")
@@ -218,6 +220,16 @@ class Child:
             self.proc.kill()
         self.wait(10)
         assert_no_secrets(self.stderr)
+
+
+@pytest.fixture
+def daemon_factory(sandbox: Sandbox, logs_json: Captured) -> Callable[..., tuple[Daemon, Captured]]:
+    """A daemon on folders of the test's choosing (a tmpfs, a shared folder...)."""
+
+    def make(folders: Folders, **overrides: Any) -> tuple[Daemon, Captured]:
+        return Daemon(make_settings(sandbox, folders, **overrides)), logs_json
+
+    return make
 
 
 @contextmanager

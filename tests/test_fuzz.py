@@ -18,8 +18,9 @@ from watcher.watching import locate
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
 NAMES = st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=5, unique=True)
@@ -53,7 +54,10 @@ def test_any_url_answer_gives_urls_for_asked_names_only_or_a_service_fault(body,
 @settings(max_examples=300)
 @given(NAMES, st.dictionaries(st.text(max_size=12), st.text(max_size=60), max_size=6))
 def test_url_maps_with_wrong_or_extra_names_are_handled(names, extra):
-    body = {**extra, names[0]: "https://s3.example.com/b/k?X-Amz-Expires=60&X-Amz-Date=20261127T000000Z"}
+    body = {
+        **extra,
+        names[0]: "https://s3.example.com/b/k?X-Amz-Expires=60&X-Amz-Date=20261127T000000Z",
+    }
     answer = parse_urls(body, names, 0.0)
     assert isinstance(answer[names[0]], SignedUrl)
     assert set(answer) <= set(names)
@@ -66,9 +70,11 @@ def test_any_url_is_judged_without_crashing(url):
     url_expiry(url)
 
 
-@given(st.sampled_from(["https", "http", "ftp", "file", "HTTPS"]), st.text(
-    st.characters(whitelist_categories=("Ll", "Nd")), min_size=1, max_size=10), st.text(
-    st.characters(whitelist_categories=("Ll", "Nd")), max_size=10))
+@given(
+    st.sampled_from(["https", "http", "ftp", "file", "HTTPS"]),
+    st.text(st.characters(whitelist_categories=("Ll", "Nd")), min_size=1, max_size=10),
+    st.text(st.characters(whitelist_categories=("Ll", "Nd")), max_size=10),
+)
 def test_credentials_in_a_url_are_always_refused(scheme, user, password):
     url = f"{scheme}://{user}:{password}@s3.amazonaws.com/b/k?x=1"
     assert url_problem(url) is not None
@@ -90,8 +96,10 @@ def test_any_retry_after_is_a_bounded_number_or_none(value):
 NAME_CHARS = st.characters(blacklist_characters="/\x00", blacklist_categories=("Cs",))
 
 
-@given(st.lists(st.text(NAME_CHARS, min_size=1, max_size=20), min_size=1, max_size=4),
-       st.sampled_from([None, *FILE_TYPES]))
+@given(
+    st.lists(st.text(NAME_CHARS, min_size=1, max_size=20), min_size=1, max_size=4),
+    st.sampled_from([None, *FILE_TYPES]),
+)
 def test_locate_never_places_a_file_outside_the_drop_folder_or_under_a_wrong_type(parts, default):
     if any(p in (".", "..") for p in parts):
         return

@@ -173,3 +173,17 @@ def test_fuzzed_settings_give_a_config_error_or_settings_never_a_traceback(env, 
         load()
     except ConfigError as exc:
         assert str(exc).startswith("invalid setting")
+
+
+def test_a_secret_file_readable_by_others_is_warned_about(env, tmp_path, caplog):
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "client_secret").write_text(SECRET)
+    (creds / "client_secret").chmod(0o644)
+    env.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    load()
+    assert "readable by others" in caplog.text and SECRET not in caplog.text
+    caplog.clear()
+    (creds / "client_secret").chmod(0o400)
+    load()
+    assert "readable by others" not in caplog.text

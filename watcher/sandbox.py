@@ -17,7 +17,7 @@ import hmac
 import json
 import os
 import secrets
-import shutil
+import signal
 import socket
 import threading
 import time
@@ -525,15 +525,12 @@ _RECORDED_HEADERS = {"content-length", "content-type", "content-md5", "transfer-
 
 
 def serve(host: str, port: int, store: Path) -> None:
-    """`productiv-watcher sandbox`: run until interrupted, after printing the settings to use."""
+    """`productiv-watcher sandbox`: run until SIGINT/SIGTERM, after printing the settings."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     with Sandbox(store, host, port) as sandbox:
         for name, value in sandbox.env().items():
             print(f"{name}={value}")  # noqa: T201 - this is the command's output
         print(f"# objects are stored in {sandbox.store}", flush=True)  # noqa: T201
-        with contextlib.suppress(KeyboardInterrupt):
-            threading.Event().wait()
-
-
-def reset_store(store: Path) -> None:
-    shutil.rmtree(store, ignore_errors=True)
-    store.mkdir(parents=True)
+        stop.wait()

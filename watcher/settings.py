@@ -100,6 +100,12 @@ class CredentialsDirectorySource(PydanticBaseSettingsSource):
             path = Path(self._folder) / name
             if path.is_file():
                 values[name] = path.read_text(encoding="utf-8").rstrip("\r\n")
+                if name in SECRET_FIELDS and path.stat().st_mode & stat.S_IROTH:
+                    log.warning(
+                        "secret file %s is readable by others: chmod 0600 it",
+                        path,
+                        extra={"event": "insecure_secret"},
+                    )
         return values
 
 
@@ -247,7 +253,7 @@ def warn_if_exposed(path: Path, table: Mapping[str, Any]) -> None:
         log.warning(
             "config file %s holds a secret and is readable by others: chmod o-r it",
             path,
-            extra={"event": "insecure_config"},
+            extra={"event": "insecure_secret"},
         )
 
 
