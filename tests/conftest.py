@@ -57,10 +57,13 @@ class Folders:
 
 
 @pytest.fixture
-def folders(tmp_path: Path) -> Folders:
+def folders(tmp_path: Path) -> Iterator[Folders]:
     drop = tmp_path / "drop"
     drop.mkdir()
-    return Folders(tmp_path, drop, tmp_path / "done", tmp_path / "failed")
+    folders = Folders(tmp_path, drop, tmp_path / "done", tmp_path / "failed")
+    yield folders
+    for sidecar in folders.failed.rglob("*.error.json") if folders.failed.exists() else []:
+        assert_no_secrets(sidecar.read_text(errors="replace"))
 
 
 @pytest.fixture

@@ -271,3 +271,28 @@ def test_a_backlog_and_a_burst_all_go_through(daemon, folders, sandbox):
         wait_for(lambda: len(folders.files(folders.done)) == 2500, timeout=120)
     assert folders.files(folders.drop) == []
     assert sandbox.count("put", 200) == 2500
+
+
+def test_a_file_swapped_for_a_symlink_before_its_put_is_never_followed(
+    daemon, folders, sandbox, tmp_path
+):
+    secret = write(tmp_path / "outside.txt", b"must never leave this host")
+    sandbox.inject("urls", count=1, delay=1.0)  # time to swap while the URL is being fetched
+    write(folders.drop / "a.csv", b"fine")
+    with daemon() as service:
+        wait_for(lambda: sandbox.arrived["urls"] == 1 and len(service.stabiliser) == 0)
+        os.unlink(folders.drop / "a.csv")
+        os.symlink(secret, folders.drop / "a.csv")
+        wait_for(lambda: sandbox.count("urls") == 1)
+        time.sleep(0.5)  # an observation window for a PUT that must not happen
+    assert sandbox.count("put") == 0
+    assert (folders.drop / "a.csv").is_symlink()
+
+
+def test_done_and_failed_files_keep_their_permissions(daemon, folders, sandbox):
+    write(folders.drop / "private.csv", b"x").chmod(0o600)
+    write(folders.drop / "shared.csv", b"x").chmod(0o664)
+    with daemon():
+        done_soon(folders, "private.csv", "shared.csv")
+    assert (folders.done / "private.csv").stat().st_mode & 0o777 == 0o600
+    assert (folders.done / "shared.csv").stat().st_mode & 0o777 == 0o664
