@@ -75,8 +75,12 @@ def url_expiry(url: str) -> float | None:
         if "Expires" in query:
             return float(query["Expires"][0])
         if "X-Amz-Date" in query and "X-Amz-Expires" in query:
-            signed = time.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ")
-            return calendar.timegm(signed) + float(query["X-Amz-Expires"][0])
+            stamp = query["X-Amz-Date"][0]  # YYYYMMDDTHHMMSSZ (strptime is slow in a hot path)
+            if len(stamp) != 16 or stamp[8] != "T" or stamp[15] != "Z":
+                return None
+            date = (int(stamp[0:4]), int(stamp[4:6]), int(stamp[6:8]))
+            clock = (int(stamp[9:11]), int(stamp[11:13]), int(stamp[13:15]))
+            return calendar.timegm((*date, *clock)) + float(query["X-Amz-Expires"][0])
     except (ValueError, OverflowError):
         return None
     return None

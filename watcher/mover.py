@@ -1,4 +1,4 @@
-"""Stage 5, move: a file leaves the drop folder only by an atomic rename into done/ or failed/.
+"""The moves of stage 5: files leave the drop folder only by an atomic rename, never clobbering.
 
 Renames never overwrite: a name already taken gets a UTC timestamp (and a counter) before its
 suffix. The rename is `renameat2(RENAME_NOREPLACE)`, atomic and race-free; on filesystems
@@ -13,7 +13,7 @@ import errno
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,21 @@ class Mover:
         self._done = done_dir
         self._failed = failed_dir
         self._clock = clock
+        self._made: set[Path] = set()  # folders known to exist
+
+    def _rename(self, path: Path, final: Path) -> None:
+        try:
+            rename_noreplace(path, final)
+        except FileNotFoundError:
+            if not path.exists():
+                raise  # the file itself is gone
+            final.parent.mkdir(parents=True, exist_ok=True)  # someone removed done/ or failed/
+            rename_noreplace(path, final)
+
+    def sync(self, folders: Iterable[Path]) -> None:
+        """Make the renames into and out of these folders durable (one fsync per folder)."""
+        for folder in folders:
+            fsync_dir(folder)
 
     def to_done(self, path: Path) -> Path:
         return self._move(path, self._done, reserve=0)
@@ -111,7 +126,9 @@ class Mover:
     ) -> Path:
         """Keeps the type subfolder (drop/users/a.csv -> done/users/a.csv)."""
         folder = root / path.parent.relative_to(self._drop)
-        folder.mkdir(parents=True, exist_ok=True)
+        if folder not in self._made:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._made.add(folder)
         for name in candidate_names(path.name, self._clock(), reserve):
             final = folder / name
             try:
@@ -119,15 +136,13 @@ class Mover:
             except FileExistsError:
                 continue
             try:
-                rename_noreplace(path, final)
+                self._rename(path, final)
             except BaseException as exc:
                 if claimed is not None:
                     claimed.unlink(missing_ok=True)
                 if isinstance(exc, FileExistsError):
                     continue
                 raise
-            fsync_dir(folder)
-            fsync_dir(path.parent)
             return final
         raise FileExistsError(errno.EEXIST, "no free name left", str(folder / path.name))
 

@@ -17,6 +17,7 @@ from functools import partial
 
 from . import __version__, logs
 from .api import ApiClient
+from .finisher import Finisher
 from .gate import ServiceGate
 from .health import Counts, Heartbeat, status_line, stuck
 from .logs import REDACT, event
@@ -79,6 +80,7 @@ class Service:
         self._reload = reload
         self._clock = clock
         self._stop = threading.Event()  # tells every thread to finish
+        self._moves_stop = threading.Event()  # the finisher's: set once the uploads are over
         self._wakeup = threading.Event()  # wakes the main loop (signals)
         self._stop_requests = 0
         self._reload_requested = False
@@ -93,11 +95,14 @@ class Service:
         self.stabiliser = Stabiliser(settings.settle_seconds, self.work, clock)
         self.gate = ServiceGate(settings.retry_initial_seconds, settings.retry_max_seconds, clock)
         self.api = ApiClient(settings)
+        self.finisher = Finisher(
+            Mover(drop, done, failed, time.time), self.work, self.gate, self.stabiliser.notice
+        )
         self.uploader = Uploader(
             settings,
             self.api,
             Transfer(settings.request_timeout_seconds, MAX_CONCURRENCY, settings.content_type),
-            Mover(drop, done, failed, time.time),
+            self.finisher,
             self.work,
             self.gate,
             self.stabiliser.notice,
@@ -135,6 +140,7 @@ class Service:
         )
         self._spawn("stabiliser", lambda stop, beat: self.stabiliser.run(stop))
         self._spawn("dispatcher", self.uploader.dispatch_step)
+        self._spawn("finisher", lambda stop, beat: self.finisher.run(self._moves_stop, beat))
         self._spawn_workers()
         self.watcher.start()
         waiting = self.watcher.scan()
@@ -224,8 +230,8 @@ class Service:
             Counts(
                 waiting=settling + queued,
                 uploading=self.uploader.sending,
-                uploaded=self.uploader.uploaded,
-                failed=self.uploader.failed,
+                uploaded=self.finisher.uploaded,
+                failed=self.finisher.failed,
                 retrying_since=self.gate.failing_since_epoch(),
                 last_error=self.gate.last_error,
             )
@@ -262,12 +268,10 @@ class Service:
         self.stabiliser.wake()
         self.uploader.close()
         deadline = self._clock() + self.settings.shutdown_timeout_seconds
-        for thread, _ in self._threads.values():
-            while thread.is_alive() and self._stop_requests < 2:
-                remaining = deadline - self._clock()
-                if remaining <= 0:
-                    break
-                thread.join(min(remaining, 0.2))
+        uploads = [thread for name, (thread, _) in self._threads.items() if name != "finisher"]
+        self._join(uploads, deadline)
+        self._moves_stop.set()  # the uploads are over: move what they finished, then end
+        self._join([self._threads["finisher"][0]], deadline)
         self.watcher.join(max(0.0, deadline - self._clock()))
         abandoned = sum(
             thread.is_alive() for name, (thread, _) in self._threads.items() if name[:4] == "put-"
@@ -276,7 +280,16 @@ class Service:
         event(
             log,
             "stopped",
-            uploaded=self.uploader.uploaded,
-            failed=self.uploader.failed,
+            uploaded=self.finisher.uploaded,
+            failed=self.finisher.failed,
             abandoned=abandoned or None,
         )
+
+    def _join(self, threads: list[threading.Thread], deadline: float) -> None:
+        """Join against one deadline; a second stop request gives up at once."""
+        for thread in threads:
+            while thread.is_alive() and self._stop_requests < 2:
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    return
+                thread.join(min(remaining, 0.2))

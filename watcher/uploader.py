@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 from .api import ApiClient, SignedUrl
 from .faults import Fault, Kind, backoff_seconds
+from .finisher import Finisher
 from .gate import ServiceGate
 from .health import Heartbeat
 from .items import Item, Spot
 from .logs import event
-from .mover import Mover
 from .settings import Settings
-from .transfer import FileChanged, FileGone, NotRegular, Sent, Transfer
+from .transfer import FileChanged, FileGone, NotRegular, Transfer
 from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class Uploader:
         settings: Settings,
         api: ApiClient,
         transfer: Transfer,
-        mover: Mover,
+        finish: Finisher,
         work: WorkQueue,
         gate: ServiceGate,
         hand_back: Callable[[list[Spot]], None],
@@ -81,14 +81,12 @@ class Uploader:
         self._settings = settings
         self._api = api
         self._transfer = transfer
-        self._mover = mover
+        self._finish = finish
         self._work = work
         self._gate = gate
         self._hand_back = hand_back
         self._ready: queue.Queue[Ticket | None] = queue.Queue(maxsize=settings.upload_concurrency)
         self._lock = threading.Lock()
-        self.uploaded = 0
-        self.failed = 0
         self.sending = 0
 
     # -- the dispatcher thread -------------------------------------------------------------
@@ -103,7 +101,7 @@ class Uploader:
             if reason is None:
                 sendable.append(item)
             else:
-                self._fail(item, reason, None)
+                self._finish.fail(item, reason, None)
         beat.idle()
         if sendable and self._gate.wait(stop):
             beat.busy()
@@ -184,7 +182,7 @@ class Uploader:
             self._hand_back([item.spot])
         else:
             self._gate.fine()
-            self._done(item, sent)
+            self._finish.done(item, sent.seconds, sent.status)
         finally:
             with self._lock:
                 self.sending -= 1
@@ -222,62 +220,9 @@ class Uploader:
             )
             self._work.put_back(item, time.monotonic() + wait)
         else:  # FINAL, REFUSED (a single name), or FILE with no attempts left
-            self._fail(
+            self._finish.fail(
                 item.retried() if fault.kind is Kind.FILE else item, fault.reason, fault.status
             )
-
-    def _done(self, item: Item, sent: Sent) -> None:
-        try:
-            final = self._mover.to_done(item.path)
-        except FileNotFoundError:
-            self._forget(item, "vanished", "uploaded, then removed before it could be moved")
-            return
-        except OSError as exc:
-            self._cannot_move(item, "done", exc)
-            return
-        self._work.release(item.path)
-        with self._lock:
-            self.uploaded += 1
-        event(
-            log,
-            "uploaded",
-            file=item.spot.rel,
-            type=item.spot.file_type,
-            bytes=item.snapshot.size,
-            seconds=round(sent.seconds, 3),
-            status=sent.status,
-            moved_to=final.name if final.name != item.spot.name else None,
-        )
-
-    def _fail(self, item: Item, reason: str, status: int | None) -> None:
-        sidecar = {"file": item.spot.rel, "reason": reason, "status": status, "attempts": item.puts}
-        try:
-            final = self._mover.to_failed(item.path, sidecar)
-        except FileNotFoundError:
-            self._forget(item, "vanished", "removed before it could be moved to failed/")
-            return
-        except OSError as exc:
-            self._cannot_move(item, "failed", exc)
-            return
-        self._work.release(item.path)
-        with self._lock:
-            self.failed += 1
-        event(
-            log,
-            "failed",
-            level=logging.WARNING,
-            file=item.spot.rel,
-            type=item.spot.file_type,
-            status=status,
-            attempts=item.puts,
-            moved_to=final.name if final.name != item.spot.name else None,
-            reason=reason,
-        )
-
-    def _cannot_move(self, item: Item, where: str, exc: OSError) -> None:
-        """done/ or failed/ refuses the file (full, read-only): it stays, as in an outage."""
-        self._gate.trouble(Fault(Kind.SERVICE, f"cannot move a file into {where}/: {exc.strerror}"))
-        self._work.put_back(item)
 
     def _forget(self, item: Item, name: str, reason: str) -> None:
         self._work.release(item.path)

@@ -19,9 +19,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from watchdog.events import (
+    DirDeletedEvent,
+    DirMovedEvent,
     FileClosedEvent,
     FileCreatedEvent,
-    FileModifiedEvent,
     FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
@@ -36,7 +37,12 @@ from .settings import FILE_TYPES, ConfigError
 
 log = logging.getLogger(__name__)
 
-_WANTED = (FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent)
+# Created, closed after writing, moved in. Not modified: a write storm would cost an event per
+# write() for nothing, since the stabiliser compares snapshots settle_seconds apart anyway. Not
+# opened or closed-without-writing: those are our own reads. The filter also narrows the inotify
+# mask, so the kernel does not even queue the rest.
+_WANTED = [FileCreatedEvent, FileClosedEvent, FileMovedEvent]
+_ROOT_GONE = [DirDeletedEvent, DirMovedEvent]  # the drop folder itself (inotify's *_SELF events)
 
 
 class _QuietStop(logging.Filter):
@@ -76,13 +82,24 @@ def locate(
 class _Handler(FileSystemEventHandler):
     """Enqueue-only; an exception here would kill watchdog's dispatcher thread for good."""
 
-    def __init__(self, to_spot: Callable[[str], Spot | None], sink: Callable[[list[Spot]], None]):
+    def __init__(
+        self,
+        root: str,
+        to_spot: Callable[[str], Spot | None],
+        sink: Callable[[list[Spot]], None],
+        root_gone: Callable[[], None],
+    ) -> None:
+        self._root = root
         self._to_spot = to_spot
         self._sink = sink
+        self._root_gone = root_gone
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if not isinstance(event, _WANTED):
-            return  # opened / closed-no-write (our own reads), deleted, attrib, folders
+        if isinstance(event, tuple(_ROOT_GONE)) and os.fsdecode(event.src_path) == self._root:
+            self._root_gone()  # the main loop's next check re-attaches
+            return
+        if event.is_directory or not isinstance(event, tuple(_WANTED)):
+            return
         try:
             path = event.dest_path if isinstance(event, FileMovedEvent) else event.src_path
             spot = self._to_spot(os.fsdecode(path))
@@ -112,6 +129,7 @@ class Watcher:
         self._poll_interval = poll_interval_seconds
         self._observer: BaseObserver | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the watched folder
+        self._root_gone = False  # set from the dispatcher thread: the watched inode went away
 
     def to_spot(self, path: str) -> Spot | None:
         return locate(path, str(self.drop_dir), self._default_type, self._ignore)
@@ -125,11 +143,11 @@ class Watcher:
         """Called by the main loop: notice a drop folder that was removed, replaced or remounted,
         or an observer thread that died, and watch again (with a full scan) once it is back."""
         identity = self._current_identity()
-        if identity == self._identity and self.alive():
+        if identity == self._identity and self.alive() and not self._root_gone:
             return
         if self._identity is not None:
             why = "is gone" if identity is None else "was replaced or remounted"
-            if identity == self._identity:
+            if identity == self._identity and not self._root_gone:
                 why = "lost its observer thread"
             event(log, "watch_lost", level=logging.WARNING, reason=f"the drop folder {why}")
             self.stop()
@@ -137,12 +155,16 @@ class Watcher:
         if identity is None:
             return
         try:
+            self._root_gone = False
             self._start_observer()
         except ConfigError as exc:
             event(log, "watch_lost", level=logging.ERROR, reason=str(exc))
             return
         self._identity = identity
         event(log, "watch_restored", drop_dir=str(self.drop_dir), waiting=self.scan())
+
+    def _mark_root_gone(self) -> None:
+        self._root_gone = True
 
     def _current_identity(self) -> tuple[int, int] | None:
         try:
@@ -156,7 +178,10 @@ class Watcher:
             PollingObserver(timeout=self._poll_interval) if self._polling else Observer()
         )
         observer.name = "observer"
-        observer.schedule(_Handler(self.to_spot, self._sink), str(self.drop_dir), recursive=True)
+        handler = _Handler(str(self.drop_dir), self.to_spot, self._sink, self._mark_root_gone)
+        observer.schedule(
+            handler, str(self.drop_dir), recursive=True, event_filter=[*_WANTED, *_ROOT_GONE]
+        )
         try:
             observer.start()
         except OSError as exc:

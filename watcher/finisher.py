@@ -1,0 +1,147 @@
+"""Stage 5, finish: move each uploaded file to done/ and each refused one to failed/, then log it.
+
+Runs on its own thread so that PUT workers never wait on the disk: it takes whatever outcomes
+are waiting, renames them all, fsyncs each folder it touched once for the whole batch, and only
+then logs `uploaded` / `failed`: a logged file is durably where the line says. A folder that
+refuses the file (read-only, full) is treated like an outage: the file stays in drop/ and is
+tried again after a backoff step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .faults import Fault, Kind
+from .gate import ServiceGate
+from .health import Heartbeat
+from .items import Item, Snapshot, Spot
+from .logs import event
+from .mover import Mover
+from .workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+BATCH = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    item: Item
+    uploaded: bool
+    seconds: float = 0.0  # the PUT's duration
+    status: int | None = None
+    reason: str = ""  # why it failed
+
+
+class Finisher:
+    """`done` / `fail` are called from the uploader's threads; `run` is the finisher's thread."""
+
+    def __init__(
+        self,
+        mover: Mover,
+        work: WorkQueue,
+        gate: ServiceGate,
+        hand_back: Callable[[list[Spot]], None],
+    ) -> None:
+        self._mover = mover
+        self._work = work
+        self._gate = gate
+        self._hand_back = hand_back
+        self._outcomes: queue.Queue[Outcome] = queue.Queue()
+        self._lock = threading.Lock()
+        self.uploaded = 0
+        self.failed = 0
+
+    def done(self, item: Item, seconds: float, status: int) -> None:
+        self._outcomes.put(Outcome(item, True, seconds, status))
+
+    def fail(self, item: Item, reason: str, status: int | None) -> None:
+        self._outcomes.put(Outcome(item, False, status=status, reason=reason))
+
+    def run(self, stop: threading.Event, beat: Heartbeat) -> None:
+        """Until `stop` is set and nothing is left to move (the uploader stops first)."""
+        while not (stop.is_set() and self._outcomes.empty()):
+            self.step(beat)
+
+    def step(self, beat: Heartbeat) -> None:
+        beat.idle()
+        try:
+            batch = [self._outcomes.get(timeout=0.5)]
+        except queue.Empty:
+            return
+        beat.busy()
+        while len(batch) < BATCH:
+            try:
+                batch.append(self._outcomes.get_nowait())
+            except queue.Empty:
+                break
+        placed = [(outcome, final) for outcome in batch if (final := self._place(outcome))]
+        folders = {path.parent for _, path in placed} | {o.item.path.parent for o, _ in placed}
+        self._mover.sync(folders)
+        for outcome, final in placed:
+            self._report(outcome, final)
+
+    def _place(self, outcome: Outcome) -> Path | None:
+        item = outcome.item
+        try:
+            if not outcome.uploaded:
+                sidecar = {
+                    "file": item.spot.rel,
+                    "reason": outcome.reason,
+                    "status": outcome.status,
+                    "attempts": item.puts,
+                }
+                return self._mover.to_failed(item.path, sidecar)
+            if Snapshot.of(os.lstat(item.path)) != item.snapshot:
+                self._work.release(item.path)  # changed after its PUT: send it again
+                event(log, "changed", file=item.spot.rel, reason="the file changed after upload")
+                self._hand_back([item.spot])
+                return None
+            return self._mover.to_done(item.path)
+        except FileNotFoundError:
+            self._work.release(item.path)
+            event(log, "vanished", file=item.spot.rel, reason="removed before it could be moved")
+        except OSError as exc:
+            where = "done" if outcome.uploaded else "failed"
+            reason = f"cannot move a file into {where}/: {exc.strerror}"
+            self._gate.trouble(Fault(Kind.SERVICE, reason))
+            self._work.put_back(item)
+        return None
+
+    def _report(self, outcome: Outcome, final: Path) -> None:
+        item = outcome.item
+        self._work.release(item.path)
+        renamed = final.name if final.name != item.spot.name else None
+        if outcome.uploaded:
+            with self._lock:
+                self.uploaded += 1
+            event(
+                log,
+                "uploaded",
+                file=item.spot.rel,
+                type=item.spot.file_type,
+                bytes=item.snapshot.size,
+                seconds=round(outcome.seconds, 3),
+                status=outcome.status,
+                moved_to=renamed,
+            )
+        else:
+            with self._lock:
+                self.failed += 1
+            event(
+                log,
+                "failed",
+                level=logging.WARNING,
+                file=item.spot.rel,
+                type=item.spot.file_type,
+                status=outcome.status,
+                attempts=item.puts,
+                moved_to=renamed,
+                reason=outcome.reason,
+            )
