@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint types unit soak clean
+.PHONY: demo test lint types unit soak bench clean
 
 $(BIN)/productiv-watcher: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ unit: $(BIN)/productiv-watcher
 
 soak: $(BIN)/productiv-watcher
 	$(BIN)/pytest -q -s -m soak tests/soak
+
+# rclone serve s3 + boto3 presigned URLs vs the daemon; writes docs/benchmarks.md (10-15 minutes)
+bench: $(BIN)/productiv-watcher
+	$(BIN)/python tests/bench/bench.py --scaling --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) demo *.egg-info

@@ -81,7 +81,7 @@ fi
 run mkdir -p "$opt"
 [ -x "$opt/venv/bin/python" ] || run "$python" -m venv "$opt/venv"
 run "$opt/venv/bin/python" -m pip install --quiet --upgrade pip
-run "$opt/venv/bin/python" -m pip install --quiet --upgrade "$here"
+run "$opt/venv/bin/python" -m pip install --quiet --upgrade "$here[metrics]"
 
 # 3. Settings and secret: created once, never overwritten.
 run mkdir -p "$etc"

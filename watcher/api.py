@@ -163,7 +163,7 @@ class ApiClient:
                 break
             if not (first_try and self._forget_token(token)):  # one fresh token, one retry
                 reason = _api_reason("signed-URL endpoint", response)
-                raise Fault(Kind.SERVICE, reason, 401)
+                raise Fault(Kind.SERVICE, reason, 401, where="urls")
         body = _json(response, "signed-URL endpoint")
         return parse_urls(body, names, _clock_skew(response, self._clock()))
 
@@ -175,13 +175,15 @@ class ApiClient:
                 method, url, timeout=self._timeout, allow_redirects=False, **kwargs
             )
         except requests.RequestException as exc:
-            raise Fault(Kind.SERVICE, f"cannot reach the {where}: {type(exc).__name__}") from None
+            reason = f"cannot reach the {where}: {type(exc).__name__}"
+            raise Fault(Kind.SERVICE, reason, where=endpoint) from None
         if response.status_code == 401 and endpoint == "urls":
             return response
         kind = classify_api_status(response.status_code, endpoint)
         if kind is not None:
             retry_after = retry_after_seconds(response.headers.get("Retry-After"), self._clock())
-            raise Fault(kind, _api_reason(where, response), response.status_code, retry_after)
+            reason = _api_reason(where, response)
+            raise Fault(kind, reason, response.status_code, retry_after, where=endpoint)
         return response
 
 

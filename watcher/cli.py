@@ -88,6 +88,19 @@ def cmd_upload(args: argparse.Namespace) -> int:
     return upload_files(settings, args.files, args.type or settings.file_type)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from .admin import status
+
+    return status(load(args.config, credentials=False), args.file, args.json)
+
+
+def cmd_retry_failed(args: argparse.Namespace) -> int:
+    from .admin import retry_failed
+
+    settings = load(args.config, credentials=False)
+    return retry_failed(settings, args.reason, args.older_than, args.dry_run)
+
+
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from .sandbox import serve
 
@@ -124,6 +137,17 @@ def _parser() -> argparse.ArgumentParser:
     upload = with_config(command("upload", cmd_upload, "upload the named files once (no moves)"))
     upload.add_argument("--type", choices=FILE_TYPES, help="file type (default: file_type)")
     upload.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    status = with_config(
+        command("status", cmd_status, "what the daemon is doing, or what became of FILE")
+    )
+    status.add_argument("file", nargs="?", metavar="FILE", help="a file's receipt instead")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    retry = with_config(
+        command("retry-failed", cmd_retry_failed, "move failed files back into the drop folder")
+    )
+    retry.add_argument("--reason", help="only files whose failure reason contains this text")
+    retry.add_argument("--older-than", metavar="DURATION", help="only files failed before (7d)")
+    retry.add_argument("--dry-run", action="store_true", help="print what would be moved")
     sandbox = command("sandbox", cmd_sandbox, "run the local sandbox of the Productiv API")
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, default=8765)

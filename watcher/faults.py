@@ -39,12 +39,21 @@ class Fault(Exception):
         reason: str,
         status: int | None = None,
         retry_after: float | None = None,
+        where: str = "",
     ) -> None:
         super().__init__(reason)
         self.kind = kind
         self.reason = reason
         self.status = status
         self.retry_after = retry_after
+        self.where = where  # token, urls, put or move: the retry metric's cause
+
+    @property
+    def family(self) -> str:
+        """The retry metric's class: 4xx, 5xx, 429, 3xx, or network."""
+        if self.status is None:
+            return "network"
+        return "429" if self.status == 429 else f"{self.status // 100}xx"
 
 
 def transport_retry() -> Retry:

@@ -13,16 +13,21 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .faults import Fault, Kind
 from .gate import ServiceGate
 from .health import Heartbeat
-from .items import Item, Snapshot, Spot
+from .items import Item, Snapshot, Spot, display
 from .logs import event
+from .metrics import Metrics
 from .mover import Mover
+from .receipts import Journal, receipt_time
+from .transfer import Sent
 from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -34,9 +39,10 @@ BATCH = 256
 class Outcome:
     item: Item
     uploaded: bool
-    seconds: float = 0.0  # the PUT's duration
     status: int | None = None
     reason: str = ""  # why it failed
+    sent: Sent | None = None  # the PUT that stored it
+    object_path: str = ""  # the signed URL's path, never its query
 
 
 class Finisher:
@@ -48,18 +54,25 @@ class Finisher:
         work: WorkQueue,
         gate: ServiceGate,
         hand_back: Callable[[list[Spot]], None],
+        journal: Journal,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._mover = mover
         self._work = work
         self._gate = gate
         self._hand_back = hand_back
+        self._journal = journal
+        self._metrics = metrics
+        self._clock = clock
         self._outcomes: queue.Queue[Outcome] = queue.Queue()
         self._lock = threading.Lock()
         self.uploaded = 0
         self.failed = 0
+        self.last_upload: float | None = None  # epoch seconds
 
-    def done(self, item: Item, seconds: float, status: int) -> None:
-        self._outcomes.put(Outcome(item, True, seconds, status))
+    def done(self, item: Item, sent: Sent, object_path: str) -> None:
+        self._outcomes.put(Outcome(item, True, sent.status, sent=sent, object_path=object_path))
 
     def fail(self, item: Item, reason: str, status: int | None) -> None:
         self._outcomes.put(Outcome(item, False, status=status, reason=reason))
@@ -84,8 +97,10 @@ class Finisher:
         placed = [(outcome, final) for outcome in batch if (final := self._place(outcome))]
         folders = {path.parent for _, path in placed} | {o.item.path.parent for o, _ in placed}
         self._mover.sync(folders)
+        now = self._clock()
+        self._journal.append([self._receipt(outcome, final, now) for outcome, final in placed])
         for outcome, final in placed:
-            self._report(outcome, final)
+            self._report(outcome, final, now)
 
     def _place(self, outcome: Outcome) -> Path | None:
         item = outcome.item
@@ -110,30 +125,51 @@ class Finisher:
         except OSError as exc:
             where = "done" if outcome.uploaded else "failed"
             reason = f"cannot move a file into {where}/: {exc.strerror}"
-            self._gate.trouble(Fault(Kind.SERVICE, reason))
+            self._metrics.retried("move", "disk")
+            self._gate.trouble(Fault(Kind.SERVICE, reason, where="move"))
             self._work.put_back(item)
         return None
 
-    def _report(self, outcome: Outcome, final: Path) -> None:
-        item = outcome.item
+    def _receipt(self, outcome: Outcome, final: Path, now: float) -> dict[str, Any]:
+        item, sent = outcome.item, outcome.sent
+        return {
+            "time": receipt_time(now),
+            "file": item.spot.rel,
+            "type": item.spot.file_type,
+            "bytes": item.snapshot.size,
+            "sha256": sent.sha256 if sent else None,
+            "object": outcome.object_path or None,
+            "status": outcome.status,
+            "attempts": item.puts,
+            "seconds": round(sent.seconds, 3) if sent else None,
+            "outcome": "uploaded" if outcome.uploaded else "failed",
+            "moved_to": self._mover.relative(final),
+            **({"reason": outcome.reason} if not outcome.uploaded else {}),
+        }
+
+    def _report(self, outcome: Outcome, final: Path, now: float) -> None:
+        item, sent = outcome.item, outcome.sent
         self._work.release(item.path)
-        renamed = final.name if final.name != item.spot.name else None
-        if outcome.uploaded:
+        renamed = display(final.name) if final.name != item.spot.name else None
+        if sent is not None:
             with self._lock:
                 self.uploaded += 1
+                self.last_upload = now
+            self._metrics.uploaded(item.spot.file_type, item.snapshot.size, sent.seconds)
             event(
                 log,
                 "uploaded",
                 file=item.spot.rel,
                 type=item.spot.file_type,
                 bytes=item.snapshot.size,
-                seconds=round(outcome.seconds, 3),
+                seconds=round(sent.seconds, 3),
                 status=outcome.status,
                 moved_to=renamed,
             )
         else:
             with self._lock:
                 self.failed += 1
+            self._metrics.failed(item.spot.file_type)
             event(
                 log,
                 "failed",

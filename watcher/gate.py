@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from .faults import Fault, backoff_seconds
 from .logs import event
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,14 @@ class ServiceGate:
         initial_seconds: float,
         max_seconds: float,
         clock: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
         jitter: Callable[[], float] = random.random,
     ) -> None:
         self.initial_seconds = initial_seconds
         self.max_seconds = max_seconds
         self._clock = clock
         self._jitter = jitter
+        self._metrics = metrics
         self._lock = threading.Lock()
         self._step = 0
         self._open_at = 0.0
@@ -56,6 +59,8 @@ class ServiceGate:
 
     def trouble(self, fault: Fault) -> float:
         """Record a service-side fault; returns the wait. Repeats within a step are folded."""
+        if self._metrics is not None:
+            self._metrics.retried(fault.where, fault.family)
         with self._lock:
             now = self._clock()
             if now < self._open_at:

@@ -41,6 +41,7 @@ class Item:
     attempts: int = 0  # tries refused for reasons of the file's own (counts to max_attempts)
     puts: int = 0  # PUT requests made, as the failed/ sidecar reports them
     expired: int = 0  # signed URLs in a row that the storage found expired
+    noticed_at: float = 0.0  # monotonic: when the stabiliser first saw this version
 
     @property
     def path(self) -> Path:

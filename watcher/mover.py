@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .items import display
+
 NAME_MAX_BYTES = 255
 SIDECAR_SUFFIX = ".error.json"
 _RENAME_NOREPLACE = 1
@@ -88,6 +90,13 @@ class Mover:
         self._failed = failed_dir
         self._clock = clock
         self._made: set[Path] = set()  # folders known to exist
+
+    def relative(self, final: Path) -> str:
+        """`done/users/a.csv`: where a file went, as receipts and `status` show it."""
+        for root in (self._done, self._failed):
+            if final.is_relative_to(root):
+                return display(f"{root.name}/{final.relative_to(root)}")
+        return display(str(final))
 
     def _rename(self, path: Path, final: Path) -> None:
         try:

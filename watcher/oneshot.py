@@ -54,7 +54,7 @@ def upload_files(settings: Settings, paths: list[Path], file_type: str | None) -
             item.path, f"FAILED {item.spot.rel}: gave up after {settings.max_attempts} attempts"
         )
     for line in results.values():
-        print(line)  # noqa: T201 - the command's report
+        print(line)
     return 0 if all(line.startswith("uploaded") for line in results.values()) else 1
 
 

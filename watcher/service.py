@@ -19,10 +19,13 @@ from . import __version__, logs
 from .api import ApiClient
 from .finisher import Finisher
 from .gate import ServiceGate
-from .health import Counts, Heartbeat, status_line, stuck
+from .health import Heartbeat, status_line, stuck
 from .logs import REDACT, event
+from .metrics import Metrics
 from .mover import Mover
 from .notify import Notifier, SystemdNotifier
+from .operations import Operations
+from .receipts import Journal
 from .settings import MAX_CONCURRENCY, ConfigError, Settings, require_folders, split_changes
 from .stability import Stabiliser
 from .transfer import Transfer
@@ -90,13 +93,25 @@ class Service:
         self._last_status = ""
 
         drop, done, failed = require_folders(settings)
+        assert settings.state_dir is not None  # derived from drop_dir by the settings
         REDACT.add(settings.secret_values())
+        self.metrics = Metrics(settings)
+        self.journal = Journal(
+            settings.state_dir, int(settings.receipts_max_bytes), settings.receipts_keep
+        )
         self.work = WorkQueue(clock)
         self.stabiliser = Stabiliser(settings.settle_seconds, self.work, clock)
-        self.gate = ServiceGate(settings.retry_initial_seconds, settings.retry_max_seconds, clock)
+        self.gate = ServiceGate(
+            settings.retry_initial_seconds, settings.retry_max_seconds, clock, self.metrics
+        )
         self.api = ApiClient(settings)
         self.finisher = Finisher(
-            Mover(drop, done, failed, time.time), self.work, self.gate, self.stabiliser.notice
+            Mover(drop, done, failed, time.time),
+            self.work,
+            self.gate,
+            self.stabiliser.notice,
+            self.journal,
+            self.metrics,
         )
         self.uploader = Uploader(
             settings,
@@ -106,6 +121,7 @@ class Service:
             self.work,
             self.gate,
             self.stabiliser.notice,
+            self.metrics,
         )
         self.watcher = Watcher(
             drop,
@@ -114,6 +130,19 @@ class Service:
             self.stabiliser.notice,
             settings.polling,
             settings.poll_interval_seconds,
+            settings.canary_seconds,
+        )
+        self.operations = Operations(
+            settings,
+            self.work,
+            self.stabiliser,
+            self.uploader,
+            self.finisher,
+            self.gate,
+            self.watcher,
+            self.journal,
+            self.metrics,
+            clock,
         )
 
     def request_stop(self) -> None:
@@ -142,6 +171,7 @@ class Service:
         self._spawn("dispatcher", self.uploader.dispatch_step)
         self._spawn("finisher", lambda stop, beat: self.finisher.run(self._moves_stop, beat))
         self._spawn_workers()
+        self.metrics.start()
         self.watcher.start()
         waiting = self.watcher.scan()
         self._notifier.send("READY=1", f"STATUS=watching, {waiting} file(s) waiting at start")
@@ -207,6 +237,7 @@ class Service:
                 self.watcher.scan()
                 next_scan = now + self.settings.rescan_seconds
             self._send_status()
+            self.operations.tick()
             if interval is not None and now >= next_ping:
                 next_ping = now + interval
                 self._ping(now, 2 * interval)
@@ -225,17 +256,7 @@ class Service:
         self._stuck = reason
 
     def _send_status(self) -> None:
-        settling, (queued, _) = len(self.stabiliser), self.work.counts()
-        line = status_line(
-            Counts(
-                waiting=settling + queued,
-                uploading=self.uploader.sending,
-                uploaded=self.finisher.uploaded,
-                failed=self.finisher.failed,
-                retrying_since=self.gate.failing_since_epoch(),
-                last_error=self.gate.last_error,
-            )
-        )
+        line = status_line(self.operations.counts())
         if line != self._last_status:
             self._last_status = line
             self._notifier.send(f"STATUS={line}")
@@ -252,6 +273,7 @@ class Service:
         self.settings = new
         self.uploader.reconfigure(new)
         self.stabiliser.settle_seconds = new.settle_seconds
+        self.operations.settings = new
         self.gate.initial_seconds = new.retry_initial_seconds
         self.gate.max_seconds = new.retry_max_seconds
         logs.set_level(new.log_level)
@@ -273,6 +295,8 @@ class Service:
         self._moves_stop.set()  # the uploads are over: move what they finished, then end
         self._join([self._threads["finisher"][0]], deadline)
         self.watcher.join(max(0.0, deadline - self._clock()))
+        self.metrics.stop()
+        self.operations.write_status("stopped")
         abandoned = sum(
             thread.is_alive() for name, (thread, _) in self._threads.items() if name[:4] == "put-"
         )

@@ -55,6 +55,8 @@ LIVE_SETTINGS = frozenset(
         "rescan_seconds",
         "shutdown_timeout_seconds",
         "max_file_size",
+        "done_retention_days",
+        "status_seconds",
     }
 )
 
@@ -152,6 +154,16 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 
+    state_dir: Path | None = None
+    receipts_max_bytes: ByteSize = Field(default=ByteSize(10 * 1024**2), ge=4096)
+    receipts_keep: int = Field(default=5, ge=0, le=1000)
+    status_seconds: float = Field(default=2.0, gt=0)
+    done_retention_days: float | None = Field(default=None, gt=0)
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
+    metrics_textfile: Path | None = None
+    canary_seconds: float | None = Field(default=None, gt=0)
+
     @field_validator("api_url", "token_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
@@ -169,7 +181,12 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value in ("", "none") else value
 
-    @field_validator("drop_dir", "done_dir", "failed_dir")
+    @field_validator("done_retention_days", "canary_seconds", "metrics_port", mode="before")
+    @classmethod
+    def _off(cls, value: Any) -> Any:
+        return None if value in ("", "none", "off") else value
+
+    @field_validator("drop_dir", "done_dir", "failed_dir", "state_dir", "metrics_textfile")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return value.expanduser().absolute() if value is not None else None
@@ -183,6 +200,8 @@ class Settings(BaseSettings):
         if self.drop_dir is not None:
             # Frozen model: derived defaults are filled in once, here.
             parent = self.drop_dir.parent
+            if self.state_dir is None:
+                object.__setattr__(self, "state_dir", parent / "state")
             for name in ("done_dir", "failed_dir"):
                 if getattr(self, name) is None:
                     object.__setattr__(self, name, parent / name.removesuffix("_dir"))
@@ -217,11 +236,17 @@ class Settings(BaseSettings):
         return [s.get_secret_value() for s in secrets if s is not None and s.get_secret_value()]
 
 
-def load(config: Path | None = None) -> Settings:
-    """Build the settings; any problem raises ConfigError naming each bad setting."""
+def load(config: Path | None = None, credentials: bool = True) -> Settings:
+    """Build the settings; any problem raises ConfigError naming each bad setting.
+
+    `credentials=False` is for the commands that never call the API (`status`,
+    `retry-failed`): an operator may run them without being able to read the secret.
+    """
     if config is None and os.environ.get("PRODUCTIV_CONFIG"):
         config = Path(os.environ["PRODUCTIV_CONFIG"])
     table = read_toml(config) if config is not None else {}
+    if not credentials:
+        table.setdefault("access_token", "not-used-by-this-command")
     try:
         return Settings(**table)
     except ValidationError as exc:

@@ -90,6 +90,10 @@ class Stabiliser:
     def __len__(self) -> int:
         return len(self._candidates)
 
+    def oldest(self) -> float | None:
+        """Monotonic time since which the longest-settling file has been watched."""
+        return min((c.since for c in list(self._candidates.values())), default=None)
+
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             timeout = self.step(self._clock())
@@ -130,7 +134,7 @@ class Stabiliser:
         candidate = observe(previous, spot, Snapshot.of(st), now)
         if is_stable(candidate, now, self.settle_seconds):
             event(log, "queued", file=spot.rel, type=spot.file_type, bytes=st.st_size)
-            return Item(spot, candidate.snapshot)
+            return Item(spot, candidate.snapshot, noticed_at=candidate.since)
         self._candidates[spot.path] = candidate
         if candidate is not previous:
             heapq.heappush(self._due, (candidate.since + self.settle_seconds, spot.path))

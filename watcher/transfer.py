@@ -10,6 +10,7 @@ urllib3's pool directly: requests adds per-request overhead that decides small-f
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 import time
@@ -44,20 +45,24 @@ class Sent:
     status: int
     seconds: float
     etag: str
+    sha256: str  # of the bytes sent, computed while streaming
 
 
 class BoundedReader:
     """Reads exactly `size` bytes of a descriptor; seekable so urllib3 can rewind for a retry.
 
     A file that grows is cut at `size` (the rest is another version); one that shrinks raises
-    FileChanged instead of letting the server wait for bytes that never come.
+    FileChanged instead of letting the server wait for bytes that never come. It hashes what it
+    reads (SHA-256, for the receipt) without a second read; urllib3 is given the length itself,
+    so the body still goes with Content-Length, never chunked.
     """
 
-    def __init__(self, fd: int, size: int, on_read: Callable[[], None]) -> None:
+    def __init__(self, fd: int, size: int, on_read: Callable[[int], None]) -> None:
         self._fd = fd
         self._size = size
         self._pos = 0
         self._on_read = on_read
+        self.sha256 = hashlib.sha256()
 
     def read(self, n: int = -1) -> bytes:
         want = self._size - self._pos if n < 0 else min(n, self._size - self._pos)
@@ -67,14 +72,18 @@ class BoundedReader:
         if not data:
             raise FileChanged("the file shrank while it was being sent")
         self._pos += len(data)
-        self._on_read()
+        self.sha256.update(data)
+        self._on_read(self._pos)
         return data
 
     def tell(self) -> int:
         return self._pos
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        """urllib3 rewinds to the start for a retry: the hash starts again too."""
         self._pos = os.lseek(self._fd, offset, whence)
+        if self._pos == 0:
+            self.sha256 = hashlib.sha256()
         return self._pos
 
 
@@ -121,32 +130,39 @@ class Transfer:
             blocksize=SEND_BLOCK_BYTES,
         )
 
-    def put(self, url: str, item: Item, on_progress: Callable[[], None] = lambda: None) -> Sent:
+    def put(
+        self, url: str, item: Item, on_progress: Callable[[int], None] = lambda _: None
+    ) -> Sent:
         """PUT the item's file to `url`; raises Fault, FileGone, FileChanged or NotRegular.
 
-        `on_progress` is called for every block sent (the watchdog's sign of life)."""
+        `on_progress(bytes sent)` is called for every block (status, and the watchdog's sign
+        of life)."""
         expected = item.snapshot
         fd = open_version(item.path, expected)
         try:
             headers = {"Content-Length": str(expected.size)}
             if self._content_type:
                 headers["Content-Type"] = self._content_type
-            body = BoundedReader(fd, expected.size, on_progress) if expected.size else b""
+            reader = BoundedReader(fd, expected.size, on_progress)
+            body = reader if expected.size else b""
             started = time.monotonic()
             try:
                 response = self._pool.urlopen(
                     "PUT", url, body=body, headers=headers, redirect=False, preload_content=True
                 )
             except HTTPError as exc:
-                raise Fault(Kind.SERVICE, f"PUT to storage failed: {_why(exc)}") from None
+                reason = f"PUT to storage failed: {_why(exc)}"
+                raise Fault(Kind.SERVICE, reason, where="put") from None
             seconds = time.monotonic() - started
             kind = classify_put(response.status, response.data)
             if kind is not None:
                 wait = retry_after_seconds(response.headers.get("Retry-After"), time.time())
-                raise Fault(kind, put_reason(response.status, response.data), response.status, wait)
+                reason = put_reason(response.status, response.data)
+                raise Fault(kind, reason, response.status, wait, where="put")
             if not unchanged(fd, item.path, expected):
                 raise FileChanged("the file changed while it was being sent")
-            return Sent(response.status, seconds, response.headers.get("ETag", "").strip('"'))
+            etag = response.headers.get("ETag", "").strip('"')
+            return Sent(response.status, seconds, etag, reader.sha256.hexdigest())
         finally:
             os.close(fd)
 

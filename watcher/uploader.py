@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from .api import ApiClient, SignedUrl
 from .faults import Fault, Kind, backoff_seconds
@@ -25,6 +26,7 @@ from .gate import ServiceGate
 from .health import Heartbeat
 from .items import Item, Spot
 from .logs import event
+from .metrics import Metrics
 from .settings import Settings
 from .transfer import FileChanged, FileGone, NotRegular, Transfer
 from .workqueue import WorkQueue
@@ -77,6 +79,7 @@ class Uploader:
         work: WorkQueue,
         gate: ServiceGate,
         hand_back: Callable[[list[Spot]], None],
+        metrics: Metrics,
     ) -> None:
         self._settings = settings
         self._api = api
@@ -85,9 +88,11 @@ class Uploader:
         self._work = work
         self._gate = gate
         self._hand_back = hand_back
+        self._metrics = metrics
         self._ready: queue.Queue[Ticket | None] = queue.Queue(maxsize=settings.upload_concurrency)
         self._lock = threading.Lock()
         self.sending = 0
+        self.progress: dict[str, tuple[int, int]] = {}  # file -> (bytes sent, bytes), for status
 
     # -- the dispatcher thread -------------------------------------------------------------
 
@@ -166,10 +171,17 @@ class Uploader:
             return  # stopping: the file stays in the drop folder
         beat.busy()
         item = item.sending()
+        rel, size = item.spot.rel, item.snapshot.size
         with self._lock:
             self.sending += 1
+            self.progress[rel] = (0, size)
+
+        def progress(sent: int) -> None:
+            beat.progress()
+            self.progress[rel] = (sent, size)
+
         try:
-            sent = self._transfer.put(ticket.url.url, item, beat.progress)
+            sent = self._transfer.put(ticket.url.url, item, progress)
         except Fault as fault:
             self._settle(item, fault)
         except FileGone:
@@ -182,10 +194,11 @@ class Uploader:
             self._hand_back([item.spot])
         else:
             self._gate.fine()
-            self._finish.done(item, sent.seconds, sent.status)
+            self._finish.done(item, sent, urlsplit(ticket.url.url).path)
         finally:
             with self._lock:
                 self.sending -= 1
+                self.progress.pop(rel, None)
 
     # -- outcomes --------------------------------------------------------------------------
 
@@ -204,6 +217,7 @@ class Uploader:
                 )
             self._work.put_back(item)
         elif fault.kind is Kind.FILE and item.attempts + 1 < self._settings.max_attempts:
+            self._metrics.retried(fault.where or "urls", fault.family)
             item = item.retried()
             s = self._settings
             wait = backoff_seconds(

@@ -14,7 +14,7 @@ import errno
 import fnmatch
 import logging
 import os
-import stat
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from .items import Spot, display
+from .liveness import CANARY_NAME, Canary, Hung, Identity, StatProbe
 from .logs import event
 from .settings import FILE_TYPES, ConfigError
 
@@ -72,6 +73,8 @@ def locate(
     parts = rel.split(os.sep)
     if rel.startswith(os.pardir) or parts == ["."] or is_ignored(parts[-1], ignore):
         return None
+    if parts == [CANARY_NAME]:
+        return None  # ours, whatever ignore_patterns say
     if len(parts) == 1:
         return Spot(Path(path), display(rel), parts[0], default_type)
     if len(parts) == 2 and parts[0] in FILE_TYPES:
@@ -88,15 +91,21 @@ class _Handler(FileSystemEventHandler):
         to_spot: Callable[[str], Spot | None],
         sink: Callable[[list[Spot]], None],
         root_gone: Callable[[], None],
+        canary_seen: Callable[[], None],
     ) -> None:
         self._root = root
         self._to_spot = to_spot
         self._sink = sink
         self._root_gone = root_gone
+        self._canary = os.path.join(root, CANARY_NAME)
+        self._canary_seen = canary_seen
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if isinstance(event, tuple(_ROOT_GONE)) and os.fsdecode(event.src_path) == self._root:
             self._root_gone()  # the main loop's next check re-attaches
+            return
+        if os.fsdecode(event.src_path) == self._canary:
+            self._canary_seen()
             return
         if event.is_directory or not isinstance(event, tuple(_WANTED)):
             return
@@ -120,6 +129,9 @@ class Watcher:
         sink: Callable[[list[Spot]], None],
         polling: bool = False,
         poll_interval_seconds: float = 2.0,
+        canary_seconds: float | None = None,
+        stat_fn: Callable[[Path], os.stat_result] = os.stat,
+        stat_timeout: float = 5.0,
     ) -> None:
         self.drop_dir = drop_dir
         self._default_type = default_type
@@ -128,32 +140,62 @@ class Watcher:
         self._polling = polling
         self._poll_interval = poll_interval_seconds
         self._observer: BaseObserver | None = None
+        self._stopped: list[BaseObserver] = []
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the watched folder
         self._root_gone = False  # set from the dispatcher thread: the watched inode went away
+        self._probe = StatProbe(drop_dir, stat_timeout, stat_fn)
+        self._canary = Canary(drop_dir, canary_seconds, time.monotonic) if canary_seconds else None
+        self.deaf_reason: str | None = None  # why the watch cannot be trusted now (status)
 
     def to_spot(self, path: str) -> Spot | None:
         return locate(path, str(self.drop_dir), self._default_type, self._ignore)
 
     def start(self) -> None:
         """Watch the drop folder (called once at start; `check` re-attaches later)."""
-        self._identity = self._current_identity()
+        identity = self._probe.identity()
+        self._identity = None if isinstance(identity, Hung) else identity
         self._start_observer()
 
     def check(self) -> None:
-        """Called by the main loop: notice a drop folder that was removed, replaced or remounted,
-        or an observer thread that died, and watch again (with a full scan) once it is back."""
-        identity = self._current_identity()
-        if identity == self._identity and self.alive() and not self._root_gone:
+        """Called by the main loop: notice a drop folder that was removed, replaced, remounted
+        or hangs, an observer thread that died or a canary that went unheard, say so once, and
+        watch again (with a full scan, which finds what arrived meanwhile) once it is back."""
+        identity = self._probe.identity()
+        if isinstance(identity, Hung):
+            self._lose("does not answer (a dead network mount?)")
+            return
+        if identity is None:
+            self._lose("is gone")
             return
         if self._identity is not None:
-            why = "is gone" if identity is None else "was replaced or remounted"
-            if identity == self._identity and not self._root_gone:
-                why = "lost its observer thread"
+            if identity != self._identity:
+                self._lose("was replaced or remounted")
+            elif not self.alive():
+                self._lose("lost its observer thread")
+            elif self._root_gone:
+                self._lose("was removed")
+            elif self._canary is not None and not self._canary.tick():
+                event(
+                    log,
+                    "watch_deaf",
+                    level=logging.ERROR,
+                    reason="no event came for the canary file: the folder stopped sending events",
+                )
+                self._lose("stopped sending events")
+            else:
+                return
+        self._reattach(identity)
+
+    def _lose(self, why: str) -> None:
+        """Stop trusting the observer, once per episode (until the folder is back)."""
+        if self._identity is not None or self._observer is not None:
             event(log, "watch_lost", level=logging.WARNING, reason=f"the drop folder {why}")
+            self.deaf_reason = f"the drop folder {why}"
             self.stop()
+            self._observer = None
             self._identity = None
-        if identity is None:
-            return
+
+    def _reattach(self, identity: Identity) -> None:
         try:
             self._root_gone = False
             self._start_observer()
@@ -161,24 +203,24 @@ class Watcher:
             event(log, "watch_lost", level=logging.ERROR, reason=str(exc))
             return
         self._identity = identity
+        self.deaf_reason = None
         event(log, "watch_restored", drop_dir=str(self.drop_dir), waiting=self.scan())
 
     def _mark_root_gone(self) -> None:
         self._root_gone = True
 
-    def _current_identity(self) -> tuple[int, int] | None:
-        try:
-            st = os.stat(self.drop_dir)
-        except OSError:
-            return None
-        return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+    def _canary_seen(self) -> None:
+        if self._canary is not None:
+            self._canary.seen()
 
     def _start_observer(self) -> None:
         observer: BaseObserver = (
             PollingObserver(timeout=self._poll_interval) if self._polling else Observer()
         )
         observer.name = "observer"
-        handler = _Handler(str(self.drop_dir), self.to_spot, self._sink, self._mark_root_gone)
+        handler = _Handler(
+            str(self.drop_dir), self.to_spot, self._sink, self._mark_root_gone, self._canary_seen
+        )
         observer.schedule(
             handler, str(self.drop_dir), recursive=True, event_filter=[*_WANTED, *_ROOT_GONE]
         )
@@ -199,12 +241,15 @@ class Watcher:
     def stop(self) -> None:
         """Stop watching at once; `join` waits for watchdog's threads to end."""
         if self._observer is not None:
+            self._stopped.append(self._observer)
             with contextlib.suppress(OSError):  # the folder may be gone already
                 self._observer.stop()
 
     def join(self, timeout: float) -> None:
-        if self._observer is not None:
-            self._observer.join(timeout)
+        if self._canary is not None:
+            self._canary.remove()
+        for observer in self._stopped:
+            observer.join(timeout)
 
     def scan(self) -> int:
         """Notice every entry of the drop folder and its type subfolders; the count noticed."""

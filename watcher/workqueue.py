@@ -36,6 +36,11 @@ class WorkQueue:
         with self._changed:
             return len(self._heap), len(self._paths) - len(self._heap)
 
+    def oldest(self) -> float | None:
+        """When the longest-waiting queued file was first noticed (monotonic)."""
+        with self._changed:
+            return min((entry[2].noticed_at for entry in self._heap), default=None)
+
     def put_many(self, items: list[Item]) -> None:
         """Queue files; a path already queued or in flight is ignored."""
         with self._changed:

@@ -1,0 +1,271 @@
+"""Running it for years: receipts, status, retry-failed, retention, metrics, and a watch that
+knows when it has gone deaf."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, Captured, Child, Folders, wait_for
+from tests.test_pipeline import done_soon, write
+from watcher.liveness import HUNG, StatProbe
+from watcher.receipts import Journal
+from watcher.sandbox import Sandbox
+
+
+def receipts(folders: Folders) -> list[dict]:
+    path = folders.root / "state" / "receipts.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_outcome_is_receipted_with_the_streamed_checksum(daemon, folders, sandbox):
+    data = os.urandom(300_000)
+    write(folders.drop / "users" / "people.csv", data)
+    write(folders.drop / "big.csv", b"x" * 300_001)
+    with daemon(max_file_size=300_000):
+        done_soon(folders, "users/people.csv")
+        wait_for(lambda: (folders.failed / "big.csv").exists())
+        wait_for(lambda: len(receipts(folders)) == 2)
+    by_file = {r["file"]: r for r in receipts(folders)}
+    up = by_file["users/people.csv"]
+    assert up["outcome"] == "uploaded" and up["sha256"] == hashlib.sha256(data).hexdigest()
+    assert up["bytes"] == 300_000 and up["status"] == 200 and up["attempts"] == 1
+    assert (
+        up["object"]
+        == "/productiv-data/log-connector-data/productiv-ai/sandbox-app/users/people.csv"
+    )
+    assert up["moved_to"] == "done/users/people.csv" and up["type"] == "users"
+    assert up["seconds"] >= 0 and up["time"].endswith("Z")
+    failed = by_file["big.csv"]
+    assert failed["outcome"] == "failed" and "max_file_size" in failed["reason"]
+    assert failed["moved_to"] == "failed/big.csv" and failed["sha256"] is None
+    put = next(r for r in sandbox.requests if r.endpoint == "put")
+    assert put.headers["Content-Length"] == "300000" and "Transfer-Encoding" not in put.headers
+    if shutil.which("jq"):
+        out = subprocess.run(
+            ["jq", "-r", ".file", str(folders.root / "state" / "receipts.jsonl")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        assert sorted(out) == ["big.csv", "users/people.csv"]
+
+
+def test_the_journal_rotates_by_size_and_keeps_n_files(tmp_path):
+    journal = Journal(tmp_path, max_bytes=4096, keep=2)
+    for n in range(200):
+        journal.append([{"file": f"f{n:03}.csv", "outcome": "uploaded", "pad": "x" * 40}])
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["receipts.jsonl", "receipts.jsonl.1", "receipts.jsonl.2"]
+    assert all(p.stat().st_size <= 4096 for p in tmp_path.iterdir())
+    newest = list(journal.newest_first())
+    assert newest[0]["file"] == "f199.csv"
+    assert [r["file"] for r in newest] == sorted((r["file"] for r in newest), reverse=True)
+
+
+def cli(
+    *args: str, config: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PRODUCTIV_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [os.sys.executable, "-m", "watcher", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=ROOT,
+        timeout=30,
+        check=False,
+    )
+
+
+def config_file(folders: Folders, sandbox: Sandbox, extra: str = "") -> Path:
+    path = folders.root / "config.toml"
+    path.write_text(
+        f'app_id = "{sandbox.app_id}"\nclient_id = "{sandbox.client_id}"\n'
+        f'api_url = "{sandbox.url}"\ntoken_url = "{sandbox.url}/oauth2/token"\n'
+        f'drop_dir = "{folders.drop}"\nsettle_seconds = 0.3\nstatus_seconds = 0.3\n{extra}'
+    )
+    return path
+
+
+def test_status_of_a_running_daemon_and_of_a_file(sandbox, folders):
+    config = config_file(folders, sandbox)
+    assert cli("status", config=config).returncode == 3  # never started
+    sandbox.inject("put", count=1, delay=2.0)
+    write(folders.drop / "contracts" / "deal.pdf", b"%PDF")
+    child = Child({"PRODUCTIV_CLIENT_SECRET": sandbox.client_secret}, "--config", str(config))
+    try:
+        wait_for(lambda: sandbox.arrived["put"] == 1)
+        busy = cli("status", config=config)
+        assert busy.returncode == 0, busy.stdout + busy.stderr
+        assert "running since" in busy.stdout and "uploading contracts/deal.pdf" in busy.stdout
+        done_soon(folders, "contracts/deal.pdf")
+        wait_for(lambda: '"uploaded": 1' in cli("status", "--json", config=config).stdout)
+        doc = json.loads(cli("status", "--json", config=config).stdout)
+        assert doc["running"] and doc["recent"][0]["file"] == "contracts/deal.pdf"
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(15) == 0
+    finally:
+        child.close()
+    stopped = cli("status", config=config)
+    assert stopped.returncode == 3 and "not running" in stopped.stdout
+    one = cli("status", "deal.pdf", config=config)
+    assert one.returncode == 0
+    assert "uploaded contracts/deal.pdf -> done/contracts/deal.pdf" in one.stdout
+    assert hashlib.sha256(b"%PDF").hexdigest() in one.stdout
+    assert cli("status", "never-seen.csv", config=config).returncode == 1
+
+
+def test_retry_failed_moves_files_back_by_reason_and_age(daemon, folders, sandbox):
+    write(folders.drop / "users" / "big.csv", b"x" * 20)
+    write(folders.drop / "small.csv", b"x")
+    sandbox.refuse_names = {"small.csv"}
+    with daemon(max_file_size=10):
+        wait_for(lambda: len(list(folders.failed.rglob("*.error.json"))) == 2)
+    config = config_file(folders, sandbox)
+    assert "0 file(s)" in cli("retry-failed", "--older-than", "1h", config=config).stdout
+    dry = cli("retry-failed", "--dry-run", config=config)
+    assert "would move failed/users/big.csv -> drop/users/big.csv" in dry.stdout
+    assert (folders.failed / "users" / "big.csv").exists()
+    moved = cli("retry-failed", "--reason", "MAX_FILE_SIZE", config=config)
+    assert moved.returncode == 0, moved.stderr
+    assert "moved failed/users/big.csv -> drop/users/big.csv" in moved.stdout
+    assert (folders.drop / "users" / "big.csv").read_bytes() == b"x" * 20
+    assert not (folders.failed / "users" / "big.csv.error.json").exists()
+    assert (folders.failed / "small.csv").exists()  # another reason: left alone
+    assert cli("retry-failed", "--older-than", "soon", config=config).returncode == 78
+
+
+def test_retention_deletes_old_done_files_only(daemon, folders, sandbox, logs_json: Captured):
+    write(folders.drop / "old.csv", b"1")
+    write(folders.failed / "keep-failed.csv", b"f")
+    write(folders.drop / ".waiting.tmp", b"w")
+    with daemon(done_retention_days=2 / 86400):  # two seconds; swept every half second
+        done_soon(folders, "old.csv")
+        wait_for(lambda: not (folders.done / "old.csv").exists())
+    [deleted] = logs_json.events("deleted")
+    assert deleted["file"] == "done/old.csv"
+    assert any(r["outcome"] == "deleted" and r["file"] == "done/old.csv" for r in receipts(folders))
+    assert (folders.failed / "keep-failed.csv").exists() and (
+        folders.drop / ".waiting.tmp"
+    ).exists()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_prometheus_metrics_are_scraped_from_the_real_endpoint(daemon, folders, sandbox):
+    port = free_port()
+    textfile = folders.root / "metrics" / "productiv.prom"
+    sandbox.inject("urls", count=4, status=503)
+    write(folders.drop / "users" / "a.csv", b"12345")
+    with daemon(metrics_port=port, metrics_textfile=textfile, status_seconds=0.2):
+
+        def scrape() -> str:
+            return (
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+                .read()
+                .decode()
+            )
+
+        done_soon(folders, "users/a.csv")
+        wait_for(lambda: "upload_seconds_count 1.0" in scrape())
+        text = scrape()
+        wait_for(lambda: "uploaded_total" in (textfile.read_text() if textfile.exists() else ""))
+    assert 'productiv_watcher_files_uploaded_total{type="users"} 1.0' in text
+    assert "productiv_watcher_bytes_uploaded_total 5.0" in text
+    assert 'productiv_watcher_retries_total{cause="urls",class="5xx"}' in text
+    assert "productiv_watcher_upload_seconds_count 1.0" in text
+    for gauge in (
+        "queue_depth",
+        "in_flight",
+        "oldest_waiting_seconds",
+        "seconds_since_last_upload",
+        "service_retrying",
+        "watch_deaf",
+    ):
+        assert f"productiv_watcher_{gauge} " in text
+    assert "productiv_watcher_files_uploaded_total" in textfile.read_text()
+
+
+def test_a_hanging_stat_is_reported_and_does_not_block(tmp_path):
+    release = threading.Event()
+
+    def stat_fn(path):
+        release.wait(10)
+        return os.stat(path)
+
+    probe = StatProbe(tmp_path, 0.2, stat_fn)
+    started = time.monotonic()
+    assert probe.identity() is HUNG
+    assert probe.identity() is HUNG  # no second stat piles up behind the first
+    assert time.monotonic() - started < 1.0
+    release.set()
+    wait_for(lambda: probe.identity() == (tmp_path.stat().st_dev, tmp_path.stat().st_ino))
+
+
+def test_a_dead_polling_observer_is_restarted(daemon, folders, logs_json: Captured):
+    with daemon(polling=True, poll_interval_seconds=0.2) as service:
+        service.watcher._observer.stop()  # as watchdog's thread does on an unexpected OSError
+        wait_for(lambda: logs_json.events("watch_restored"))
+        write(folders.drop / "after.csv", b"x")
+        done_soon(folders, "after.csv")
+    assert "lost its observer thread" in logs_json.events("watch_lost")[0]["reason"]
+
+
+def test_the_canary_notices_a_watch_that_stopped_hearing(daemon, folders, logs_json: Captured):
+    # A polling observer that looks once a minute hears nothing: exactly a mount gone quiet.
+    with daemon(polling=True, poll_interval_seconds=60, canary_seconds=0.5):
+        wait_for(lambda: logs_json.events("watch_deaf"))
+    assert logs_json.events("watch_deaf")[0]["level"] == "error"
+    assert not (folders.drop / ".productiv-watcher-canary").exists()  # removed at stop
+
+
+def test_the_canary_stays_quiet_while_events_flow(daemon, folders, logs_json: Captured):
+    with daemon(canary_seconds=0.3) as service:
+        deadline = time.monotonic() + 1.5
+        wait_for(lambda: time.monotonic() > deadline)  # several canary periods
+        assert service.watcher.deaf_reason is None
+    assert not logs_json.events("watch_deaf")
+
+
+def test_an_unmounted_drop_folder_is_noticed_and_watched_again(sandbox, tmp_path, daemon_factory):
+    drop = tmp_path / "mnt" / "drop"
+    drop.mkdir(parents=True)
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tmp_path / "mnt")]
+    if subprocess.run(mount, capture_output=True, check=False).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (tmp_path / "mnt" / "drop").mkdir()
+        folders = Folders(
+            tmp_path / "mnt",
+            tmp_path / "mnt" / "drop",
+            tmp_path / "mnt" / "done",
+            tmp_path / "mnt" / "failed",
+        )
+        daemon, logs_json = daemon_factory(folders)
+        with daemon:
+            subprocess.run(["umount", "-l", str(tmp_path / "mnt")], check=True)
+            wait_for(lambda: logs_json.events("watch_lost"))
+            subprocess.run(mount, check=True)
+            (tmp_path / "mnt" / "drop").mkdir()
+            wait_for(lambda: logs_json.events("watch_restored"))
+            write(folders.drop / "back.csv", b"x")
+            done_soon(folders, "back.csv")
+    finally:
+        subprocess.run(["umount", "-l", str(tmp_path / "mnt")], check=False)

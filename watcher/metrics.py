@@ -1,0 +1,110 @@
+"""Optional Prometheus metrics (`pip install productiv-watcher[metrics]`), with the official
+prometheus-client: an HTTP endpoint (`metrics_port`, loopback by default) and/or a file for
+node_exporter's textfile collector (`metrics_textfile`). Without either setting every call here
+is a no-op and prometheus-client is not even imported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .settings import ConfigError, Settings
+
+
+class Metrics:
+    """Counters are fed by the stages; gauges are read from the service when scraped."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.enabled = settings.metrics_port is not None or settings.metrics_textfile is not None
+        self._port = settings.metrics_port
+        self._host = settings.metrics_host
+        self._textfile = settings.metrics_textfile
+        self._server: Any = None
+        if not self.enabled:
+            return
+        try:
+            import prometheus_client as prom
+        except ImportError:
+            raise ConfigError(
+                "invalid setting metrics_port/metrics_textfile: prometheus-client is not installed "
+                "(pip install 'productiv-watcher[metrics]')"
+            ) from None
+        self._prom = prom
+        self.registry = prom.CollectorRegistry()
+        r = self.registry
+        self._uploaded = prom.Counter(
+            "productiv_watcher_files_uploaded",
+            "Files uploaded and moved to done/",
+            ["type"],
+            registry=r,
+        )
+        self._failed = prom.Counter(
+            "productiv_watcher_files_failed", "Files moved to failed/", ["type"], registry=r
+        )
+        self._bytes = prom.Counter(
+            "productiv_watcher_bytes_uploaded", "Bytes of uploaded files", registry=r
+        )
+        self._retries = prom.Counter(
+            "productiv_watcher_retries",
+            "Retries, by where the fault was (token, urls, put, move) and its class",
+            ["cause", "class"],
+            registry=r,
+        )
+        self._deleted = prom.Counter(
+            "productiv_watcher_files_deleted", "done/ files removed by retention", registry=r
+        )
+        self._duration = prom.Histogram(
+            "productiv_watcher_upload_seconds",
+            "Duration of a file's PUT",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
+            registry=r,
+        )
+
+    def gauges(self, readers: dict[str, tuple[str, Callable[[], float]]]) -> None:
+        """name -> (help, function read at every scrape)."""
+        if not self.enabled:
+            return
+        for name, (text, read) in readers.items():
+            self._prom.Gauge(
+                f"productiv_watcher_{name}", text, registry=self.registry
+            ).set_function(read)
+
+    def start(self) -> None:
+        if self.enabled and self._port is not None:
+            self._server, _ = self._prom.start_http_server(
+                self._port, addr=self._host, registry=self.registry
+            )
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        self.write_textfile()
+
+    def write_textfile(self) -> None:
+        """Rewrite the textfile atomically (prometheus-client writes a temporary, then renames)."""
+        if self.enabled and self._textfile is not None:
+            Path(self._textfile).parent.mkdir(parents=True, exist_ok=True)
+            self._prom.write_to_textfile(str(self._textfile), self.registry)
+
+    # -- events from the stages -------------------------------------------------------------
+
+    def uploaded(self, file_type: str | None, size: int, seconds: float) -> None:
+        if self.enabled:
+            self._uploaded.labels(file_type or "none").inc()
+            self._bytes.inc(size)
+            self._duration.observe(seconds)
+
+    def failed(self, file_type: str | None) -> None:
+        if self.enabled:
+            self._failed.labels(file_type or "none").inc()
+
+    def retried(self, cause: str, family: str) -> None:
+        if self.enabled:
+            self._retries.labels(cause or "other", family).inc()
+
+    def deleted(self) -> None:
+        if self.enabled:
+            self._deleted.inc()

@@ -1,0 +1,52 @@
+"""The status file: what the running daemon is doing, for `productiv-watcher status`.
+
+The main loop rewrites `status.json` in the state folder atomically every `status_seconds`;
+`status` reads it. A file that says `stopped`, names a process that is gone, or has not been
+rewritten for a while means the daemon is not running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+NAME = "status.json"
+
+
+def write(folder: Path, doc: dict[str, Any]) -> None:
+    """Whole or not at all: a temporary file in the same folder, then a rename."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{NAME}.{os.getpid()}"
+    tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / NAME)
+
+
+def read(folder: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads((folder / NAME).read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def running(doc: dict[str, Any] | None, now: float) -> bool:
+    """Does the status file describe a live daemon?"""
+    if not doc or doc.get("state") != "running":
+        return False
+    stale_after = 3 * float(doc.get("every_seconds", 2.0)) + 5.0
+    if now - float(doc.get("updated_epoch", 0)) > stale_after:
+        return False
+    try:
+        os.kill(int(doc["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, ValueError):
+        pass  # another user's process (systemd runs it as its own user): alive
+    return True
+
+
+def iso(epoch: float | None) -> str | None:
+    return None if epoch is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
