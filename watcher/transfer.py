@@ -25,7 +25,7 @@ from .faults import Fault, Kind, classify_put, put_reason, retry_after_seconds, 
 from .items import Item, Snapshot
 
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-SEND_BLOCK_BYTES = 256 * 1024  # fewer, larger writes for big bodies; bounds memory per PUT
+SEND_BLOCK_BYTES = 1024 * 1024  # fewer, larger writes for big bodies; bounds memory per PUT
 
 
 class FileGone(Exception):
