@@ -32,7 +32,7 @@ soak: $(BIN)/productiv-watcher
 
 # rclone serve s3 + boto3 presigned URLs vs the daemon; writes docs/benchmarks.md (10-15 minutes)
 bench: $(BIN)/productiv-watcher
-	$(BIN)/python tests/bench/bench.py --scaling --write docs/benchmarks.md
+	$(BIN)/python tests/bench/bench.py --scaling 1000,5000,20000,50000 --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) demo *.egg-info

@@ -23,6 +23,10 @@ from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
+# Files looked at per step: a backlog of 100,000 that settles at once flows out in slices, so the
+# first uploads start while the rest are still being checked.
+STEP_LIMIT = 500
+
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
@@ -105,7 +109,9 @@ class Stabiliser:
         with self._lock:
             noticed, self._noticed = self._noticed, {}
         stable = [self._look(spot, now) for spot in noticed.values()]
-        while self._due and self._due[0][0] <= now:
+        looked = 0
+        while self._due and self._due[0][0] <= now and looked < STEP_LIMIT:
+            looked += 1
             _, path = heapq.heappop(self._due)
             candidate = self._candidates.get(path)
             if candidate is not None and candidate.since + self.settle_seconds <= now:

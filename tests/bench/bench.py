@@ -115,9 +115,10 @@ class Daemon:
     proc: subprocess.Popen[str]
     events: list[tuple[float, dict]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    counts: dict[str, int] = field(default_factory=dict)  # kept as lines arrive: polling is O(1)
 
     def count(self, name: str) -> int:
-        return sum(1 for _, e in self.events if e.get("event") == name)
+        return self.counts.get(name, 0)
 
     def first(self, name: str) -> float | None:
         return next((t for t, e in self.events if e.get("event") == name), None)
@@ -176,7 +177,9 @@ def daemon(sandbox: Sandbox, drop: Path, **settings: str) -> Iterator[Daemon]:
         assert proc.stderr is not None
         for line in proc.stderr:
             with suppress(ValueError):  # a line that is not JSON is not an event
-                d.events.append((time.monotonic(), json.loads(line)))
+                doc = json.loads(line)
+                d.events.append((time.monotonic(), doc))
+                d.counts[doc.get("event")] = d.counts.get(doc.get("event"), 0) + 1
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
@@ -389,7 +392,7 @@ def run(args: argparse.Namespace) -> str:
                 results[name] = medians(runs)
             scaling = {}
             if args.scaling:
-                for files in (1_000, 5_000, 20_000, 100_000):
+                for files in args.scaling:
                     scaling[files] = backlog(sandbox, files)
                     print(f"backlog {files}: {scaling[files]}", flush=True)
                     shutil.rmtree(Path(s3root) / BUCKET, ignore_errors=True)
@@ -454,7 +457,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, to try the script")
-    parser.add_argument("--scaling", action="store_true", help="also backlogs of 1k..100k")
+    parser.add_argument(
+        "--scaling",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[],
+        help="also time backlogs of these sizes, e.g. 1000,5000,20000,100000",
+    )
     parser.add_argument(
         "--only", nargs="*", help="scenarios to run (burst large backlog idle latency)"
     )
@@ -463,7 +471,20 @@ def main() -> None:
     text = run(args)
     print("\n" + text)
     if args.write:
-        args.write.write_text(text)
+        write_between_markers(args.write, text)
+
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def write_between_markers(path: Path, text: str) -> None:
+    """Replace the measured block of docs/benchmarks.md, keeping the prose around it."""
+    old = path.read_text() if path.exists() else f"{START}\n{END}\n"
+    if START not in old or END not in old:
+        old = f"{old}\n{START}\n{END}\n"
+    head, rest = old.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    path.write_text(f"{head}{START}\n{text}{END}{tail}")
 
 
 if __name__ == "__main__":
