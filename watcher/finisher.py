@@ -33,6 +33,7 @@ from .workqueue import WorkQueue
 log = logging.getLogger(__name__)
 
 BATCH = 256
+IDLE_WAKE_SECONDS = 5.0  # an idle finisher wakes this rarely; `close` wakes it at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +66,7 @@ class Finisher:
         self._journal = journal
         self._metrics = metrics
         self._clock = clock
-        self._outcomes: queue.Queue[Outcome] = queue.Queue()
+        self._outcomes: queue.Queue[Outcome | None] = queue.Queue()
         self._lock = threading.Lock()
         self.uploaded = 0
         self.failed = 0
@@ -77,6 +78,10 @@ class Finisher:
     def fail(self, item: Item, reason: str, status: int | None) -> None:
         self._outcomes.put(Outcome(item, False, status=status, reason=reason))
 
+    def close(self) -> None:
+        """Wake the finisher to end (after the last outcome already queued)."""
+        self._outcomes.put(None)
+
     def run(self, stop: threading.Event, beat: Heartbeat) -> None:
         """Until `stop` is set and nothing is left to move (the uploader stops first)."""
         while not (stop.is_set() and self._outcomes.empty()):
@@ -85,15 +90,18 @@ class Finisher:
     def step(self, beat: Heartbeat) -> None:
         beat.idle()
         try:
-            batch = [self._outcomes.get(timeout=0.5)]
+            first = self._outcomes.get(timeout=IDLE_WAKE_SECONDS)
         except queue.Empty:
             return
         beat.busy()
+        batch = [first] if first is not None else []
         while len(batch) < BATCH:
             try:
-                batch.append(self._outcomes.get_nowait())
+                more = self._outcomes.get_nowait()
             except queue.Empty:
                 break
+            if more is not None:
+                batch.append(more)
         placed = [(outcome, final) for outcome in batch if (final := self._place(outcome))]
         folders = {path.parent for _, path in placed} | {o.item.path.parent for o, _ in placed}
         self._mover.sync(folders)

@@ -28,6 +28,8 @@ from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
+IDLE_REFRESH_SECONDS = 15.0  # an unchanged status is rewritten this often (a liveness stamp)
+
 
 class Operations:
     """Status file, metrics gauges and textfile, retention: `tick` on every main-loop turn."""
@@ -57,6 +59,8 @@ class Operations:
         self._clock = clock
         self._started = time.time()
         self._next_status = 0.0
+        self._last_doc: dict[str, Any] | None = None
+        self._last_write = 0.0
         self._next_sweep = 0.0
         metrics.gauges(
             {
@@ -108,9 +112,6 @@ class Operations:
             "pid": os.getpid(),
             "version": __version__,
             "started": statusfile.iso(self._started),
-            "updated": statusfile.iso(time.time()),
-            "updated_epoch": time.time(),
-            "every_seconds": self.settings.status_seconds,
             "drop_dir": str(self.settings.drop_dir),
             "waiting": counts.waiting,
             "uploading": [
@@ -124,8 +125,14 @@ class Operations:
             "last_upload": statusfile.iso(self._finisher.last_upload),
             "watch": self._watcher.deaf_reason or "ok",
         }
+        now = time.time()
+        if doc == self._last_doc and now - self._last_write < IDLE_REFRESH_SECONDS:
+            return  # nothing new: an idle daemon rewrites it only now and then
+        self._last_doc, self._last_write = doc, now
+        refresh = max(self.settings.status_seconds, IDLE_REFRESH_SECONDS)
+        stamps = {"updated": statusfile.iso(now), "updated_epoch": now, "every_seconds": refresh}
         try:
-            statusfile.write(self._journal.folder, doc)
+            statusfile.write(self._journal.folder, {**doc, **stamps})
         except OSError as exc:
             log.warning("cannot write the status file: %s", exc.strerror, extra={"event": "status"})
 

@@ -36,6 +36,7 @@ from .workqueue import WorkQueue
 log = logging.getLogger(__name__)
 
 Step = Callable[[threading.Event, Heartbeat], None]
+CHECK_SECONDS = 1.0  # how often the drop folder's identity (and the canary) is checked
 
 
 def prepare_folders(settings: Settings, create: bool = True) -> list[str]:
@@ -221,7 +222,7 @@ class Service:
     def _supervise(self) -> int:
         """Rescan on time, reload on SIGHUP, keep systemd informed, fail fast on a dead thread."""
         next_scan = self._clock() + self.settings.rescan_seconds
-        next_ping = self._clock()
+        next_ping = next_check = self._clock()
         interval = self._notifier.watchdog_seconds
         while not self._stop_requests:
             now = self._clock()
@@ -229,7 +230,9 @@ class Service:
             if dead:
                 event(log, "crashed", level=logging.CRITICAL, reason=f"thread died: {dead}")
                 return 1
-            self.watcher.check()
+            if now >= next_check:  # a stat on a helper thread: not on every turn
+                next_check = now + CHECK_SECONDS
+                self.watcher.check()
             if self._reload_requested:
                 self._reload_requested = False
                 self._apply_reload()
@@ -293,6 +296,7 @@ class Service:
         uploads = [thread for name, (thread, _) in self._threads.items() if name != "finisher"]
         self._join(uploads, deadline)
         self._moves_stop.set()  # the uploads are over: move what they finished, then end
+        self.finisher.close()
         self._join([self._threads["finisher"][0]], deadline)
         self.watcher.join(max(0.0, deadline - self._clock()))
         self.metrics.stop()

@@ -63,18 +63,23 @@ class BoundedReader:
         self._pos = 0
         self._on_read = on_read
         self.sha256 = hashlib.sha256()
+        # One buffer, reused: a fresh 1 MiB bytes object per block costs page faults that
+        # showed up as a third of the large-file throughput.
+        self._buffer = memoryview(bytearray(SEND_BLOCK_BYTES))
 
-    def read(self, n: int = -1) -> bytes:
-        want = self._size - self._pos if n < 0 else min(n, self._size - self._pos)
+    def read(self, n: int = -1) -> memoryview:
+        """The next block, as a view valid until the next read (urllib3 sends it at once)."""
+        want = min(self._size - self._pos, len(self._buffer) if n < 0 else n, len(self._buffer))
         if want <= 0:
-            return b""
-        data = os.read(self._fd, want)
-        if not data:
+            return self._buffer[:0]
+        got = os.readv(self._fd, [self._buffer[:want]])
+        if not got:
             raise FileChanged("the file shrank while it was being sent")
-        self._pos += len(data)
-        self.sha256.update(data)
+        block = self._buffer[:got]
+        self._pos += got
+        self.sha256.update(block)
         self._on_read(self._pos)
-        return data
+        return block
 
     def tell(self) -> int:
         return self._pos

@@ -98,7 +98,7 @@ class Uploader:
 
     def dispatch_step(self, stop: threading.Event, beat: Heartbeat) -> None:
         beat.idle()
-        batch = self._work.take_batch(self._settings.batch_size, timeout=0.5)
+        batch = self._work.take_batch(self._settings.batch_size, timeout=5.0)
         beat.busy()
         sendable = []
         for item in batch:
@@ -158,7 +158,7 @@ class Uploader:
     def put_step(self, stop: threading.Event, beat: Heartbeat) -> None:
         beat.idle()
         try:
-            ticket = self._ready.get(timeout=1.0)
+            ticket = self._ready.get(timeout=5.0)  # `close` wakes idle workers at a stop
         except queue.Empty:
             return
         if ticket is None or stop.is_set():
