@@ -49,6 +49,7 @@ run() {
     [ "$dry" = 1 ] || "$@"
 }
 system() { [ -z "$root" ]; }  # touching the real system: users, ownership, systemctl
+systemd_running() { system && [ -d /run/systemd/system ]; }
 
 if [ "$dry" = 0 ] && system && [ "$(id -u)" != 0 ]; then
     echo "install.sh: run as root (or with --dry-run / --root DIR)" >&2
@@ -56,12 +57,12 @@ if [ "$dry" = 0 ] && system && [ "$(id -u)" != 0 ]; then
 fi
 
 if [ "$uninstall" = 1 ]; then
-    if system && command -v systemctl >/dev/null 2>&1; then
+    if systemd_running; then
         run systemctl disable --now productiv-watcher.service || true
     fi
     run rm -f "$units/productiv-watcher.service" "$units/productiv-watcher@.service"
     run rm -rf "$opt"
-    if system && command -v systemctl >/dev/null 2>&1; then run systemctl daemon-reload; fi
+    if systemd_running; then run systemctl daemon-reload; fi
     say "removed the program and its units; kept $etc and the files in $folders"
     exit 0
 fi
@@ -120,7 +121,11 @@ fi
 if [ "$group" != productiv-drop ]; then
     run sed -i "s#^SupplementaryGroups=.*#SupplementaryGroups=$group#" "$units/productiv-watcher.service" "$units/productiv-watcher@.service"
 fi
-if system && command -v systemctl >/dev/null 2>&1; then run systemctl daemon-reload; fi
+if systemd_running; then
+    run systemctl daemon-reload
+elif system; then
+    say "systemd is not running here: run 'systemctl daemon-reload' on the real host"
+fi
 
 say ""
 say "installed. Next:"

@@ -254,9 +254,12 @@ def large(sandbox: Sandbox, endpoint: str, size: int = 1024**3) -> dict[str, flo
         url = client.generate_presigned_url(
             "put_object", Params={"Bucket": BUCKET, "Key": "curl/big.bin"}, ExpiresIn=3600
         )
+        os.sync()  # neither upload may pay for the other's dirty pages at the server
         t0 = time.monotonic()
         subprocess.run(["curl", "-sS", "-f", "-T", str(big), url, "-o", "/dev/null"], check=True)
         curl_seconds = time.monotonic() - t0
+        client.delete_object(Bucket=BUCKET, Key="curl/big.bin")
+        os.sync()
         with daemon(sandbox, drop) as d:
             os.rename(big, drop / "big.bin")
             d.wait(lambda: d.count("uploaded") == 1, 600)
