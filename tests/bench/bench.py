@@ -15,7 +15,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,66 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-import boto3  # noqa: E402
-from botocore.config import Config  # noqa: E402
-
+from tests.s3server import KEY, RCLONE, SECRET, rclone_s3, s3_client  # noqa: E402
 from watcher.sandbox import Sandbox  # noqa: E402
 
-KEY, SECRET, BUCKET = "benchaccess", "benchsecret-not-a-real-one", "bench"
-RCLONE = shutil.which("rclone", path=str(Path(sys.executable).parent)) or "rclone"
+BUCKET = "bench"
 SETTLE = 0.5
 CONCURRENCY = 4
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def s3_server(root: Path) -> Iterator[str]:
-    (root / BUCKET).mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            RCLONE,
-            "serve",
-            "s3",
-            "--auth-key",
-            f"{KEY},{SECRET}",
-            "--addr",
-            f"127.0.0.1:{port}",
-            "--force-path-style=true",
-            str(root),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 20
-    while True:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        if time.monotonic() > deadline:
-            raise RuntimeError("rclone serve s3 did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def s3_client(endpoint: str):  # type: ignore[no-untyped-def]
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=KEY,
-        aws_secret_access_key=SECRET,
-        region_name="us-east-1",
-        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
-    )
 
 
 def rclone_env(endpoint: str) -> dict[str, str]:
@@ -356,7 +301,7 @@ def machine() -> str:
 def run(args: argparse.Namespace) -> str:
     with (
         tempfile.TemporaryDirectory(prefix="pw-s3-") as s3root,
-        s3_server(Path(s3root)) as endpoint,
+        rclone_s3(Path(s3root), BUCKET) as endpoint,
     ):
         client = s3_client(endpoint)
 
