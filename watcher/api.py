@@ -86,12 +86,6 @@ def url_expiry(url: str) -> float | None:
     return None
 
 
-def describe_url(url: str) -> str:
-    """scheme://host/path of a signed URL, the part that is safe to log."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"
-
-
 class ApiClient:
     """Token cache plus the signed-URL call. Thread-safe token refresh; one caller at a time."""
 
