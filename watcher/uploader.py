@@ -109,10 +109,10 @@ class Uploader:
                 self._finish.fail(item, reason, None)
         beat.idle()
         if sendable and self._gate.wait(stop):
-            beat.busy()
             self._request(sendable, stop, beat)
 
     def _request(self, items: list[Item], stop: threading.Event, beat: Heartbeat) -> None:
+        beat.busy()  # an API call: it must answer within the watchdog period
         try:
             answer = self._api.upload_urls([i.spot.name for i in items], items[0].spot.file_type)
         except Fault as fault:
