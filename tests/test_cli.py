@@ -216,3 +216,13 @@ def test_json_logs_are_one_object_per_line(sandbox, folders):
     [uploaded] = [d for d in docs if d["event"] == "uploaded"]
     assert uploaded["file"] == "a.csv" and uploaded["bytes"] == 1 and uploaded["level"] == "info"
     assert docs[0]["settings"]["client_secret"] == "***"
+
+
+def test_a_state_dir_that_cannot_be_written_is_exit_78(sandbox, folders, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    result = cli(
+        "run", env=daemon_env(sandbox, folders, PRODUCTIV_STATE_DIR=str(blocker / "state"))
+    )
+    assert result.returncode == 78
+    assert "state_dir" in result.stderr

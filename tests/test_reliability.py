@@ -111,7 +111,7 @@ def test_a_done_folder_that_refuses_files_keeps_them_in_drop(sandbox):
     try:
         base.chmod(0o755)
         folders = Folders(base, base / "drop", base / "done", base / "failed")
-        for folder in (folders.drop, folders.done, folders.failed):
+        for folder in (folders.drop, folders.done, folders.failed, base / "state"):
             folder.mkdir()
             os.chown(folder, nobody.pw_uid, nobody.pw_gid)
         env = {

@@ -106,7 +106,16 @@ class Finisher:
         folders = {path.parent for _, path in placed} | {o.item.path.parent for o, _ in placed}
         self._mover.sync(folders)
         now = self._clock()
-        self._journal.append([self._receipt(outcome, final, now) for outcome, final in placed])
+        try:
+            self._journal.append([self._receipt(o, final, now) for o, final in placed])
+        except OSError as exc:  # the files are where they belong; only their receipts are lost
+            log.error(
+                "cannot write %d receipt(s) to %s: %s",
+                len(placed),
+                self._journal.path,
+                exc.strerror,
+                extra={"event": "receipt_failed"},
+            )
         for outcome, final in placed:
             self._report(outcome, final, now)
 

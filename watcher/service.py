@@ -50,7 +50,9 @@ def prepare_folders(settings: Settings, create: bool = True) -> list[str]:
         return [f"drop_dir {drop} does not exist or is not a folder (it is never created)"]
     problems = []
     drop_dev = drop.stat().st_dev
-    for name, wanted in (("drop_dir", drop), ("done_dir", done), ("failed_dir", failed)):
+    assert settings.state_dir is not None  # derived from drop_dir when not set
+    folders = [("drop_dir", drop), ("done_dir", done), ("failed_dir", failed)]
+    for name, wanted in [*folders, ("state_dir", settings.state_dir)]:
         if not wanted.exists() and create:
             try:
                 wanted.mkdir(parents=True)
@@ -62,7 +64,7 @@ def prepare_folders(settings: Settings, create: bool = True) -> list[str]:
             problems.append(f"{name} {wanted} does not exist")
         elif not os.access(folder, os.W_OK | os.X_OK):
             problems.append(f"{name} {folder} is not writable by this user")
-        elif folder.stat().st_dev != drop_dev:
+        elif name != "state_dir" and folder.stat().st_dev != drop_dev:
             problems.append(
                 f"{name} {wanted} is not on the drop folder's filesystem (files move by rename)"
             )
