@@ -8,11 +8,12 @@ import math
 import os
 from pathlib import Path
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from watcher.api import SignedUrl, parse_token, parse_urls, url_expiry, url_problem
 from watcher.faults import Fault, Kind, classify_put, retry_after_seconds, s3_error
+from watcher.notify import watchdog_interval
 from watcher.settings import DEFAULT_IGNORE, FILE_TYPES
 from watcher.watching import locate
 
@@ -87,6 +88,7 @@ def test_any_storage_answer_is_classified(body, status):
     s3_error(body)
 
 
+@example("²")  # str.isdigit() says yes, float() says no
 @given(st.text(max_size=40))
 def test_any_retry_after_is_a_bounded_number_or_none(value):
     seconds = retry_after_seconds(value, 1_795_763_700.0)
@@ -112,3 +114,17 @@ def test_locate_never_places_a_file_outside_the_drop_folder_or_under_a_wrong_typ
     assert spot.file_type == (parts[0] if len(parts) == 2 else default)
     assert spot.rel == "/".join(parts)
     json.dumps(spot.rel)
+
+
+@example({"WATCHDOG_USEC": "²"})
+@given(st.dictionaries(st.sampled_from(["WATCHDOG_USEC", "WATCHDOG_PID"]), st.text(max_size=12)))
+def test_any_watchdog_environment_gives_an_interval_or_none(environ):
+    interval = watchdog_interval(environ, 4242)
+    assert interval is None or interval > 0
+
+
+def test_the_watchdog_interval_is_half_the_period_and_only_for_our_pid():
+    assert watchdog_interval({"WATCHDOG_USEC": "90000000"}, 7) == 45.0
+    assert watchdog_interval({"WATCHDOG_USEC": "90000000", "WATCHDOG_PID": "7"}, 7) == 45.0
+    assert watchdog_interval({"WATCHDOG_USEC": "90000000", "WATCHDOG_PID": "8"}, 7) is None
+    assert watchdog_interval({}, 7) is None

@@ -26,7 +26,7 @@ def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
     """Half of WATCHDOG_USEC, when it is meant for this process (WATCHDOG_PID unset or ours)."""
     usec = environ.get("WATCHDOG_USEC", "")
     owner = environ.get("WATCHDOG_PID", "")
-    if not usec.isdigit() or int(usec) == 0 or (owner and owner != str(pid)):
+    if not (usec.isascii() and usec.isdigit()) or int(usec) == 0 or (owner and owner != str(pid)):
         return None
     return int(usec) / 2_000_000
 
