@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Captured, Folders, wait_for
+from watcher.watching import Watcher
 
 
 def write(path: Path, data: bytes | str) -> Path:
@@ -90,6 +91,46 @@ def test_files_moved_in_or_renamed_in_place_are_uploaded(daemon, folders, sandbo
         os.rename(folders.drop / ".rsync.tmp", folders.drop / "renamed.csv")
         done_soon(folders, "moved.csv", "renamed.csv")
     assert sandbox.stored("renamed.csv") == b"renamed"
+
+
+def _inotify_masks() -> dict[int, int]:
+    """inode -> event mask of every inotify watch this process holds (from /proc/self/fdinfo)."""
+    masks = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
+                continue
+            info = Path(f"/proc/self/fdinfo/{fd}").read_text()
+        except OSError:
+            continue  # closed meanwhile
+        for line in info.splitlines():
+            if line.startswith("inotify wd:"):
+                fields = dict(part.split(":", 1) for part in line.split()[1:5])
+                masks[int(fields["ino"], 16)] = int(fields["mask"], 16)
+    return masks
+
+
+def test_inotify_is_asked_for_created_moved_in_closed_and_folder_gone_only(tmp_path):
+    """Not IN_MOVED_FROM: watchdog holds each one back to pair it and searches its queue on every
+    moved-in file. Our emitter replaces watchdog internals, so a watchdog upgrade that changes
+    them must fail here rather than quietly watch with the wrong mask."""
+    drop = tmp_path / "drop"
+    (drop / "users").mkdir(parents=True)
+    noticed: list[str] = []
+    watcher = Watcher(drop, "other", (".*",), lambda spots: noticed.extend(s.rel for s in spots))
+    watcher.start()
+    try:
+        wait_for(lambda: drop.stat().st_ino in _inotify_masks(), 5, "the watch on drop/")
+        masks = _inotify_masks()
+        wanted = 0x100 | 0x080 | 0x008 | 0x400  # CREATE, MOVED_TO, CLOSE_WRITE, DELETE_SELF
+        assert masks[drop.stat().st_ino] & 0xFFFF == wanted
+        assert masks[(drop / "users").stat().st_ino] & 0xFFFF == wanted
+        os.rename(write(tmp_path / "outside.csv", b"1"), drop / "moved.csv")
+        os.rename(write(drop / ".part", b"2"), drop / "users" / "renamed.csv")
+        wait_for(lambda: {"moved.csv", "users/renamed.csv"} <= set(noticed), 5, "both noticed")
+    finally:
+        watcher.stop()
+        watcher.join(5)
 
 
 def test_ignored_names_and_deeper_folders_stay_put(daemon, folders, sandbox, logs_json):

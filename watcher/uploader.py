@@ -1,10 +1,11 @@
 """Stage 4, upload: batches of queued files get signed URLs, then PUT workers send them.
 
 One dispatcher thread takes up to `batch_size` queued files of one type, asks the API for their
-URLs and hands each (file, URL) to a small ready queue; `upload_concurrency` worker threads PUT
-from it. The ready queue holds only a few tickets, so URLs are requested just in time, never
-for a whole backlog. Every failure arrives as a `Fault` and is settled in `_settle`, the one
-place that decides what happens to the file.
+URLs and hands each (file, URL) to a ready queue; `upload_concurrency` worker threads PUT from
+it. The ready queue holds one batch: the next batch's URLs are asked for while the workers still
+send the current one, instead of every worker waiting out each API call, and never for a whole
+backlog. Every failure arrives as a `Fault` and is settled in `_settle`, the one place that
+decides what happens to the file.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ class Uploader:
         self._gate = gate
         self._hand_back = hand_back
         self._metrics = metrics
-        self._ready: queue.Queue[Ticket | None] = queue.Queue(maxsize=settings.upload_concurrency)
+        depth = max(settings.batch_size, settings.upload_concurrency)
+        self._ready: queue.Queue[Ticket | None] = queue.Queue(maxsize=depth)
         self._lock = threading.Lock()
         self.sending = 0
         self.progress: dict[str, tuple[int, int]] = {}  # file -> (bytes sent, bytes), for status
