@@ -129,6 +129,8 @@ class JsonFormatter(logging.Formatter):
 
 def setup(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:
     """Route all logging (warnings and uncaught exceptions too) to one stderr handler."""
+    # No formatter prints them, and each is work (a getpid syscall) on every line.
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

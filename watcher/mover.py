@@ -89,14 +89,16 @@ class Mover:
         self._done = done_dir
         self._failed = failed_dir
         self._clock = clock
-        self._made: set[Path] = set()  # folders known to exist
+        self._made: dict[tuple[Path, Path], Path] = {}  # (root, drop folder) -> made folder
 
     def relative(self, final: Path) -> str:
         """`done/users/a.csv`: where a file went, as receipts and `status` show it."""
+        text = str(final)
         for root in (self._done, self._failed):
-            if final.is_relative_to(root):
-                return display(f"{root.name}/{final.relative_to(root)}")
-        return display(str(final))
+            prefix = f"{root}{os.sep}"
+            if text.startswith(prefix):
+                return display(f"{root.name}/{text[len(prefix) :]}")
+        return display(text)
 
     def _rename(self, path: Path, final: Path) -> None:
         try:
@@ -134,10 +136,11 @@ class Mover:
         self, path: Path, root: Path, reserve: int, claim: Callable[[Path], Path] | None = None
     ) -> Path:
         """Keeps the type subfolder (drop/users/a.csv -> done/users/a.csv)."""
-        folder = root / path.parent.relative_to(self._drop)
-        if folder not in self._made:
+        folder = self._made.get((root, path.parent))
+        if folder is None:
+            folder = root / path.parent.relative_to(self._drop)
             folder.mkdir(parents=True, exist_ok=True)
-            self._made.add(folder)
+            self._made[(root, path.parent)] = folder
         for name in candidate_names(path.name, self._clock(), reserve):
             final = folder / name
             try:

@@ -139,7 +139,15 @@ class Stabiliser:
         self._skipped.discard(spot.path)
         candidate = observe(previous, spot, Snapshot.of(st), now)
         if is_stable(candidate, now, self.settle_seconds):
-            event(log, "queued", file=spot.rel, type=spot.file_type, bytes=st.st_size)
+            # DEBUG: at INFO a file's whole life is one line (uploaded, failed, skipped...)
+            event(
+                log,
+                "queued",
+                level=logging.DEBUG,
+                file=spot.rel,
+                type=spot.file_type,
+                bytes=st.st_size,
+            )
             return Item(spot, candidate.snapshot, noticed_at=candidate.since)
         self._candidates[spot.path] = candidate
         if candidate is not previous:

@@ -115,14 +115,6 @@ def open_version(path: Path, expected: Snapshot) -> int:
     return fd
 
 
-def unchanged(fd: int, path: Path, expected: Snapshot) -> bool:
-    """Is the file, on its descriptor and at its path, still the version that was sent?"""
-    try:
-        return Snapshot.of(os.fstat(fd)) == expected == Snapshot.of(os.lstat(path))
-    except FileNotFoundError:
-        return False
-
-
 class Transfer:
     """Shared by the PUT worker threads: urllib3's PoolManager is thread-safe."""
 
@@ -165,7 +157,7 @@ class Transfer:
                 wait = retry_after_seconds(response.headers.get("Retry-After"), time.time())
                 reason = put_reason(response.status, response.data)
                 raise Fault(kind, reason, response.status, wait, where="put")
-            if not unchanged(fd, item.path, expected):
+            if Snapshot.of(os.fstat(fd)) != expected:  # the path: the finisher checks it
                 raise FileChanged("the file changed while it was being sent")
             etag = response.headers.get("ETag", "").strip('"')
             return Sent(response.status, seconds, etag, reader.sha256.hexdigest())
