@@ -21,9 +21,10 @@ from watcher.items import Item, Snapshot, Spot
 from watcher.logs import Redactor
 from watcher.mover import NAME_MAX_BYTES, candidate_names
 from watcher.settings import DEFAULT_IGNORE
-from watcher.stability import Candidate, is_stable, observe
+from watcher.stability import Candidate, Stabiliser, is_stable, observe
 from watcher.uploader import refusal, url_is_stale
 from watcher.watching import is_ignored, locate
+from watcher.workqueue import WorkQueue
 
 SNAP = Snapshot(1, 2, 10, 100, 100)
 SPOT = Spot(Path("/d/a.csv"), "a.csv", "a.csv", None)
@@ -45,6 +46,33 @@ SPOT = Spot(Path("/d/a.csv"), "a.csv", "a.csv", None)
 )
 def test_observe_restarts_the_clock_on_any_change(previous, snapshot, now, expected_since):
     assert observe(previous, SPOT, snapshot, now).since == expected_since
+
+
+def test_a_file_noticed_while_its_name_is_in_flight_is_looked_at_again(tmp_path):
+    """A producer can drop the next report.csv the moment the last one leaves the drop folder,
+    before the finisher lets go of the name: that notice must not wait for the next rescan."""
+    clock = [100.0]
+    work = WorkQueue(lambda: clock[0])
+    stabiliser = Stabiliser(2.0, work, lambda: clock[0])
+    path = tmp_path / "report.csv"
+    path.write_bytes(b"first")
+    spot = Spot(path, "report.csv", "report.csv", None)
+
+    def step_at(t: float) -> list[bytes]:
+        clock[0] = t
+        stabiliser.step(t)
+        return [item.path.read_bytes() for item in work.take_batch(10, 0)]
+
+    stabiliser.notice([spot])
+    assert step_at(100.0) == []
+    assert step_at(102.0) == [b"first"]  # queued, then in flight
+    path.unlink()  # the finisher moves it out...
+    path.write_bytes(b"second!")  # ...and the next one lands at once
+    stabiliser.notice([spot])
+    assert step_at(102.5) == []  # the old one still holds the name
+    work.release(path)
+    assert step_at(104.5) == []  # looked at again: a new file, settling
+    assert step_at(106.5) == [b"second!"]
 
 
 @pytest.mark.parametrize(

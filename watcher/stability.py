@@ -82,6 +82,9 @@ class Stabiliser:
         self._candidates: dict[Path, Candidate] = {}
         self._due: list[tuple[float, Path]] = []
         self._skipped: set[Path] = set()
+        # Noticed while a file of that name was still queued or in flight: a new file may take
+        # its place the moment the old one is moved out, so look again after settle_seconds.
+        self._in_flight: dict[Path, Spot] = {}
 
     def notice(self, spots: Iterable[Spot]) -> None:
         with self._lock:
@@ -116,6 +119,8 @@ class Stabiliser:
             candidate = self._candidates.get(path)
             if candidate is not None and candidate.since + self.settle_seconds <= now:
                 stable.append(self._look(candidate.spot, now))
+            elif path in self._in_flight:
+                stable.append(self._look(self._in_flight.pop(path), now))
         items = [item for item in stable if item is not None]
         if items:  # together, so that files that settled together share a batch
             self._queue.put_many(items)
@@ -123,8 +128,11 @@ class Stabiliser:
 
     def _look(self, spot: Spot, now: float) -> Item | None:
         """Stat one file; the item when it has just become stable."""
-        if spot.path in self._queue:
-            return None  # already queued or being uploaded; the uploader re-checks it
+        if spot.path in self._queue:  # the uploader re-checks that one; this may be another
+            if spot.path not in self._in_flight:
+                self._in_flight[spot.path] = spot
+                heapq.heappush(self._due, (now + self.settle_seconds, spot.path))
+            return None
         previous = self._candidates.pop(spot.path, None)
         try:
             st = os.lstat(spot.path)

@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, cast
+from urllib.parse import urlsplit
 
 import urllib3
 from urllib3.exceptions import HTTPError
@@ -142,11 +144,23 @@ class Transfer:
             if self._content_type:
                 headers["Content-Type"] = self._content_type
             reader = BoundedReader(fd, expected.size, on_progress)
-            body = reader if expected.size else b""
+            # File-like enough for urllib3 (read, tell, seek), though not an io class.
+            body = cast("IO[bytes]", reader) if expected.size else b""
+            # The connection pool directly, not the PoolManager: it would parse the long signed
+            # URL once more, with urllib3's slower parser, for every file.
+            parts = urlsplit(url)
+            target = f"{parts.path}?{parts.query}" if parts.query else parts.path
             started = time.monotonic()
             try:
-                response = self._pool.urlopen(
-                    "PUT", url, body=body, headers=headers, redirect=False, preload_content=True
+                pool = self._pool.connection_from_host(parts.hostname, parts.port, parts.scheme)
+                response = pool.urlopen(
+                    "PUT",
+                    target or "/",
+                    body=body,
+                    headers=headers,
+                    redirect=False,
+                    assert_same_host=False,
+                    preload_content=True,
                 )
             except HTTPError as exc:
                 reason = f"PUT to storage failed: {_why(exc)}"
