@@ -108,9 +108,11 @@ def test_status_of_a_running_daemon_and_of_a_file(sandbox, folders):
     child = Child({"PRODUCTIV_CLIENT_SECRET": sandbox.client_secret}, "--config", str(config))
     try:
         wait_for(lambda: sandbox.arrived["put"] == 1)
+        # the status file follows within status_seconds; the PUT takes 2 s
+        wait_for(lambda: "uploading contracts/deal.pdf" in cli("status", config=config).stdout)
         busy = cli("status", config=config)
         assert busy.returncode == 0, busy.stdout + busy.stderr
-        assert "running since" in busy.stdout and "uploading contracts/deal.pdf" in busy.stdout
+        assert "running since" in busy.stdout
         done_soon(folders, "contracts/deal.pdf")
         wait_for(lambda: '"uploaded": 1' in cli("status", "--json", config=config).stdout)
         doc = json.loads(cli("status", "--json", config=config).stdout)

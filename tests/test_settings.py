@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from watcher.settings import ConfigError, load
 
 SECRET = "s3cr3t-value-for-tests"
-TEXT = st.text(st.characters(blacklist_characters="\x00"))  # the environment cannot hold NUL
+# The environment holds neither NUL nor lone surrogates (os.environ could not encode them).
+TEXT = st.text(st.characters(codec="utf-8", blacklist_characters="\x00"))
 
 
 @pytest.fixture

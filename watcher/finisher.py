@@ -21,7 +21,7 @@ from typing import Any
 
 from .faults import Fault, Kind
 from .gate import ServiceGate
-from .health import Heartbeat
+from .health import IDLE_WAKE_SECONDS, Heartbeat
 from .items import Item, Snapshot, Spot, display
 from .logs import event
 from .metrics import Metrics
@@ -33,7 +33,6 @@ from .workqueue import WorkQueue
 log = logging.getLogger(__name__)
 
 BATCH = 256
-IDLE_WAKE_SECONDS = 5.0  # an idle finisher wakes this rarely; `close` wakes it at once
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,10 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+# How long a pipeline thread with nothing to do waits before it looks again. Work, and a stop,
+# wake it at once; each needless wake costs about 0.35 ms of CPU on the 2-core build machine.
+IDLE_WAKE_SECONDS = 30.0
+
 
 class Heartbeat:
     """One thread's sign of life. Written by its thread, read by the supervisor (plain floats and

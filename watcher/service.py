@@ -19,7 +19,7 @@ from . import __version__, logs
 from .api import ApiClient
 from .finisher import Finisher
 from .gate import ServiceGate
-from .health import Heartbeat, status_line, stuck
+from .health import Counts, Heartbeat, status_line, stuck
 from .logs import REDACT, event
 from .metrics import Metrics
 from .mover import Mover
@@ -36,7 +36,7 @@ from .workqueue import WorkQueue
 log = logging.getLogger(__name__)
 
 Step = Callable[[threading.Event, Heartbeat], None]
-CHECK_SECONDS = 1.0  # how often the drop folder's identity (and the canary) is checked
+CHECK_SECONDS = 5.0  # how often the drop folder's identity (and the canary) is checked
 
 
 def prepare_folders(settings: Settings, create: bool = True) -> list[str]:
@@ -87,7 +87,7 @@ class Service:
         self._clock = clock
         self._stop = threading.Event()  # tells every thread to finish
         self._moves_stop = threading.Event()  # the finisher's: set once the uploads are over
-        self._wakeup = threading.Event()  # wakes the main loop (signals)
+        self._wakeup = threading.Event()  # wakes the main loop (signals, threads that end)
         self._stop_requests = 0
         self._reload_requested = False
         self.ready = threading.Event()  # set with READY=1 (tests wait on it)
@@ -191,8 +191,11 @@ class Service:
         beat = Heartbeat(name, self._clock)
 
         def loop() -> None:
-            while not self._stop.is_set() and keep():
-                step(self._stop, beat)
+            try:
+                while not self._stop.is_set() and keep():
+                    step(self._stop, beat)
+            finally:
+                self._wakeup.set()  # a thread that ends: the main loop looks at once
 
         thread = threading.Thread(target=loop, name=name, daemon=True)
         self._threads[name] = (thread, beat)
@@ -241,12 +244,14 @@ class Service:
             if now >= next_scan:
                 self.watcher.scan()
                 next_scan = now + self.settings.rescan_seconds
-            self._send_status()
+            counts = self.operations.counts()
+            self._send_status(counts)
             self.operations.tick()
             if interval is not None and now >= next_ping:
                 next_ping = now + interval
                 self._ping(now, 2 * interval)
-            self._wakeup.wait(min(0.5, interval or 0.5))
+            turn = self.settings.status_seconds  # signals and threads that end wake it at once
+            self._wakeup.wait(min(turn, interval or turn, next_check - now, next_scan - now))
             self._wakeup.clear()
         return 0
 
@@ -260,8 +265,8 @@ class Service:
             event(log, "stuck", level=logging.ERROR, reason=reason + ": no watchdog ping")
         self._stuck = reason
 
-    def _send_status(self) -> None:
-        line = status_line(self.operations.counts())
+    def _send_status(self, counts: Counts) -> None:
+        line = status_line(counts)
         if line != self._last_status:
             self._last_status = line
             self._notifier.send(f"STATUS={line}")

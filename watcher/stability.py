@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .health import IDLE_WAKE_SECONDS
 from .items import Item, Snapshot, Spot
 from .logs import event
 from .workqueue import WorkQueue
@@ -124,7 +125,7 @@ class Stabiliser:
         items = [item for item in stable if item is not None]
         if items:  # together, so that files that settled together share a batch
             self._queue.put_many(items)
-        return max(0.0, self._due[0][0] - now) if self._due else 1.0
+        return max(0.0, self._due[0][0] - now) if self._due else IDLE_WAKE_SECONDS
 
     def _look(self, spot: Spot, now: float) -> Item | None:
         """Stat one file; the item when it has just become stable."""

@@ -24,11 +24,11 @@ from .api import ApiClient, SignedUrl
 from .faults import Fault, Kind, backoff_seconds
 from .finisher import Finisher
 from .gate import ServiceGate
-from .health import Heartbeat
+from .health import IDLE_WAKE_SECONDS, Heartbeat
 from .items import Item, Spot
 from .logs import event
 from .metrics import Metrics
-from .settings import Settings
+from .settings import MAX_CONCURRENCY, Settings
 from .transfer import FileChanged, FileGone, NotRegular, Transfer
 from .workqueue import WorkQueue
 
@@ -100,7 +100,7 @@ class Uploader:
 
     def dispatch_step(self, stop: threading.Event, beat: Heartbeat) -> None:
         beat.idle()
-        batch = self._work.take_batch(self._settings.batch_size, timeout=5.0)
+        batch = self._work.take_batch(self._settings.batch_size, timeout=IDLE_WAKE_SECONDS)
         beat.busy()
         sendable = []
         for item in batch:
@@ -148,19 +148,25 @@ class Uploader:
     # -- the PUT worker threads ------------------------------------------------------------
 
     def reconfigure(self, settings: Settings) -> None:
-        """A reload: batch size, attempts, backoff and size limit apply from the next file on."""
+        """A reload: batch size, attempts, backoff and size limit apply from the next file on;
+        workers above a lowered concurrency are woken to retire."""
+        fewer = self._settings.upload_concurrency - settings.upload_concurrency
         self._settings = settings
+        self._wake_workers(fewer)
 
     def close(self) -> None:
         """Wake idle workers at a stop: a None ticket ends a worker's wait."""
-        for _ in range(self._settings.upload_concurrency):
-            with contextlib.suppress(queue.Full):
+        self._wake_workers(MAX_CONCURRENCY)
+
+    def _wake_workers(self, count: int) -> None:
+        for _ in range(count):
+            with contextlib.suppress(queue.Full):  # a full queue: no worker is waiting
                 self._ready.put_nowait(None)
 
     def put_step(self, stop: threading.Event, beat: Heartbeat) -> None:
         beat.idle()
         try:
-            ticket = self._ready.get(timeout=5.0)  # `close` wakes idle workers at a stop
+            ticket = self._ready.get(timeout=IDLE_WAKE_SECONDS)  # `close` wakes them at a stop
         except queue.Empty:
             return
         if ticket is None or stop.is_set():
