@@ -94,10 +94,11 @@ class Operations:
             self.sweep(time.time() - days * 86400)
 
     def counts(self) -> Counts:
-        settling, (queued, _) = len(self._stabiliser), self._work.counts()
-        return Counts(
-            waiting=settling + queued,
-            uploading=self._uploader.sending,
+        settling, (queued, taken) = len(self._stabiliser), self._work.counts()
+        uploading = self._uploader.sending
+        return Counts(  # taken: holding a signed URL, being sent, or being moved
+            waiting=settling + queued + max(0, taken - uploading),
+            uploading=uploading,
             uploaded=self._finisher.uploaded,
             failed=self._finisher.failed,
             retrying_since=self._gate.failing_since_epoch(),

@@ -96,7 +96,10 @@ class Stabiliser:
         self._wake.set()
 
     def __len__(self) -> int:
-        return len(self._candidates)
+        """Files settling, counting those noticed but not yet looked at."""
+        with self._lock:
+            fresh = sum(1 for path in self._noticed if path not in self._candidates)
+        return len(self._candidates) + fresh
 
     def oldest(self) -> float | None:
         """Monotonic time since which the longest-settling file has been watched."""
