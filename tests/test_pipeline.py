@@ -110,12 +110,15 @@ def _inotify_masks() -> dict[int, int]:
     return masks
 
 
+# pytest applies its own warning filters per test; the daemon has the one in `watching`
+@pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
 def test_inotify_is_asked_for_created_moved_in_closed_and_folder_gone_only(tmp_path):
     """Not IN_MOVED_FROM: watchdog holds each one back to pair it and searches its queue on every
     moved-in file. Our emitter replaces watchdog internals, so a watchdog upgrade that changes
     them must fail here rather than quietly watch with the wrong mask."""
     drop = tmp_path / "drop"
     (drop / "users").mkdir(parents=True)
+    (drop / "contracts").mkdir()
     noticed: list[str] = []
     watcher = Watcher(drop, "other", (".*",), lambda spots: noticed.extend(s.rel for s in spots))
     watcher.start()
@@ -128,6 +131,10 @@ def test_inotify_is_asked_for_created_moved_in_closed_and_folder_gone_only(tmp_p
         os.rename(write(tmp_path / "outside.csv", b"1"), drop / "moved.csv")
         os.rename(write(drop / ".part", b"2"), drop / "users" / "renamed.csv")
         wait_for(lambda: {"moved.csv", "users/renamed.csv"} <= set(noticed), 5, "both noticed")
+        (drop / "contracts").rename(drop / "later")  # a folder renamed in place...
+        (drop / "later").rename(drop / "contracts")  # ...and back: its watch follows it
+        write(drop / "contracts" / "deal.pdf", b"3")
+        wait_for(lambda: "contracts/deal.pdf" in noticed, 5, "a file in the renamed folder")
     finally:
         watcher.stop()
         watcher.join(5)

@@ -15,6 +15,7 @@ import fnmatch
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,9 @@ class _QuietStop(logging.Filter):
 
 
 logging.getLogger("watchdog.observers.inotify").addFilter(_QuietStop())
+# A folder renamed inside the drop folder arrives, without IN_MOVED_FROM, as a new folder that
+# already has a watch; watchdog re-registers it and says so in a RuntimeWarning. Expected here.
+warnings.filterwarnings("ignore", "Callback with id .* already exists", RuntimeWarning, "watchdog")
 
 
 def _inotify_observer() -> BaseObserver:
