@@ -19,7 +19,7 @@ from watcher.faults import (
 )
 from watcher.items import Item, Snapshot, Spot
 from watcher.logs import Redactor
-from watcher.mover import NAME_MAX_BYTES, candidate_names
+from watcher.mover import NAME_MAX_BYTES, Mover, candidate_names
 from watcher.settings import DEFAULT_IGNORE
 from watcher.stability import Candidate, Stabiliser, is_stable, observe
 from watcher.uploader import refusal, url_is_stale
@@ -46,6 +46,13 @@ SPOT = Spot(Path("/d/a.csv"), "a.csv", "a.csv", None)
 )
 def test_observe_restarts_the_clock_on_any_change(previous, snapshot, now, expected_since):
     assert observe(previous, SPOT, snapshot, now).since == expected_since
+
+
+def test_syncing_a_folder_removed_meanwhile_is_not_an_error(tmp_path):
+    """The finisher syncs drop/ after moving a file out; an operator may have removed it."""
+    mover = Mover(tmp_path / "drop", tmp_path / "done", tmp_path / "failed", lambda: 0.0)
+    (tmp_path / "done").mkdir()
+    mover.sync([tmp_path / "drop", tmp_path / "done"])
 
 
 def test_a_file_noticed_while_its_name_is_in_flight_is_looked_at_again(tmp_path):

@@ -103,7 +103,10 @@ class Finisher:
                 batch.append(more)
         placed = [(outcome, final) for outcome in batch if (final := self._place(outcome))]
         folders = {path.parent for _, path in placed} | {o.item.path.parent for o, _ in placed}
-        self._mover.sync(folders)
+        try:
+            self._mover.sync(folders)
+        except OSError as exc:  # the renames are done; only their durability is in doubt
+            log.error("cannot sync the moves: %s", exc.strerror, extra={"event": "sync_failed"})
         now = self._clock()
         try:
             self._journal.append([self._receipt(o, final, now) for o, final in placed])

@@ -8,6 +8,7 @@ places, so it is uploaded again: at-least-once, never lost).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -110,9 +111,11 @@ class Mover:
             rename_noreplace(path, final)
 
     def sync(self, folders: Iterable[Path]) -> None:
-        """Make the renames into and out of these folders durable (one fsync per folder)."""
+        """Make the renames into and out of these folders durable (one fsync per folder). A
+        folder removed meanwhile (an operator's `rm -r drop/`) has nothing left to sync."""
         for folder in folders:
-            fsync_dir(folder)
+            with contextlib.suppress(FileNotFoundError):
+                fsync_dir(folder)
 
     def to_done(self, path: Path) -> Path:
         return self._move(path, self._done, reserve=0)
