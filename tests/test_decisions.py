@@ -55,6 +55,20 @@ def test_syncing_a_folder_removed_meanwhile_is_not_an_error(tmp_path):
     mover.sync([tmp_path / "drop", tmp_path / "done"])
 
 
+def test_a_file_that_cannot_be_looked_at_is_skipped_not_fatal(tmp_path, caplog):
+    """An lstat error other than 'gone' (here a name too long; an unsearchable folder for a
+    non-root daemon) is said once and skipped; it must not end the stabiliser's thread."""
+    caplog.set_level("INFO")
+    work = WorkQueue(lambda: 0.0)
+    stabiliser = Stabiliser(1.0, work, lambda: 0.0)
+    spot = Spot(tmp_path / ("x" * 300) / "a.csv", "a.csv", "a.csv", None)
+    for _ in range(2):
+        stabiliser.notice([spot])
+        stabiliser.step(0.0)
+    skipped = [r for r in caplog.records if getattr(r, "event", None) == "skipped"]
+    assert len(skipped) == 1 and "cannot look at it" in skipped[0].fields["reason"]
+
+
 def test_a_file_noticed_while_its_name_is_in_flight_is_looked_at_again(tmp_path):
     """A producer can drop the next report.csv the moment the last one leaves the drop folder,
     before the finisher lets go of the name: that notice must not wait for the next rescan."""

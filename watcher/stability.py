@@ -144,9 +144,12 @@ class Stabiliser:
             if previous is not None:
                 event(log, "vanished", file=spot.rel, reason="removed before it was uploaded")
             return None
+        except OSError as exc:  # its folder not searchable, a name too long...: the next scan
+            self._skip_once(spot, f"cannot look at it: {exc.strerror}")
+            return None
         kind = kind_of(st.st_mode)
         if kind != "file":
-            self._skip_once(spot, kind)
+            self._skip_once(spot, f"a {kind}, not a regular file")
             return None
         self._skipped.discard(spot.path)
         candidate = observe(previous, spot, Snapshot.of(st), now)
@@ -166,7 +169,7 @@ class Stabiliser:
             heapq.heappush(self._due, (candidate.since + self.settle_seconds, spot.path))
         return None
 
-    def _skip_once(self, spot: Spot, kind: str) -> None:
+    def _skip_once(self, spot: Spot, reason: str) -> None:
         if spot.path not in self._skipped:
             self._skipped.add(spot.path)
-            event(log, "skipped", file=spot.rel, reason=f"a {kind}, not a regular file")
+            event(log, "skipped", file=spot.rel, reason=reason)
