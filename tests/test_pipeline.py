@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Captured, Folders, wait_for
+from watcher import statusfile
 from watcher.watching import Watcher
 
 
@@ -163,6 +164,38 @@ def test_files_that_settle_together_share_signed_url_requests(daemon, folders, s
         done_soon(folders, *(f"users/f{n:02}.csv" for n in range(23)))
     assert sandbox.count("urls") == math.ceil(23 / 5)
     assert all(len(r.names) <= 5 for r in sandbox.requests if r.endpoint == "urls")
+
+
+def test_the_next_batch_s_urls_are_asked_for_while_the_current_one_is_sent(
+    daemon, folders, sandbox
+):
+    """The ready queue holds a batch, so a worker never waits out a signed-URL call between
+    batches: the second request goes out while the first batch's first PUT is still held."""
+    for n in range(6):
+        write(folders.drop / f"f{n}.csv", b"x")
+    sandbox.inject("put", count=1, delay=3.0)
+    with daemon(batch_size=3, upload_concurrency=1):
+        wait_for(lambda: sandbox.arrived["put"] == 1, what="the first PUT")
+        wait_for(lambda: sandbox.arrived["urls"] == 2, 2.5, "the second batch's URLs")
+        assert sandbox.count("put") == 0  # the first PUT has not been answered yet
+        done_soon(folders, *(f"f{n}.csv" for n in range(6)))
+
+
+def test_a_quiet_daemon_is_woken_by_the_first_new_file(daemon, folders, sandbox):
+    """Quiet, the main loop turns only every 10 s (a turn costs CPU even doing nothing); the
+    first noticed file wakes it, so `status` shows an upload far shorter than that."""
+    sandbox.inject("put", count=1, delay=3.0)
+    with daemon(status_seconds=0.2) as service:
+        state = service.journal.folder
+        wait_for(lambda: statusfile.read(state) is not None, what="the first status file")
+        write(folders.drop / "a.csv", b"x")
+        wait_for(lambda: sandbox.arrived["put"] == 1, what="the PUT")
+
+        def uploading() -> list[str]:
+            return [u["file"] for u in (statusfile.read(state) or {}).get("uploading", [])]
+
+        wait_for(lambda: uploading() == ["a.csv"], 2.5, "a.csv uploading in the status file")
+        done_soon(folders, "a.csv")
 
 
 def test_one_batch_never_holds_two_files_of_the_same_name(daemon, folders, sandbox):
