@@ -96,6 +96,32 @@ def test_a_file_noticed_while_its_name_is_in_flight_is_looked_at_again(tmp_path)
     assert step_at(106.5) == [b"second!"]
 
 
+def test_a_settling_file_is_counted_until_it_is_on_the_queue(tmp_path):
+    """len(stabiliser) feeds `waiting`: were a file counted nowhere while it is looked at (its
+    lstat lets other threads run), the main loop would see a quiet daemon and sleep 10 s."""
+    clock = [0.0]
+    seen: list[int] = []
+
+    class Watching(WorkQueue):  # records the count at the moments a file is between stages
+        def __contains__(self, path: object) -> bool:
+            seen.append(len(stabiliser))
+            return super().__contains__(path)
+
+        def put_many(self, items: list[Item]) -> None:
+            seen.append(len(stabiliser))
+            super().put_many(items)
+
+    work = Watching(lambda: clock[0])
+    stabiliser = Stabiliser(1.0, work, lambda: clock[0])
+    path = tmp_path / "a.csv"
+    path.write_bytes(b"x")
+    stabiliser.notice([Spot(path, "a.csv", "a.csv", None)])
+    for clock[0] in (0.0, 1.0):
+        stabiliser.step(clock[0])
+    assert [item.path for item in work.take_batch(10, 0)] == [path]
+    assert seen == [1, 1, 1] and len(stabiliser) == 0
+
+
 @pytest.mark.parametrize(
     ("since", "now", "settle", "stable"),
     [

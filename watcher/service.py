@@ -246,6 +246,9 @@ class Service:
             if now >= next_scan:
                 self.watcher.scan()
                 next_scan = now + self.settings.rescan_seconds
+            # Quiet until these counts say otherwise: a file noticed from this moment on wakes
+            # the loop, even one these counts missed.
+            self._quiet = True
             counts = self.operations.counts()
             self._send_status(counts)
             self.operations.tick()

@@ -114,20 +114,28 @@ class Stabiliser:
     def step(self, now: float) -> float:
         """Look at new notices and at files whose settle time is up; seconds until the next."""
         with self._lock:
-            noticed, self._noticed = self._noticed, {}
-        stable = [self._look(spot, now) for spot in noticed.values()]
+            noticed = list(self._noticed.values())
+        spots = {spot.path: spot for spot in noticed}
         looked = 0
         while self._due and self._due[0][0] <= now and looked < STEP_LIMIT:
             looked += 1
             _, path = heapq.heappop(self._due)
             candidate = self._candidates.get(path)
             if candidate is not None and candidate.since + self.settle_seconds <= now:
-                stable.append(self._look(candidate.spot, now))
+                spots.setdefault(path, candidate.spot)
             elif path in self._in_flight:
-                stable.append(self._look(self._in_flight.pop(path), now))
-        items = [item for item in stable if item is not None]
+                spots.setdefault(path, self._in_flight.pop(path))
+        items = [item for spot in spots.values() if (item := self._look(spot, now)) is not None]
         if items:  # together, so that files that settled together share a batch
             self._queue.put_many(items)
+        # A file leaves len() only now that it is on the queue: counted nowhere for a moment, a
+        # main loop that saw nothing waiting would go back to its slow, quiet turns.
+        for item in items:
+            self._candidates.pop(item.path, None)
+        with self._lock:
+            for spot in noticed:
+                if self._noticed.get(spot.path) is spot:  # not noticed again meanwhile
+                    del self._noticed[spot.path]
         return max(0.0, self._due[0][0] - now) if self._due else IDLE_WAKE_SECONDS
 
     def _look(self, spot: Spot, now: float) -> Item | None:
@@ -137,11 +145,11 @@ class Stabiliser:
                 self._in_flight[spot.path] = spot
                 heapq.heappush(self._due, (now + self.settle_seconds, spot.path))
             return None
-        previous = self._candidates.pop(spot.path, None)
+        previous = self._candidates.get(spot.path)
         try:
             st = os.lstat(spot.path)
         except FileNotFoundError:
-            if previous is not None:
+            if self._candidates.pop(spot.path, None) is not None:
                 event(log, "vanished", file=spot.rel, reason="removed before it was uploaded")
             return None
         except OSError as exc:  # its folder not searchable, a name too long...: the next scan
@@ -170,6 +178,7 @@ class Stabiliser:
         return None
 
     def _skip_once(self, spot: Spot, reason: str) -> None:
+        self._candidates.pop(spot.path, None)
         if spot.path not in self._skipped:
             self._skipped.add(spot.path)
             event(log, "skipped", file=spot.rel, reason=reason)
