@@ -17,6 +17,7 @@ from watcher.faults import (
     classify_put,
     retry_after_seconds,
 )
+from watcher.health import IDLE_WAKE_SECONDS
 from watcher.items import Item, Snapshot, Spot
 from watcher.logs import Redactor
 from watcher.mover import NAME_MAX_BYTES, Mover, candidate_names
@@ -59,7 +60,7 @@ def test_a_file_that_cannot_be_looked_at_is_skipped_not_fatal(tmp_path, caplog):
     """An lstat error other than 'gone' (here a name too long; an unsearchable folder for a
     non-root daemon) is said once and skipped; it must not end the stabiliser's thread."""
     caplog.set_level("INFO")
-    work = WorkQueue(lambda: 0.0)
+    work = WorkQueue(lambda: 0.0, lambda spots: None)
     stabiliser = Stabiliser(1.0, work, lambda: 0.0)
     spot = Spot(tmp_path / ("x" * 300) / "a.csv", "a.csv", "a.csv", None)
     for _ in range(2):
@@ -69,11 +70,12 @@ def test_a_file_that_cannot_be_looked_at_is_skipped_not_fatal(tmp_path, caplog):
     assert len(skipped) == 1 and "cannot look at it" in skipped[0].fields["reason"]
 
 
-def test_a_file_noticed_while_its_name_is_in_flight_is_looked_at_again(tmp_path):
+def test_a_file_noticed_while_its_name_is_in_flight_is_looked_at_once_it_is_free(tmp_path):
     """A producer can drop the next report.csv the moment the last one leaves the drop folder,
-    before the finisher lets go of the name: that notice must not wait for the next rescan."""
+    before the finisher lets go of the name: that notice must not wait for the next rescan, nor
+    be looked at over and over while the name is held (a rescan parks every queued file)."""
     clock = [100.0]
-    work = WorkQueue(lambda: clock[0])
+    work = WorkQueue(lambda: clock[0], lambda spots: stabiliser.notice(spots))
     stabiliser = Stabiliser(2.0, work, lambda: clock[0])
     path = tmp_path / "report.csv"
     path.write_bytes(b"first")
@@ -90,10 +92,12 @@ def test_a_file_noticed_while_its_name_is_in_flight_is_looked_at_again(tmp_path)
     path.unlink()  # the finisher moves it out...
     path.write_bytes(b"second!")  # ...and the next one lands at once
     stabiliser.notice([spot])
-    assert step_at(102.5) == []  # the old one still holds the name
-    work.release(path)
-    assert step_at(104.5) == []  # looked at again: a new file, settling
-    assert step_at(106.5) == [b"second!"]
+    clock[0] = 102.5  # the old one still holds the name: parked, nothing to look at until free
+    assert stabiliser.step(102.5) == IDLE_WAKE_SECONDS and len(stabiliser) == 0
+    work.release(path)  # the name is free: noticed again
+    assert len(stabiliser) == 1
+    assert step_at(103.0) == []  # a new file, settling
+    assert step_at(105.0) == [b"second!"]
 
 
 def test_a_settling_file_is_counted_until_it_is_on_the_queue(tmp_path):
@@ -103,15 +107,15 @@ def test_a_settling_file_is_counted_until_it_is_on_the_queue(tmp_path):
     seen: list[int] = []
 
     class Watching(WorkQueue):  # records the count at the moments a file is between stages
-        def __contains__(self, path: object) -> bool:
+        def park(self, spot: Spot) -> bool:
             seen.append(len(stabiliser))
-            return super().__contains__(path)
+            return super().park(spot)
 
         def put_many(self, items: list[Item]) -> None:
             seen.append(len(stabiliser))
             super().put_many(items)
 
-    work = Watching(lambda: clock[0])
+    work = Watching(lambda: clock[0], lambda spots: None)
     stabiliser = Stabiliser(1.0, work, lambda: clock[0])
     path = tmp_path / "a.csv"
     path.write_bytes(b"x")

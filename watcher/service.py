@@ -104,7 +104,7 @@ class Service:
         self.journal = Journal(
             settings.state_dir, int(settings.receipts_max_bytes), settings.receipts_keep
         )
-        self.work = WorkQueue(clock)
+        self.work = WorkQueue(clock, self._noticed)
         self.stabiliser = Stabiliser(settings.settle_seconds, self.work, clock)
         self.gate = ServiceGate(
             settings.retry_initial_seconds, settings.retry_max_seconds, clock, self.metrics
@@ -114,7 +114,7 @@ class Service:
             Mover(drop, done, failed, time.time),
             self.work,
             self.gate,
-            self.stabiliser.notice,
+            self._noticed,
             self.journal,
             self.metrics,
         )
@@ -125,7 +125,7 @@ class Service:
             self.finisher,
             self.work,
             self.gate,
-            self.stabiliser.notice,
+            self._noticed,
             self.metrics,
         )
         self.watcher = Watcher(
@@ -265,8 +265,8 @@ class Service:
         return 0
 
     def _noticed(self, spots: list[Spot]) -> None:
-        """From the watch: to the stabiliser, and the main loop out of its slow, quiet turns
-        (each turn costs CPU even when there is nothing to do, so a quiet daemon turns rarely)."""
+        """Every notice (the watch, a file handed back, a name freed) goes to the stabiliser
+        through here, to wake a main loop in its slow, quiet turns (each costs CPU)."""
         self.stabiliser.notice(spots)
         if self._quiet and spots:
             self._wakeup.set()

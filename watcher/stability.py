@@ -83,9 +83,6 @@ class Stabiliser:
         self._candidates: dict[Path, Candidate] = {}
         self._due: list[tuple[float, Path]] = []
         self._skipped: set[Path] = set()
-        # Noticed while a file of that name was still queued or in flight: a new file may take
-        # its place the moment the old one is moved out, so look again after settle_seconds.
-        self._in_flight: dict[Path, Spot] = {}
 
     def notice(self, spots: Iterable[Spot]) -> None:
         with self._lock:
@@ -123,8 +120,6 @@ class Stabiliser:
             candidate = self._candidates.get(path)
             if candidate is not None and candidate.since + self.settle_seconds <= now:
                 spots.setdefault(path, candidate.spot)
-            elif path in self._in_flight:
-                spots.setdefault(path, self._in_flight.pop(path))
         items = [item for spot in spots.values() if (item := self._look(spot, now)) is not None]
         if items:  # together, so that files that settled together share a batch
             self._queue.put_many(items)
@@ -140,10 +135,7 @@ class Stabiliser:
 
     def _look(self, spot: Spot, now: float) -> Item | None:
         """Stat one file; the item when it has just become stable."""
-        if spot.path in self._queue:  # the uploader re-checks that one; this may be another
-            if spot.path not in self._in_flight:
-                self._in_flight[spot.path] = spot
-                heapq.heappush(self._due, (now + self.settle_seconds, spot.path))
+        if self._queue.park(spot):  # its name is still taken: noticed again once it is free
             return None
         previous = self._candidates.get(spot.path)
         try:

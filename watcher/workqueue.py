@@ -2,7 +2,8 @@
 
 The drop folder is the durable queue; this is only its in-memory index. A path stays "in" the
 queue from `put` until `release`, through its upload, so that neither a rescan nor an event can
-queue it twice. Items can be put back with a not-before time (a file-side retry).
+queue it twice. Items can be put back with a not-before time (a file-side retry). A notice for a
+name still held here (a new file dropped under it, or a rescan) waits for that name's release.
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from .items import Item
+from .items import Item, Spot
 
 
 class WorkQueue:
     """Thread-safe; `take_batch` is called by the uploader's dispatcher thread only."""
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(self, clock: Callable[[], float], renotice: Callable[[list[Spot]], None]) -> None:
         self._clock = clock
+        self._renotice = renotice  # back to the stabiliser: a parked notice, once its name is free
+        self._parked: dict[Path, Spot] = {}
         self._heap: list[tuple[float, int, Item]] = []
         self._order = itertools.count()
         self._paths: set[Path] = set()  # queued or in flight
@@ -58,10 +61,22 @@ class WorkQueue:
         heapq.heappush(self._heap, (not_before, next(self._order), item))
         self._changed.notify()
 
+    def park(self, spot: Spot) -> bool:
+        """Hold a notice for a name still queued or in flight until its release (True); a new
+        file may take the name the moment the old one is moved out."""
+        with self._changed:
+            if spot.path not in self._paths:
+                return False
+            self._parked[spot.path] = spot
+            return True
+
     def release(self, path: Path) -> None:
         """The uploader is done with this path (moved, vanished, or handed back to settle)."""
         with self._changed:
             self._paths.discard(path)
+            parked = self._parked.pop(path, None)
+        if parked is not None:
+            self._renotice([parked])
 
     def close(self) -> None:
         """Wake `take_batch` for good: the service is stopping."""
