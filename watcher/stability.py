@@ -68,9 +68,9 @@ class Stabiliser:
     """Holds noticed files until they are stable, then puts them on the work queue.
 
     `notice` is called from any thread (the watchdog dispatcher, the rescan, an uploader handing
-    back a file that changed) and only records the spot. Everything else happens on the
-    stabiliser's own thread in `step`, which stats a file when it is noticed and again when its
-    settle time is up: the cost is two `lstat` calls per file, whatever the backlog.
+    back a file that changed, the work queue freeing a name) and only records the spot. Everything
+    else happens on the stabiliser's own thread in `step`, which stats a file when it is noticed
+    and again when its settle time is up: two `lstat` calls per file, whatever the backlog.
     """
 
     def __init__(self, settle_seconds: float, queue: WorkQueue, clock: Callable[[], float]) -> None:
