@@ -477,6 +477,23 @@ def test_the_rescan_finds_files_no_event_announced(daemon, folders, sandbox):
         done_soon(folders, "quiet.csv")
 
 
+def test_files_found_again_by_rescans_while_they_wait_go_up_once(
+    daemon, folders, sandbox, logs_json
+):
+    """Every rescan notices every waiting file again: such a notice waits on the work queue for
+    its name's release, then finds the file gone to done/, so nothing is sent twice."""
+    names = [f"w{n:02}.csv" for n in range(12)]
+    for name in names:
+        write(folders.drop / name, name.encode())
+    sandbox.inject("put", count=3, delay=0.5)
+    with daemon(rescan_seconds=0.2, upload_concurrency=1, batch_size=4) as service:
+        wait_for(lambda: service.work._parked, what="a rescan's notice parked on a held name")
+        done_soon(folders, *names)
+        wait_for(lambda: service.operations.counts().waiting == 0, what="nothing waiting")
+    assert sandbox.count("put") == len(names) and folders.files(folders.drop) == []
+    assert logs_json.events("vanished") == []  # not taken for a file that disappeared
+
+
 def test_polling_mode_uploads(daemon, folders, sandbox):
     with daemon(polling=True, poll_interval_seconds=0.2):
         write(folders.drop / "users" / "polled.csv", b"x")
