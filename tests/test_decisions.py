@@ -104,19 +104,20 @@ def test_a_settling_file_is_counted_until_it_is_on_the_queue(tmp_path):
     """len(stabiliser) feeds `waiting`: were a file counted nowhere while it is looked at (its
     lstat lets other threads run), the main loop would see a quiet daemon and sleep 10 s."""
     clock = [0.0]
-    seen: list[int] = []
+    seen: list[int] = []  # the count at the moments a file is between stages
 
-    class Watching(WorkQueue):  # records the count at the moments a file is between stages
-        def park(self, spot: Spot) -> bool:
-            seen.append(len(stabiliser))
-            return super().park(spot)
+    class Looking(Stabiliser):
+        def _look(self, spot: Spot, now: float) -> Item | None:
+            seen.append(len(self))
+            return super()._look(spot, now)
 
+    class Queueing(WorkQueue):
         def put_many(self, items: list[Item]) -> None:
             seen.append(len(stabiliser))
             super().put_many(items)
 
-    work = Watching(lambda: clock[0], lambda spots: None)
-    stabiliser = Stabiliser(1.0, work, lambda: clock[0])
+    work = Queueing(lambda: clock[0], lambda spots: None)
+    stabiliser = Looking(1.0, work, lambda: clock[0])
     path = tmp_path / "a.csv"
     path.write_bytes(b"x")
     stabiliser.notice([Spot(path, "a.csv", "a.csv", None)])
@@ -124,6 +125,19 @@ def test_a_settling_file_is_counted_until_it_is_on_the_queue(tmp_path):
         stabiliser.step(clock[0])
     assert [item.path for item in work.take_batch(10, 0)] == [path]
     assert seen == [1, 1, 1] and len(stabiliser) == 0
+
+
+def test_a_notice_for_a_held_name_is_counted_once(tmp_path):
+    """A rescan finds every waiting file again; while it is parked on the queue, which counts the
+    file, the stabiliser must not count it too (`waiting` would double during a backlog)."""
+    work = WorkQueue(lambda: 0.0, lambda spots: None)
+    stabiliser = Stabiliser(1.0, work, lambda: 0.0)
+    spot = Spot(tmp_path / "a.csv", "a.csv", "a.csv", None)
+    work.put_many([Item(spot, SNAP, noticed_at=0.0)])
+    stabiliser.notice([spot])
+    assert len(stabiliser) == 1  # not looked at yet: it may be a new file
+    stabiliser.step(0.0)
+    assert len(stabiliser) == 0 and work.counts() == (1, 0)
 
 
 @pytest.mark.parametrize(

@@ -78,6 +78,7 @@ class Stabiliser:
         self._queue = queue
         self._clock = clock
         self._noticed: dict[Path, Spot] = {}
+        self._looking: dict[Path, Spot] = {}  # taken from _noticed by the step under way
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._candidates: dict[Path, Candidate] = {}
@@ -95,8 +96,13 @@ class Stabiliser:
     def __len__(self) -> int:
         """Files settling, counting those noticed but not yet looked at."""
         with self._lock:
-            fresh = sum(1 for path in self._noticed if path not in self._candidates)
-        return len(self._candidates) + fresh
+            looking = sum(1 for path in self._looking if path not in self._candidates)
+            fresh = sum(
+                1
+                for path in self._noticed
+                if path not in self._candidates and path not in self._looking
+            )
+        return len(self._candidates) + looking + fresh
 
     def oldest(self) -> float | None:
         """Monotonic time since which the longest-settling file has been watched."""
@@ -111,8 +117,12 @@ class Stabiliser:
     def step(self, now: float) -> float:
         """Look at new notices and at files whose settle time is up; seconds until the next."""
         with self._lock:
-            noticed = list(self._noticed.values())
-        spots = {spot.path: spot for spot in noticed}
+            self._looking, self._noticed = self._noticed, {}
+            # A name still held on the queue (a rescan finds every waiting file again): the notice
+            # waits there for the name's release, counted by the queue rather than here.
+            for spot in self._queue.park(list(self._looking.values())):
+                del self._looking[spot.path]
+        spots = dict(self._looking)
         looked = 0
         while self._due and self._due[0][0] <= now and looked < STEP_LIMIT:
             looked += 1
@@ -128,15 +138,11 @@ class Stabiliser:
         for item in items:
             self._candidates.pop(item.path, None)
         with self._lock:
-            for spot in noticed:
-                if self._noticed.get(spot.path) is spot:  # not noticed again meanwhile
-                    del self._noticed[spot.path]
+            self._looking = {}
         return max(0.0, self._due[0][0] - now) if self._due else IDLE_WAKE_SECONDS
 
     def _look(self, spot: Spot, now: float) -> Item | None:
         """Stat one file; the item when it has just become stable."""
-        if self._queue.park(spot):  # its name is still taken: noticed again once it is free
-            return None
         previous = self._candidates.get(spot.path)
         try:
             st = os.lstat(spot.path)

@@ -61,14 +61,13 @@ class WorkQueue:
         heapq.heappush(self._heap, (not_before, next(self._order), item))
         self._changed.notify()
 
-    def park(self, spot: Spot) -> bool:
-        """Hold a notice for a name still queued or in flight until its release (True); a new
-        file may take the name the moment the old one is moved out."""
+    def park(self, spots: list[Spot]) -> list[Spot]:
+        """Hold the notices for names still queued or in flight until their release (a new file
+        may take a name the moment the old one is moved out); those held."""
         with self._changed:
-            if spot.path not in self._paths:
-                return False
-            self._parked[spot.path] = spot
-            return True
+            held = [spot for spot in spots if spot.path in self._paths]
+            self._parked.update((spot.path, spot) for spot in held)
+        return held
 
     def release(self, path: Path) -> None:
         """The uploader is done with this path (moved, vanished, or handed back to settle)."""
