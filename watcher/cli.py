@@ -59,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .service import prepare_folders
+    from .mover import prepare_folders
 
     settings = _settings(args)
     print(f"settings: ok (app_id {settings.app_id}, api_url {settings.api_url})")

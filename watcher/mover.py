@@ -1,5 +1,7 @@
 """The moves of stage 5: files leave the drop folder only by an atomic rename, never clobbering.
 
+The folders are checked before the first move (writable, on the drop folder's filesystem).
+
 Renames never overwrite: a name already taken gets a UTC timestamp (and a counter) before its
 suffix. The rename is `renameat2(RENAME_NOREPLACE)`, atomic and race-free; on filesystems
 without it, a hard link then unlink (never clobbers; a crash in between leaves the file in both
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .items import display
+from .settings import Settings, require_folders
 
 NAME_MAX_BYTES = 255
 SIDECAR_SUFFIX = ".error.json"
@@ -177,3 +180,38 @@ def write_new(path: Path, text: str, mode: int = 0o640) -> None:
 
 def _iso(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+# -- the folders, checked before the first move ------------------------------------------------
+
+
+def prepare_folders(settings: Settings, create: bool = True) -> list[str]:
+    """Problems with the folders, one sentence each; creates done/ and failed/ when asked.
+
+    Without `create` (the `check` command), a missing done/ or failed/ is judged by its parent,
+    where the daemon would create it.
+    """
+    drop, done, failed = require_folders(settings)
+    if not drop.is_dir():
+        return [f"drop_dir {drop} does not exist or is not a folder (it is never created)"]
+    problems = []
+    drop_dev = drop.stat().st_dev
+    assert settings.state_dir is not None  # derived from drop_dir when not set
+    folders = [("drop_dir", drop), ("done_dir", done), ("failed_dir", failed)]
+    for name, wanted in [*folders, ("state_dir", settings.state_dir)]:
+        if not wanted.exists() and create:
+            try:
+                wanted.mkdir(parents=True)
+            except OSError as exc:
+                problems.append(f"{name} {wanted} cannot be created: {exc.strerror}")
+                continue
+        folder = wanted if wanted.exists() else wanted.parent
+        if not folder.is_dir():
+            problems.append(f"{name} {wanted} does not exist")
+        elif not os.access(folder, os.W_OK | os.X_OK):
+            problems.append(f"{name} {folder} is not writable by this user")
+        elif name != "state_dir" and folder.stat().st_dev != drop_dev:
+            problems.append(
+                f"{name} {wanted} is not on the drop folder's filesystem (files move by rename)"
+            )
+    return problems

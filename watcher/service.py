@@ -9,7 +9,6 @@ systemd restarts it rather than letting it limp on deaf) and shuts down in a fix
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from .health import Counts, Heartbeat, status_line, stuck
 from .items import Spot
 from .logs import REDACT, event
 from .metrics import Metrics
-from .mover import Mover
+from .mover import Mover, prepare_folders
 from .notify import Notifier, SystemdNotifier
 from .operations import Operations
 from .receipts import Journal
@@ -38,38 +37,6 @@ log = logging.getLogger(__name__)
 
 Step = Callable[[threading.Event, Heartbeat], None]
 CHECK_SECONDS = 10.0  # how often the drop folder's identity (and the canary) is checked
-
-
-def prepare_folders(settings: Settings, create: bool = True) -> list[str]:
-    """Problems with the folders, one sentence each; creates done/ and failed/ when asked.
-
-    Without `create` (the `check` command), a missing done/ or failed/ is judged by its parent,
-    where the daemon would create it.
-    """
-    drop, done, failed = require_folders(settings)
-    if not drop.is_dir():
-        return [f"drop_dir {drop} does not exist or is not a folder (it is never created)"]
-    problems = []
-    drop_dev = drop.stat().st_dev
-    assert settings.state_dir is not None  # derived from drop_dir when not set
-    folders = [("drop_dir", drop), ("done_dir", done), ("failed_dir", failed)]
-    for name, wanted in [*folders, ("state_dir", settings.state_dir)]:
-        if not wanted.exists() and create:
-            try:
-                wanted.mkdir(parents=True)
-            except OSError as exc:
-                problems.append(f"{name} {wanted} cannot be created: {exc.strerror}")
-                continue
-        folder = wanted if wanted.exists() else wanted.parent
-        if not folder.is_dir():
-            problems.append(f"{name} {wanted} does not exist")
-        elif not os.access(folder, os.W_OK | os.X_OK):
-            problems.append(f"{name} {folder} is not writable by this user")
-        elif name != "state_dir" and folder.stat().st_dev != drop_dev:
-            problems.append(
-                f"{name} {wanted} is not on the drop folder's filesystem (files move by rename)"
-            )
-    return problems
 
 
 class Service:

@@ -15,9 +15,7 @@ import fnmatch
 import logging
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from watchdog.events import (
@@ -29,10 +27,10 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from . import inotify
 from .items import Spot, display
 from .liveness import CANARY_NAME, Canary, Hung, Identity, StatProbe
 from .logs import event
@@ -43,77 +41,9 @@ log = logging.getLogger(__name__)
 # Created, closed after writing, moved in. Not modified: a write storm would cost an event per
 # write() for nothing, since the stabiliser compares snapshots settle_seconds apart anyway. Not
 # opened or closed-without-writing: those are our own reads. With inotify the kernel does not even
-# queue the rest (see `_inotify_observer`); moves come from the polling observer.
+# queue the rest (see `inotify.observer`); moves come from the polling observer.
 _WANTED = [FileCreatedEvent, FileClosedEvent, FileMovedEvent]
 _ROOT_GONE = [DirDeletedEvent, DirMovedEvent]  # the drop folder itself (inotify's *_SELF events)
-
-
-class _QuietStop(logging.Filter):
-    """watchdog 7 logs an ERROR when its inotify thread is stopped mid-read: a benign race."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "called when the thread is inactive" not in record.getMessage()
-
-
-logging.getLogger("watchdog.observers.inotify").addFilter(_QuietStop())
-# A folder renamed inside the drop folder arrives, without IN_MOVED_FROM, as a new folder that
-# already has a watch; watchdog re-registers it and says so in a RuntimeWarning. Expected here.
-warnings.filterwarnings("ignore", "Callback with id .* already exists", RuntimeWarning, "watchdog")
-
-
-def _inotify_observer() -> BaseObserver:
-    """watchdog's inotify observer, asking the kernel only for what the stabiliser needs.
-
-    watchdog derives the mask from the event filter, and a moved-in file (FileCreatedEvent) brings
-    IN_MOVED_FROM with it. watchdog holds every IN_MOVED_FROM for 0.5 s to pair it with its
-    IN_MOVED_TO, in a FIFO that makes every later event wait behind it, and each of our own moves
-    out of the drop folder is one: the latency benchmark's p95 was settle_seconds + 0.51 s. And
-    for every IN_MOVED_TO it searches that whole FIFO twice for a partner: in a burst of files
-    renamed into the folder, quadratic work: 0.15 ms of CPU per file for 3,000 files. Without
-    IN_MOVED_FROM there is never a partner, so the search is skipped; a rename inside the folder
-    arrives as its new name created, and the old name simply fails its next stat.
-    """
-    try:
-        from watchdog.observers.inotify import (
-            InotifyEmitter,
-            InotifyObserver,
-            InotifyWatchGroup,
-        )
-        from watchdog.observers.inotify_c import InotifyConstants as In
-        from watchdog.observers.inotify_c import Mask
-        from watchdog.observers.inotify_move_event_grouper import (
-            InotifyMoveEventGrouper,
-            PathedInotifyEvent,
-        )
-    except ImportError:  # not Linux: watchdog's default observer for the platform
-        return Observer()
-
-    mask = Mask(In.IN_CREATE | In.IN_MOVED_TO | In.IN_CLOSE_WRITE | In.IN_DELETE_SELF)
-
-    class Unpaired(InotifyMoveEventGrouper):
-        def _group_moved_to_event(self, to_event: PathedInotifyEvent) -> PathedInotifyEvent:
-            return to_event
-
-        def get_queued_moved_from_event(self, cookie: int) -> None:
-            return None
-
-    @dataclass
-    class Group(InotifyWatchGroup):
-        _move_event_grouper: InotifyMoveEventGrouper = field(default_factory=Unpaired, init=False)
-
-    class Emitter(InotifyEmitter):
-        def on_thread_start(self) -> None:  # as watchdog's, with our mask and grouper
-            self._inotify = Group(
-                self._inotify_fd,
-                os.fsencode(self.watch.path),
-                is_recursive=self.watch.is_recursive,
-                event_mask=mask,
-                follow_symlink=self.watch.follow_symlink,
-            )
-
-    observer = InotifyObserver()
-    observer._emitter_class = Emitter  # emitters are made by schedule(), below
-    return observer
 
 
 def is_ignored(name: str, patterns: Iterable[str]) -> bool:
@@ -275,7 +205,7 @@ class Watcher:
 
     def _start_observer(self) -> None:
         observer = (
-            PollingObserver(timeout=self._poll_interval) if self._polling else _inotify_observer()
+            PollingObserver(timeout=self._poll_interval) if self._polling else inotify.observer()
         )
         observer.name = "observer"
         handler = _Handler(
