@@ -96,13 +96,9 @@ class Stabiliser:
     def __len__(self) -> int:
         """Files settling, counting those noticed but not yet looked at."""
         with self._lock:
-            looking = sum(1 for path in self._looking if path not in self._candidates)
-            fresh = sum(
-                1
-                for path in self._noticed
-                if path not in self._candidates and path not in self._looking
-            )
-        return len(self._candidates) + looking + fresh
+            unseen = self._noticed.keys() | self._looking.keys()
+        # Only membership tests on _candidates: the stabiliser's thread changes it without a lock.
+        return len(self._candidates) + sum(1 for path in unseen if path not in self._candidates)
 
     def oldest(self) -> float | None:
         """Monotonic time since which the longest-settling file has been watched."""
