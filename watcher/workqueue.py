@@ -30,10 +30,6 @@ class WorkQueue:
         self._changed = threading.Condition()
         self._closed = False
 
-    def __contains__(self, path: object) -> bool:
-        with self._changed:
-            return path in self._paths
-
     def counts(self) -> tuple[int, int]:
         """(waiting in the queue, taken and not yet released)."""
         with self._changed:
