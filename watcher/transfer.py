@@ -3,9 +3,9 @@
 The file is opened without following links or blocking, checked to be the very version that
 settled, streamed from that descriptor with an exact `Content-Length` (S3 refuses chunked bodies),
 and its descriptor checked again afterwards (the finisher checks the path before the move); if it
-changed, the upload does not count. The PUT goes through
-urllib3's pool directly: requests adds per-request overhead that decides small-file throughput
-(see the README), and the body, headers and URL need nothing requests offers.
+changed, the upload does not count. The PUT goes through urllib3's pool directly: requests adds
+per-request overhead that decides small-file throughput (see the README), and the body, headers
+and URL need nothing requests offers.
 """
 
 from __future__ import annotations
