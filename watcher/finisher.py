@@ -2,9 +2,12 @@
 
 Runs on its own thread so that PUT workers never wait on the disk: it takes whatever outcomes
 are waiting, renames them all, fsyncs each folder it touched once for the whole batch, and only
-then logs `uploaded` / `failed`: a logged file is durably where the line says. A folder that
-refuses the file (read-only, full) is treated like an outage: the file stays in drop/ and is
-tried again after a backoff step.
+then logs `uploaded` / `failed`: a logged file is durably where the line says.
+
+A move that fails (a folder not writable, read-only or full) is not an outage and never sends
+the file again: the outcome is kept and the move tried again after a backoff of its own per
+route (fates.py), the folder reported once (`folder_not_writable`). A file is moved only if it
+is still the version that was uploaded or refused, checked before the rename and after it.
 """
 
 from __future__ import annotations
@@ -19,13 +22,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .faults import Fault, Kind
-from .gate import ServiceGate
+from .fates import (
+    Blocked,
+    FolderTrouble,
+    MoveRetries,
+    Route,
+    blocked,
+    fix_for_error,
+    moved_intact,
+)
 from .health import IDLE_WAKE_SECONDS, Heartbeat
 from .items import Item, Snapshot, Spot, display
 from .logs import event
 from .metrics import Metrics
-from .mover import Mover
+from .mover import Mover, nearest
 from .receipts import Journal, receipt_time
 from .transfer import Sent
 from .workqueue import WorkQueue
@@ -52,19 +62,23 @@ class Finisher:
         self,
         mover: Mover,
         work: WorkQueue,
-        gate: ServiceGate,
+        delay: Callable[[int], float],
         hand_back: Callable[[list[Spot]], None],
         journal: Journal,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`delay`: the wait of each backoff step of a move that failed (the gates' settings)."""
         self._mover = mover
         self._work = work
-        self._gate = gate
         self._hand_back = hand_back
         self._journal = journal
         self._metrics = metrics
         self._clock = clock
+        self._monotonic = monotonic
+        self._retries: MoveRetries[Outcome] = MoveRetries(delay)
+        self.folders = FolderTrouble(monotonic)
         self._outcomes: queue.Queue[Outcome | None] = queue.Queue()
         self._lock = threading.Lock()
         self.uploaded = 0
@@ -82,17 +96,53 @@ class Finisher:
         self._outcomes.put(None)
 
     def run(self, stop: threading.Event, beat: Heartbeat) -> None:
-        """Until `stop` is set and nothing is left to move (the uploader stops first)."""
+        """Until `stop` is set and nothing is left to move (the uploader stops first). Moves still
+        waiting for a folder at a stop stay in drop/: the next start uploads them again."""
         while not (stop.is_set() and self._outcomes.empty()):
             self.step(beat)
 
+    def blocker(self, path: Path) -> Blocked | None:
+        """The folder that would refuse this file's move, said for an operator; None if none."""
+        found = self._mover.blocker(path)
+        return None if found is None else blocked(*found)
+
     def step(self, beat: Heartbeat) -> None:
         beat.idle()
-        try:
-            first = self._outcomes.get(timeout=IDLE_WAKE_SECONDS)
-        except queue.Empty:
-            return
+        batch = self._take(self._retries.next_due())
         beat.busy()
+        retried = self._retries.due(self._monotonic())
+        batch += [outcome for stuck in retried.values() for outcome in stuck.outcomes]
+        placed: list[tuple[Outcome, Path]] = []
+        tried: set[Route] = set()
+        failures: dict[Route, tuple[list[Outcome], OSError]] = {}
+        for outcome in batch:
+            route = (outcome.item.path.parent, outcome.uploaded)
+            if self._retries.holding(route):
+                self._retries.hold(route, outcome)  # its folder is still failing: wait with it
+                continue
+            tried.add(route)
+            result = self._place(outcome)
+            if isinstance(result, OSError):
+                failures.setdefault(route, ([], result))[0].append(outcome)
+            elif result is not None:
+                placed.append((outcome, result))
+        for route in tried:
+            before = retried.get(route)
+            if route in failures:
+                self._move_failed(route, *failures[route], step=before.step + 1 if before else 1)
+            elif before is not None:
+                self.folders.fixed(before.folder)
+        self._record(placed)
+
+    def _take(self, retry_at: float | None) -> list[Outcome]:
+        """The outcomes waiting now, after waiting for one until the next move retry is due."""
+        timeout = IDLE_WAKE_SECONDS
+        if retry_at is not None:
+            timeout = max(0.0, min(timeout, retry_at - self._monotonic()))
+        try:
+            first = self._outcomes.get(timeout=timeout)
+        except queue.Empty:
+            return []
         batch = [first] if first is not None else []
         while len(batch) < BATCH:
             try:
@@ -101,7 +151,12 @@ class Finisher:
                 break
             if more is not None:
                 batch.append(more)
-        placed = [(outcome, final) for outcome in batch if (final := self._place(outcome))]
+        return batch
+
+    def _record(self, placed: list[tuple[Outcome, Path]]) -> None:
+        """Make the moves durable, receipt them, then log them: a logged file is where it says."""
+        if not placed:
+            return
         folders = {path.parent for _, path in placed} | {o.item.path.parent for o, _ in placed}
         try:
             self._mover.sync(folders)
@@ -121,33 +176,93 @@ class Finisher:
         for outcome, final in placed:
             self._report(outcome, final, now)
 
-    def _place(self, outcome: Outcome) -> Path | None:
+    def _place(self, outcome: Outcome) -> Path | OSError | None:
+        """Move one file if it is still the version that was uploaded (or refused); the error of
+        a move that failed; None when the file is gone or changed (handed back to go again)."""
         item = outcome.item
         try:
-            if not outcome.uploaded:
-                sidecar = {
-                    "file": item.spot.rel,
-                    "reason": outcome.reason,
-                    "status": outcome.status,
-                    "attempts": item.puts,
-                }
-                return self._mover.to_failed(item.path, sidecar)
             if Snapshot.of(os.lstat(item.path)) != item.snapshot:
-                self._work.release(item.path)  # changed after its PUT: send it again
-                event(log, "changed", file=item.spot.rel, reason="the file changed after upload")
-                self._hand_back([item.spot])
+                self._again(item, "the file changed before it could be moved")
                 return None
-            return self._mover.to_done(item.path)
+            if outcome.uploaded:
+                final = self._mover.to_done(item.path)
+            else:
+                final = self._mover.to_failed(item.path, self._sidecar(outcome))
         except FileNotFoundError:
             self._work.release(item.path)
             event(log, "vanished", file=item.spot.rel, reason="removed before it could be moved")
+            return None
         except OSError as exc:
-            where = "done" if outcome.uploaded else "failed"
-            reason = f"cannot move a file into {where}/: {exc.strerror}"
-            self._metrics.retried("move", "disk")
-            self._gate.trouble(Fault(Kind.SERVICE, reason, where="move"))
-            self._work.put_back(item)
-        return None
+            return exc
+        return final if self._intact(item, final) else None
+
+    def _intact(self, item: Item, final: Path) -> bool:
+        """The file was replaced between the lstat and the rename (the one race a rename by name
+        leaves open): what was moved goes back under its name in drop/, and is sent as the new
+        version it is. If its name is taken by then, it stays where it is and is said at ERROR."""
+        try:
+            if moved_intact(os.lstat(final), item.snapshot):
+                return True
+            self._mover.undo(final, item.path)
+        except OSError as exc:
+            event(
+                log,
+                "not_uploaded",
+                level=logging.ERROR,
+                file=item.spot.rel,
+                moved_to=self._mover.relative(final),
+                reason=f"replaced while it was being moved, and cannot go back ({exc.strerror}):"
+                " drop it again to upload it",
+            )
+            self._work.release(item.path)
+            return False
+        self._again(item, "the file was replaced while it was being moved")
+        return False
+
+    def _again(self, item: Item, reason: str) -> None:
+        self._work.release(item.path)
+        event(log, "changed", file=item.spot.rel, reason=reason)
+        self._hand_back([item.spot])
+
+    def _sidecar(self, outcome: Outcome) -> dict[str, Any]:
+        item = outcome.item
+        return {
+            "file": item.spot.rel,
+            "reason": outcome.reason,
+            "status": outcome.status,
+            "attempts": item.puts,
+        }
+
+    def _move_failed(self, route: Route, outcomes: list[Outcome], exc: OSError, step: int) -> None:
+        """The moves of this route wait a growing backoff, their outcomes kept: never a new PUT."""
+        uploaded = route[1]
+        problem = self._blame(outcomes[0].item.path, uploaded, exc)
+        self.folders.report(problem)
+        delay = self._retries.stuck(route, outcomes, problem.folder, step, self._monotonic())
+        self._metrics.retried("move", "disk")
+        event(
+            log,
+            "retrying",
+            level=logging.WARNING,
+            what="move",
+            folder=problem.folder,
+            files=len(outcomes),
+            attempt=step,
+            seconds=round(delay, 2),
+            reason=f"cannot move a file into {'done' if uploaded else 'failed'}/: {exc.strerror}",
+        )
+
+    def _blame(self, path: Path, uploaded: bool, exc: OSError) -> Blocked:
+        """The folder that refused a move: by its permissions, else the destination."""
+        problem = self.blocker(path)
+        if problem is not None:
+            return problem
+        destination = self._mover.destinations(path)[0 if uploaded else 1]
+        try:
+            destination, st = nearest(destination)
+        except OSError:
+            st = None
+        return blocked(destination, st, exc.strerror or str(exc), fix_for_error(exc.errno))
 
     def _receipt(self, outcome: Outcome, final: Path, now: float) -> dict[str, Any]:
         item, sent = outcome.item, outcome.sent

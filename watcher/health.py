@@ -60,15 +60,26 @@ class Counts:
     failed: int
     retrying_since: float | None = None  # epoch seconds
     last_error: str | None = None
+    failing: str | None = None  # which thing: "the API" or "the storage"
+    folders: tuple[str, ...] = ()  # folders that refuse moves, each with what to do
+
+
+FOLDERS_SHOWN = 2  # a status line is one line: the rest are in the log and the status file
 
 
 def status_line(counts: Counts) -> str:
-    """What `systemctl status` shows: the numbers, and the outage if there is one."""
+    """What `systemctl status` shows: the numbers, the outage if there is one, and the folders
+    that hold files back (a folder problem is not an outage, and never says so)."""
     line = (
         f"{counts.waiting} waiting, {counts.uploading} uploading, "
         f"{counts.uploaded} uploaded, {counts.failed} failed"
     )
     if counts.retrying_since is not None:
         since = time.strftime("%H:%M:%S", time.localtime(counts.retrying_since))
-        line += f"; service unavailable since {since}, retrying: {counts.last_error}"
+        which = f" ({counts.failing})" if counts.failing else ""
+        line += f"; service unavailable since {since}{which}, retrying: {counts.last_error}"
+    for text in counts.folders[:FOLDERS_SHOWN]:
+        line += f"; files wait: {text}"
+    if len(counts.folders) > FOLDERS_SHOWN:
+        line += f"; and {len(counts.folders) - FOLDERS_SHOWN} more folder(s) not writable"
     return line

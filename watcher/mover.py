@@ -15,8 +15,9 @@ import ctypes
 import errno
 import json
 import os
+import stat
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,36 @@ class Mover:
             final.parent.mkdir(parents=True, exist_ok=True)  # someone removed done/ or failed/
             rename_noreplace(path, final)
 
+    def destinations(self, path: Path) -> tuple[Path, Path]:
+        """The folders this file would go to in done/ and in failed/ (its type subfolder kept)."""
+        sub = path.parent.relative_to(self._drop)
+        return self._done / sub, self._failed / sub
+
+    def blocker(self, path: Path) -> tuple[Path, os.stat_result, str] | None:
+        """The first folder that would refuse this file's move, by its permissions, and why: its
+        own folder, then where it would go in done/ and in failed/ (or the nearest existing
+        parent, where the subfolder would be made). None when the move should work; a folder
+        that cannot be looked at is left to the move itself to report."""
+        uid, gids = os.geteuid(), {os.getegid(), *os.getgroups()}
+        done, failed = self.destinations(path)
+        for wanted, entry in ((path.parent, path), (done, None), (failed, None)):
+            try:
+                folder, st = nearest(wanted)
+                sticky = entry is not None and st.st_mode & stat.S_ISVTX
+                owner = os.lstat(entry) if entry is not None and sticky else None
+                reason = unmovable(st, owner, uid, gids)
+            except OSError:
+                continue
+            if reason is not None:
+                return folder, st, reason
+        return None
+
+    def undo(self, final: Path, path: Path) -> None:
+        """Take a moved file back to its name in the drop folder (and drop its sidecar, if any):
+        what was moved was not the version that was uploaded or refused."""
+        rename_noreplace(final, path)
+        final.with_name(final.name + SIDECAR_SUFFIX).unlink(missing_ok=True)
+
     def sync(self, folders: Iterable[Path]) -> None:
         """Make the renames into and out of these folders durable (one fsync per folder). A
         folder removed meanwhile (an operator's `rm -r drop/`) has nothing left to sync."""
@@ -163,6 +194,45 @@ class Mover:
                 raise
             return final
         raise FileExistsError(errno.EEXIST, "no free name left", str(folder / path.name))
+
+
+def unmovable(
+    folder: os.stat_result, entry: os.stat_result | None, uid: int, gids: Collection[int]
+) -> str | None:
+    """Why this user cannot rename a file out of (or into) a folder with this status, or None.
+
+    Linux's rules (path_resolution(7), rename(2)): write and search permission on the folder,
+    from the one class that applies (owner, else group, else others; a class that applies is
+    never topped up by the next); with the sticky bit, also own the file (`entry`) or the folder.
+    The file's own mode does not matter. root passes. ACLs, read-only mounts and security
+    modules are not seen here: the move itself reports what they refuse.
+    """
+    if uid == 0:
+        return None
+    mode = folder.st_mode
+    if uid == folder.st_uid:
+        bits, who = mode >> 6, "its owner"
+    elif folder.st_gid in gids:
+        bits, who = mode >> 3, "its group"
+    else:
+        bits, who = mode, "others"
+    missing = [name for bit, name in ((2, "write"), (1, "search")) if not bits & bit]
+    if missing:
+        return f"no {' and '.join(missing)} permission for {who}"
+    if mode & stat.S_ISVTX and entry is not None and uid not in (entry.st_uid, folder.st_uid):
+        return "the sticky bit: only the file's owner or the folder's owner may move the file"
+    return None
+
+
+def nearest(folder: Path) -> tuple[Path, os.stat_result]:
+    """The folder, or its nearest existing parent (where it would be created), with its status."""
+    while True:
+        try:
+            return folder, os.stat(folder)
+        except FileNotFoundError:
+            if folder.parent == folder:
+                raise
+            folder = folder.parent
 
 
 def write_new(path: Path, text: str, mode: int = 0o640) -> None:

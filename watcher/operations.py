@@ -14,7 +14,7 @@ from typing import Any
 
 from . import __version__, statusfile
 from .finisher import Finisher
-from .gate import ServiceGate
+from .gate import Gates
 from .health import Counts
 from .logs import event
 from .metrics import Metrics
@@ -41,7 +41,7 @@ class Operations:
         stabiliser: Stabiliser,
         uploader: Uploader,
         finisher: Finisher,
-        gate: ServiceGate,
+        gates: Gates,
         watcher: Watcher,
         journal: Journal,
         metrics: Metrics,
@@ -52,7 +52,7 @@ class Operations:
         self._stabiliser = stabiliser
         self._uploader = uploader
         self._finisher = finisher
-        self._gate = gate
+        self._gates = gates
         self._watcher = watcher
         self._journal = journal
         self._metrics = metrics
@@ -73,7 +73,7 @@ class Operations:
                 ),
                 "service_retrying": (
                     "1 while the API or storage is failing and the daemon backs off",
-                    lambda: float(gate.failing_since is not None),
+                    lambda: float(gates.outage() is not None),
                 ),
                 "watch_deaf": (
                     "1 while the drop folder cannot be watched",
@@ -96,13 +96,16 @@ class Operations:
     def counts(self) -> Counts:
         settling, (queued, taken) = len(self._stabiliser), self._work.counts()
         uploading = self._uploader.sending
-        return Counts(  # taken: holding a signed URL, being sent, or being moved
+        outage = self._gates.outage()
+        return Counts(  # taken: holding a signed URL, being sent, being moved, or held back
             waiting=settling + queued + max(0, taken - uploading),
             uploading=uploading,
             uploaded=self._finisher.uploaded,
             failed=self._finisher.failed,
-            retrying_since=self._gate.failing_since_epoch(),
-            last_error=self._gate.last_error,
+            retrying_since=outage.failing_since_epoch() if outage else None,
+            last_error=outage.last_error if outage else None,
+            failing=outage.label if outage else None,
+            folders=tuple(self._finisher.folders.texts()),
         )
 
     def write_status(self, state: str) -> None:
@@ -123,6 +126,8 @@ class Operations:
             "failed": counts.failed,
             "last_error": counts.last_error,
             "retrying_since": statusfile.iso(counts.retrying_since),
+            "failing": counts.failing,
+            "folders": list(counts.folders),
             "last_upload": statusfile.iso(self._finisher.last_upload),
             "watch": self._watcher.deaf_reason or "ok",
         }

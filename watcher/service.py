@@ -17,7 +17,7 @@ from functools import partial
 from . import __version__, logs
 from .api import ApiClient
 from .finisher import Finisher
-from .gate import ServiceGate
+from .gate import Gates
 from .health import Counts, Heartbeat, status_line, stuck
 from .items import Spot
 from .logs import REDACT, event
@@ -73,14 +73,14 @@ class Service:
         )
         self.work = WorkQueue(clock, self._noticed)
         self.stabiliser = Stabiliser(settings.settle_seconds, self.work, clock)
-        self.gate = ServiceGate(
+        self.gates = Gates(
             settings.retry_initial_seconds, settings.retry_max_seconds, clock, self.metrics
         )
         self.api = ApiClient(settings)
         self.finisher = Finisher(
             Mover(drop, done, failed, time.time),
             self.work,
-            self.gate,
+            self.gates.delay,
             self._noticed,
             self.journal,
             self.metrics,
@@ -91,7 +91,7 @@ class Service:
             Transfer(settings.request_timeout_seconds, MAX_CONCURRENCY, settings.content_type),
             self.finisher,
             self.work,
-            self.gate,
+            self.gates,
             self._noticed,
             self.metrics,
         )
@@ -110,7 +110,7 @@ class Service:
             self.stabiliser,
             self.uploader,
             self.finisher,
-            self.gate,
+            self.gates,
             self.watcher,
             self.journal,
             self.metrics,
@@ -267,8 +267,8 @@ class Service:
         self.uploader.reconfigure(new)
         self.stabiliser.settle_seconds = new.settle_seconds
         self.operations.settings = new
-        self.gate.initial_seconds = new.retry_initial_seconds
-        self.gate.max_seconds = new.retry_max_seconds
+        self.gates.initial_seconds = new.retry_initial_seconds
+        self.gates.max_seconds = new.retry_max_seconds
         logs.set_level(new.log_level)
         self._spawn_workers()
         event(log, "reloaded", applied=applied or None, restart_needed=restart or None)

@@ -4,8 +4,13 @@ One dispatcher thread takes up to `batch_size` queued files of one type, asks th
 URLs and hands each (file, URL) to a ready queue; `upload_concurrency` worker threads PUT from
 it. The ready queue holds one batch: the next batch's URLs are asked for while the workers still
 send the current one, instead of every worker waiting out each API call, and never for a whole
-backlog. Every failure arrives as a `Fault` and is settled in `_settle`, the one place that
-decides what happens to the file.
+backlog. Every failure arrives as a `Fault`; `fates.after_fault` decides what happens to the
+file and `_settle` does it.
+
+Before a file's URL is asked for, the dispatcher checks that the file could be moved afterwards
+(its folder's permissions, and done/'s and failed/'s): a file that could not is never sent. It
+waits, held per folder, and the folder is looked at again every FOLDER_RECHECK_SECONDS (one stat),
+so its files go as soon as it is fixed.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from .api import ApiClient, SignedUrl
+from .fates import Blocked, Next, after_fault
 from .faults import Fault, Kind, backoff_seconds
 from .finisher import Finisher
-from .gate import ServiceGate
+from .gate import Gates
 from .health import IDLE_WAKE_SECONDS, Heartbeat
 from .items import Item, Spot
 from .logs import event
@@ -35,7 +41,7 @@ from .workqueue import WorkQueue
 log = logging.getLogger(__name__)
 
 URL_MARGIN_SECONDS = 5.0  # ask again when a URL has less left than this (S3 checks at the start)
-EXPIRED_IN_A_ROW = 3  # URLs that arrive already expired point at a clock problem: back off
+FOLDER_RECHECK_SECONDS = 1.0  # a folder that holds files back is looked at this often (a stat)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +84,7 @@ class Uploader:
         transfer: Transfer,
         finish: Finisher,
         work: WorkQueue,
-        gate: ServiceGate,
+        gates: Gates,
         hand_back: Callable[[list[Spot]], None],
         metrics: Metrics,
     ) -> None:
@@ -87,7 +93,7 @@ class Uploader:
         self._transfer = transfer
         self._finish = finish
         self._work = work
-        self._gate = gate
+        self._gates = gates
         self._hand_back = hand_back
         self._metrics = metrics
         depth = max(settings.batch_size, settings.upload_concurrency)
@@ -95,23 +101,49 @@ class Uploader:
         self._lock = threading.Lock()
         self.sending = 0
         self.progress: dict[str, tuple[int, int]] = {}  # file -> (bytes sent, bytes), for status
+        self._held: dict[str, list[Item]] = {}  # folder -> files it would not let move
+        self._recheck_at = 0.0
 
     # -- the dispatcher thread -------------------------------------------------------------
 
     def dispatch_step(self, stop: threading.Event, beat: Heartbeat) -> None:
         beat.idle()
-        batch = self._work.take_batch(self._settings.batch_size, timeout=IDLE_WAKE_SECONDS)
+        self._recheck()
+        wake = FOLDER_RECHECK_SECONDS if self._held else IDLE_WAKE_SECONDS
+        batch = self._work.take_batch(self._settings.batch_size, timeout=wake)
         beat.busy()
         sendable = []
         for item in batch:
             reason = refusal(item, self._settings.max_file_size)
-            if reason is None:
-                sendable.append(item)
-            else:
+            if reason is not None:
                 self._finish.fail(item, reason, None)
+            elif (problem := self._finish.blocker(item.path)) is not None:
+                self._hold(item, problem)
+            else:
+                sendable.append(item)
         beat.idle()
-        if sendable and self._gate.wait(stop):
+        if sendable and self._gates.api.wait(stop):
             self._request(sendable, stop, beat)
+
+    def _hold(self, item: Item, problem: Blocked) -> None:
+        """Keep a file that could not be moved after its upload: it waits for its folder."""
+        self._finish.folders.report(problem)
+        self._held.setdefault(problem.folder, []).append(item)
+
+    def _recheck(self) -> None:
+        """Every FOLDER_RECHECK_SECONDS, one look per folder that holds files back: once it would
+        let its first file move, all its files are queued again (and each is checked again)."""
+        now = time.monotonic()
+        if not self._held or now < self._recheck_at:
+            return
+        self._recheck_at = now + FOLDER_RECHECK_SECONDS
+        for folder, items in list(self._held.items()):
+            problem = self._finish.blocker(items[0].path)
+            if problem is None or problem.folder != folder:
+                del self._held[folder]
+                self._finish.folders.fixed(folder)
+                for item in items:
+                    self._work.put_back(item)
 
     def _request(self, items: list[Item], stop: threading.Event, beat: Heartbeat) -> None:
         beat.busy()  # an API call: it must answer within the watchdog period
@@ -126,7 +158,7 @@ class Uploader:
             for item in items:
                 self._settle(item, fault)
             return
-        self._gate.fine()
+        self._gates.api.fine()
         received = time.time()
         beat.idle()  # handing over waits for a free worker, by design
         for item in items:
@@ -175,7 +207,7 @@ class Uploader:
         if url_is_stale(ticket.url, ticket.received_at, time.time()):
             self._work.put_back(item)  # a fresh URL, no attempt used
             return
-        if not self._gate.wait(stop):
+        if not self._gates.storage.wait(stop):
             return  # stopping: the file stays in the drop folder
         beat.busy()
         item = item.sending()
@@ -201,7 +233,7 @@ class Uploader:
             event(log, "changed", file=item.spot.rel, reason=str(exc))
             self._hand_back([item.spot])
         else:
-            self._gate.fine()
+            self._gates.storage.fine()
             self._finish.done(item, sent, urlsplit(ticket.url.url).path)
         finally:
             with self._lock:
@@ -211,20 +243,18 @@ class Uploader:
     # -- outcomes --------------------------------------------------------------------------
 
     def _settle(self, item: Item, fault: Fault) -> None:
-        """The one place that decides a file's fate after a fault."""
-        if fault.kind is Kind.SERVICE:
-            self._gate.trouble(fault)
+        """Do what `after_fault` decides for the file."""
+        step = after_fault(fault.kind, item, self._settings.max_attempts)
+        if step is Next.BACK_OFF:
+            self._gates.trouble(fault)
             self._work.put_back(item)
-        elif fault.kind is Kind.EXPIRED:
-            item = item.expired_again()
-            if item.expired >= EXPIRED_IN_A_ROW:
-                self._gate.trouble(
-                    Fault(
-                        Kind.SERVICE, "signed URLs keep arriving expired: check this host's clock"
-                    )
-                )
-            self._work.put_back(item)
-        elif fault.kind is Kind.FILE and item.attempts + 1 < self._settings.max_attempts:
+        elif step is Next.FRESH_URL:
+            self._work.put_back(item.expired_again())
+        elif step is Next.CHECK_CLOCK:
+            clock = "signed URLs keep arriving expired: check this host's clock"
+            self._gates.storage.trouble(Fault(Kind.SERVICE, clock, where="put"))
+            self._work.put_back(item.expired_again())
+        elif step is Next.RETRY:
             self._metrics.retried(fault.where or "urls", fault.family)
             item = item.retried()
             s = self._settings
@@ -241,7 +271,7 @@ class Uploader:
                 reason=fault.reason,
             )
             self._work.put_back(item, time.monotonic() + wait)
-        else:  # FINAL, REFUSED (a single name), or FILE with no attempts left
+        else:
             self._finish.fail(
                 item.retried() if fault.kind is Kind.FILE else item, fault.reason, fault.status
             )

@@ -1,0 +1,233 @@
+"""A file's fate: what happens next after each thing that can go wrong, decided in one place.
+
+The rules (docs/reliability.md, "A file's fate"):
+- A fault of the API or the storage never costs the file an attempt: the gate of the thing that
+  failed backs off (gate.py) and the file waits in the queue.
+- A file is uploaded only if it can then be moved: a folder that would refuse the move holds its
+  files, unsent, until it is fixed, and is reported once (`folder_not_writable`), not per file.
+- A move that fails after the upload keeps the file's outcome and is tried again as a move, with
+  a backoff of its own per route (source folder, done/ or failed/): the file is never PUT again
+  for it (only a restart may do that: at-least-once).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import grp
+import logging
+import os
+import pwd
+import stat
+import threading
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from .faults import Kind
+from .items import Item, Snapshot
+from .logs import event
+
+log = logging.getLogger(__name__)
+
+EXPIRED_IN_A_ROW = 3  # URLs that arrive already expired point at a clock problem: back off
+
+
+class Next(enum.Enum):
+    """What happens to a file after a fault."""
+
+    BACK_OFF = "back off"  # the API's or storage's gate takes a step; the file waits, no attempt
+    FRESH_URL = "fresh url"  # its signed URL expired: ask for a new one, no attempt
+    CHECK_CLOCK = "check clock"  # URLs keep arriving expired: the storage's gate backs off
+    RETRY = "retry"  # the file itself was refused: again after a backoff, one attempt used
+    FAIL = "fail"  # to failed/ with the reason
+
+
+def after_fault(kind: Kind, item: Item, max_attempts: int) -> Next:
+    """The file's next step after a classified fault (the uploader acts on it)."""
+    if kind is Kind.SERVICE:
+        return Next.BACK_OFF
+    if kind is Kind.EXPIRED:
+        return Next.CHECK_CLOCK if item.expired + 1 >= EXPIRED_IN_A_ROW else Next.FRESH_URL
+    if kind is Kind.FILE and item.attempts + 1 < max_attempts:
+        return Next.RETRY
+    return Next.FAIL  # FINAL, REFUSED (a single name), or FILE with no attempts left
+
+
+def moved_intact(moved: os.stat_result, uploaded: Snapshot) -> bool:
+    """Is the file now in done/ (or failed/) the version that was uploaded (or refused)?
+
+    The rename itself changes the ctime, so the identity, size and mtime decide.
+    """
+    return (moved.st_dev, moved.st_ino, moved.st_size, moved.st_mtime_ns) == (
+        uploaded.dev,
+        uploaded.ino,
+        uploaded.size,
+        uploaded.mtime_ns,
+    )
+
+
+# -- folders that refuse moves ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Blocked:
+    """A folder that refuses moves, said so an operator can act on it."""
+
+    folder: str
+    user: str  # the daemon's
+    owner: str  # user:group of the folder
+    mode: str  # as ls shows it
+    reason: str
+    fix: str
+
+    def text(self) -> str:
+        return (
+            f"{self.folder} is not writable by {self.user} "
+            f"({self.mode} {self.owner}: {self.reason}); fix: {self.fix}"
+        )
+
+
+def fix_for(folder: str, st: os.stat_result, uid: int, gids: Collection[int], reason: str) -> str:
+    """What to do about a folder that refuses moves: one command where there is one."""
+    if reason.startswith("the sticky bit"):
+        return f"chmod -t {folder}"
+    if uid == st.st_uid:
+        return f"chmod u+wx {folder}"
+    if st.st_gid in gids:
+        return f"chmod g+wx {folder} (producers: umask 0007 keeps new folders group-writable)"
+    return f"chgrp to a group of this user, then chmod g+wx {folder}"
+
+
+def fix_for_error(number: int | None) -> str:
+    """What to do about a move refused for a reason the folder's mode does not show."""
+    if number in (errno.ENOSPC, errno.EDQUOT):
+        return "free space (or quota) on its filesystem"
+    if number == errno.EROFS:
+        return "mount it read-write"
+    if number in (errno.EACCES, errno.EPERM):
+        return "check its ACLs and security labels (getfacl, ls -Z) and attributes (lsattr)"
+    return "see the reason"
+
+
+def blocked(
+    folder: Path, st: os.stat_result | None, reason: str, fix: str | None = None
+) -> Blocked:
+    """Name the daemon's user and the folder's owner (numbers when they have no name); `st` is
+    None for a folder that could not be looked at."""
+    uid, gids = os.geteuid(), {os.getegid(), *os.getgroups()}
+    if st is None:
+        return Blocked(str(folder), f"{_user(uid)} (uid {uid})", "?", "?", reason, fix or "")
+    return Blocked(
+        str(folder),
+        f"{_user(uid)} (uid {uid})",
+        f"{_user(st.st_uid)}:{_group(st.st_gid)}",
+        stat.filemode(st.st_mode),
+        reason,
+        fix or fix_for(str(folder), st, uid, gids, reason),
+    )
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+class FolderTrouble:
+    """Folders that refuse moves now. Each is logged once per episode (at ERROR, with what to do),
+    and once more when it works again; the status line lists them. Thread-safe."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._open: dict[str, tuple[Blocked, float]] = {}
+
+    def report(self, problem: Blocked) -> None:
+        with self._lock:
+            if problem.folder in self._open:
+                return
+            self._open[problem.folder] = (problem, self._clock())
+        event(
+            log,
+            "folder_not_writable",
+            problem.text(),
+            level=logging.ERROR,
+            folder=problem.folder,
+            user=problem.user,
+            owner=problem.owner,
+            mode=problem.mode,
+            reason=problem.reason,
+            fix=problem.fix,
+        )
+
+    def fixed(self, folder: str) -> None:
+        with self._lock:
+            ended = self._open.pop(folder, None)
+        if ended is not None:
+            event(log, "folder_writable", folder=folder, seconds=round(self._clock() - ended[1], 2))
+
+    def texts(self) -> list[str]:
+        with self._lock:
+            return [problem.text() for problem, _ in self._open.values()]
+
+
+# -- moves tried again -----------------------------------------------------------------------
+
+Route = tuple[Path, bool]  # (the file's folder in drop/, uploaded: to done/ rather than failed/)
+T = TypeVar("T")
+
+
+@dataclass
+class Stuck(Generic[T]):
+    """A route whose last move failed: its outcomes wait for the next try."""
+
+    step: int
+    due: float
+    folder: str  # as reported to FolderTrouble
+    outcomes: list[T] = field(default_factory=list)
+
+
+class MoveRetries(Generic[T]):
+    """Outcomes whose move failed, per route, each route with its own growing backoff. The
+    finisher's thread only. An outcome for a route that is stuck joins it untried, so the step
+    grows once per try of the route, not once per file."""
+
+    def __init__(self, delay: Callable[[int], float]) -> None:
+        self._delay = delay
+        self._stuck: dict[Route, Stuck[T]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(s.outcomes) for s in self._stuck.values())
+
+    def holding(self, route: Route) -> bool:
+        return route in self._stuck
+
+    def hold(self, route: Route, outcome: T) -> None:
+        self._stuck[route].outcomes.append(outcome)
+
+    def stuck(self, route: Route, outcomes: list[T], folder: str, step: int, now: float) -> float:
+        """The route failed its `step`th try: its outcomes wait a backoff; returns the wait."""
+        delay = self._delay(step)
+        self._stuck[route] = Stuck(step, now + delay, folder, list(outcomes))
+        return delay
+
+    def due(self, now: float) -> dict[Route, Stuck[T]]:
+        """The routes whose wait is over, taken out to be tried again."""
+        ready = {route: s for route, s in self._stuck.items() if s.due <= now}
+        for route in ready:
+            del self._stuck[route]
+        return ready
+
+    def next_due(self) -> float | None:
+        return min((s.due for s in self._stuck.values()), default=None)
