@@ -102,7 +102,8 @@ def test_a_long_outage_keeps_memory_and_log_volume_flat(sandbox, folders):
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root + setpriv")
 def test_a_done_folder_that_refuses_files_keeps_them_in_drop(sandbox):
-    """As `nobody`, so that permissions apply (root writes anywhere)."""
+    """As `nobody`, so that permissions apply (root writes anywhere). A file that could not be
+    moved once uploaded is not uploaded at all (issue 10): it waits, unsent, for done/."""
     import pwd
     import tempfile
 
@@ -134,18 +135,20 @@ def test_a_done_folder_that_refuses_files_keeps_them_in_drop(sandbox):
             wait_for(lambda: " ready " in child.stderr)
             folders.done.chmod(0o555)  # done/ stops taking files: read-only for its owner
             write(folders.drop / "a.csv", b"kept").chmod(0o644)
-            wait_for(lambda: sandbox.count("put", 200) >= 3, timeout=20)  # sent, cannot move
+            wait_for(lambda: " folder_not_writable " in child.stderr, timeout=20)
             assert (folders.drop / "a.csv").read_bytes() == b"kept"
             assert list(folders.done.iterdir()) == []
+            assert sandbox.count("put") == 0  # not sent: it could not have been moved
             folders.done.chmod(0o755)
             wait_for(lambda: (folders.done / "a.csv").exists(), timeout=20)
             child.send_signal(signal.SIGTERM)
             assert child.wait(15) == 0
         finally:
             child.close()
-        retrying = [line for line in child.lines if " retrying " in line]
-        assert retrying and all("Permission denied" in line for line in retrying)
-        assert len(retrying) <= sandbox.count("put", 200)  # one line per backoff step
+        [problem] = [line for line in child.lines if " folder_not_writable " in line]
+        assert f"folder={folders.done} " in problem and "no write permission" in problem
+        assert sandbox.count("put") == sandbox.count("put", 200) == 1  # sent once, when movable
+        assert not [line for line in child.lines if " retrying " in line]  # not an outage
         assert (folders.done / "a.csv").read_bytes() == b"kept"
     finally:
         shutil.rmtree(base)

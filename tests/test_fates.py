@@ -1,0 +1,277 @@
+"""A file's fate, decided by pure functions (tables) and carried out by the finisher on real
+files: which gate backs off, when a folder refuses a move, what a failed move does next, and a
+file replaced while it is being moved."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Captured
+from tests.test_pipeline import write
+from watcher.fates import (
+    MoveRetries,
+    Next,
+    Stuck,
+    after_fault,
+    fix_for,
+    moved_intact,
+)
+from watcher.faults import Fault, Kind
+from watcher.finisher import Finisher
+from watcher.gate import Gates, gate_for
+from watcher.health import Counts, Heartbeat, status_line
+from watcher.items import Item, Snapshot, Spot
+from watcher.metrics import Metrics
+from watcher.mover import Mover, unmovable
+from watcher.receipts import Journal
+from watcher.settings import Settings
+from watcher.transfer import Sent
+from watcher.workqueue import WorkQueue
+
+ME, OTHER, GROUP, ELSE = 1000, 2000, 500, 600
+
+
+def st(
+    mode: int, uid: int = OTHER, gid: int = GROUP, ino: int = 1, size: int = 0
+) -> os.stat_result:
+    """A status as os.stat returns it: (mode, ino, dev, nlink, uid, gid, size, times...)."""
+    return os.stat_result((mode, ino, 1, 1, uid, gid, size, 0, 7, 9))
+
+
+FOLDER = stat.S_IFDIR
+NO_WRITE_GROUP = "no write permission for its group"
+STICKY = "the sticky bit: only the file's owner or the folder's owner may move the file"
+
+
+@pytest.mark.parametrize(
+    ("folder", "entry", "uid", "gids", "expected"),
+    [
+        (st(FOLDER | 0o700, ME), None, ME, {GROUP}, None),  # the daemon's own folder
+        (st(FOLDER | 0o500, ME), None, ME, {GROUP}, "no write permission for its owner"),
+        (st(FOLDER | 0o2770), None, ME, {GROUP}, None),  # the drop folder: 2770, the drop group
+        (st(FOLDER | 0o2750), None, ME, {GROUP}, NO_WRITE_GROUP),  # a producer's umask 0027
+        (st(FOLDER | 0o2760), None, ME, {GROUP}, "no search permission for its group"),
+        (st(FOLDER | 0o2730), None, ME, {GROUP}, None),  # write + search is enough
+        (st(FOLDER | 0o2770), None, ME, {ELSE}, "no write and search permission for others"),
+        (st(FOLDER | 0o777), None, ME, {ELSE}, None),
+        (st(FOLDER | 0o070, ME), None, ME, {GROUP}, "no write and search permission for its owner"),
+        (st(FOLDER | 0o700), None, 0, set(), None),  # root moves anything
+        (st(FOLDER | 0o1777), st(0o644, OTHER), ME, {GROUP}, STICKY),  # /tmp-like
+        (st(FOLDER | 0o1777), st(0o644, ME), ME, {GROUP}, None),  # its own file
+        (st(FOLDER | 0o1777, ME), st(0o644, OTHER), ME, {GROUP}, None),  # its own folder
+        (st(FOLDER | 0o1770), None, ME, {GROUP}, None),  # sticky destination: a new name
+        (st(FOLDER | 0o1750), st(0o644, ME), ME, {GROUP}, NO_WRITE_GROUP),
+    ],
+)
+def test_who_may_move_a_file_out_of_a_folder(folder, entry, uid, gids, expected):
+    assert unmovable(folder, entry, uid, gids) == expected
+
+
+@pytest.mark.parametrize(
+    ("folder", "reason", "fix"),
+    [
+        (st(FOLDER | 0o500, ME), "no write permission for its owner", "chmod u+wx /d"),
+        (st(FOLDER | 0o2750), NO_WRITE_GROUP, "chmod g+wx /d"),
+        (st(FOLDER | 0o2770, gid=ELSE), "no write permission for others", "chgrp"),
+        (st(FOLDER | 0o1777), STICKY, "chmod -t /d"),
+    ],
+)
+def test_what_to_do_about_a_folder_says_the_command(folder, reason, fix):
+    assert fix_for("/d", folder, ME, {GROUP}, reason).startswith(fix)
+
+
+ITEM = Item(Spot(Path("/d/a.csv"), "a.csv", "a.csv", None), Snapshot(1, 2, 3, 4, 5))
+
+
+@pytest.mark.parametrize(
+    ("kind", "attempts", "expired", "max_attempts", "expected"),
+    [
+        (Kind.SERVICE, 0, 0, 1, Next.BACK_OFF),  # never costs an attempt
+        (Kind.SERVICE, 4, 0, 5, Next.BACK_OFF),
+        (Kind.EXPIRED, 0, 0, 1, Next.FRESH_URL),
+        (Kind.EXPIRED, 0, 1, 1, Next.FRESH_URL),
+        (Kind.EXPIRED, 0, 2, 1, Next.CHECK_CLOCK),  # the third in a row: the clock
+        (Kind.FILE, 0, 0, 5, Next.RETRY),
+        (Kind.FILE, 3, 0, 5, Next.RETRY),
+        (Kind.FILE, 4, 0, 5, Next.FAIL),  # the last attempt
+        (Kind.FILE, 0, 0, 1, Next.FAIL),
+        (Kind.FINAL, 0, 0, 5, Next.FAIL),
+        (Kind.REFUSED, 0, 0, 5, Next.FAIL),
+    ],
+)
+def test_a_files_next_step_after_a_fault(kind, attempts, expired, max_attempts, expected):
+    item = Item(ITEM.spot, ITEM.snapshot, attempts=attempts, expired=expired)
+    assert after_fault(kind, item, max_attempts) is expected
+
+
+@pytest.mark.parametrize(
+    ("where", "gate"), [("put", "storage"), ("urls", "api"), ("token", "api"), ("", "api")]
+)
+def test_a_service_fault_belongs_to_the_thing_that_failed(where, gate):
+    assert gate_for(where) == gate
+
+
+def test_storage_backoff_grows_while_the_api_answers_and_only_a_good_put_ends_it():
+    now = [0.0]
+    gates = Gates(1.0, 100.0, clock=lambda: now[0], jitter=lambda: 1.0)
+    put_503 = Fault(Kind.SERVICE, "storage answered HTTP 503", 503, where="put")
+    waits = []
+    for _ in range(4):
+        waits.append(gates.trouble(put_503))
+        gates.api.fine()  # the signed URLs keep coming: no help to the storage
+        now[0] += waits[-1]
+    assert waits == [1.0, 2.0, 4.0, 8.0]
+    assert gates.outage() is gates.storage and gates.api.failing_since is None
+    assert gates.trouble(Fault(Kind.SERVICE, "HTTP 503", 503, where="urls")) == 1.0  # its own
+    gates.storage.fine()
+    now[0] += 1.0
+    assert gates.trouble(put_503) == 1.0  # a new episode starts at the first step
+    assert gates.outage() is gates.api  # failing the longest
+
+
+def test_a_failed_route_waits_its_backoff_and_holds_new_outcomes_untried():
+    retries: MoveRetries[str] = MoveRetries(lambda step: 10.0 * step)
+    route = (Path("/drop/users"), True)
+    assert retries.stuck(route, ["a"], "/drop/users", 1, now=0.0) == 10.0
+    assert retries.holding(route) and not retries.holding((Path("/drop/users"), False))
+    retries.hold(route, "b")
+    assert retries.due(9.9) == {} and len(retries) == 2 and retries.next_due() == 10.0
+    assert retries.due(10.0) == {route: Stuck(1, 10.0, "/drop/users", ["a", "b"])}
+    assert not retries.holding(route) and retries.next_due() is None
+
+
+def test_a_moved_file_is_checked_against_the_version_that_was_sent(tmp_path):
+    sent = Snapshot.of(os.lstat(write(tmp_path / "a.csv", b"sent")))
+    time.sleep(0.01)  # a ctime the rename will change
+    (tmp_path / "a.csv").rename(tmp_path / "moved.csv")
+    assert moved_intact(os.lstat(tmp_path / "moved.csv"), sent)  # the rename's new ctime is fine
+    write(tmp_path / "other.csv", b"sent").replace(tmp_path / "moved.csv")
+    assert not moved_intact(os.lstat(tmp_path / "moved.csv"), sent)  # another file, same bytes
+    appended = Snapshot.of(os.lstat(tmp_path / "moved.csv"))
+    with (tmp_path / "moved.csv").open("ab") as out:
+        out.write(b"+")
+    assert not moved_intact(os.lstat(tmp_path / "moved.csv"), appended)
+
+
+@pytest.mark.parametrize(
+    ("counts", "has", "has_not"),
+    [
+        (
+            Counts(0, 0, 1, 0, folders=("/drop/users is not writable by productiv (...)",)),
+            "files wait: /drop/users is not writable by productiv",
+            "service unavailable",
+        ),
+        (
+            Counts(2, 0, 0, 0, time.time(), "storage answered HTTP 503", "the storage"),
+            "service unavailable since",
+            "files wait",
+        ),
+        (Counts(0, 0, 0, 0, folders=("a", "b", "c")), "; and 1 more folder(s)", "; files wait: c"),
+    ],
+)
+def test_the_status_line_tells_a_folder_problem_from_an_outage(counts, has, has_not):
+    line = status_line(counts)
+    assert has in line and has_not not in line
+
+
+# -- the finisher, on real files -------------------------------------------------------------
+
+
+class Bench:
+    """A finisher over real folders, with a clock the test moves."""
+
+    def __init__(self, root: Path, mover: Mover | None = None) -> None:
+        self.drop, self.done, self.failed = root / "drop", root / "done", root / "failed"
+        for folder in (self.drop, self.done, self.failed):
+            folder.mkdir()
+        self.now = 0.0
+        self.handed_back: list[Spot] = []
+        self.work = WorkQueue(lambda: self.now, lambda spots: None)
+        settings = Settings(drop_dir=self.drop, app_id="a", client_id="c", client_secret="s")
+        self.finisher = Finisher(
+            mover or Mover(self.drop, self.done, self.failed, time.time),
+            self.work,
+            lambda step: 10.0 * 2 ** (step - 1),
+            self.handed_back.extend,
+            Journal(root / "state", 10**6, 1),
+            Metrics(settings),
+            monotonic=lambda: self.now,
+        )
+        self.beat = Heartbeat("finisher")
+
+    def item(self, rel: str, data: bytes = b"data") -> Item:
+        path = write(self.drop / rel, data)
+        file_type = rel.split("/", maxsplit=1)[0] if "/" in rel else None
+        item = Item(Spot(path, rel, path.name, file_type), Snapshot.of(os.lstat(path)))
+        self.work.put_many([item])
+        assert self.work.take_batch(10, timeout=0) == [item]
+        return item
+
+    def step(self) -> None:
+        self.finisher.step(self.beat)
+
+
+def sent() -> Sent:
+    return Sent(status=200, seconds=0.1, etag="", sha256="0" * 64)
+
+
+def test_a_move_that_fails_is_retried_as_a_move_with_a_growing_backoff(tmp_path, logs_json):
+    bench = Bench(tmp_path)
+    item = bench.item("users/a.csv")
+    (bench.done / "users").write_bytes(b"")  # a file where done/users should be: even root fails
+    bench.finisher.done(item, sent(), "/bucket/a.csv")
+    bench.step()
+    for wait in (10.0, 20.0, 40.0):
+        bench.now += wait  # only when the wait is over is the move tried again
+        bench.step()
+    assert [e["attempt"] for e in logs_json.events("retrying")] == [1, 2, 3, 4]
+    assert [e["seconds"] for e in logs_json.events("retrying")] == [10.0, 20.0, 40.0, 80.0]
+    [problem] = logs_json.events("folder_not_writable")
+    assert problem["folder"] == str(bench.done / "users") and "File exists" in problem["reason"]
+    assert bench.work.counts() == (0, 1)  # never put back in the queue for another upload
+    (bench.done / "users").unlink()
+    bench.now += 80.0
+    bench.step()
+    assert (bench.done / "users" / "a.csv").read_bytes() == b"data"
+    assert len(logs_json.events("uploaded")) == 1 and logs_json.events("folder_writable")
+    assert bench.finisher.folders.texts() == [] and bench.work.counts() == (0, 0)
+
+
+def test_a_refused_file_that_changed_since_is_not_moved_to_failed(tmp_path, logs_json):
+    bench = Bench(tmp_path)
+    item = bench.item("a.csv", b"too big")
+    write(item.path, b"smaller now")  # the producer rewrote it after it was refused
+    bench.finisher.fail(item, "too big", None)
+    bench.step()
+    assert not list(bench.failed.iterdir())
+    assert item.path.read_bytes() == b"smaller now" and bench.handed_back == [item.spot]
+    assert logs_json.events("changed") and not logs_json.events("failed")
+
+
+class ReplacedDuringTheMove(Mover):
+    """The producer's `mv new a.csv` lands between the finisher's lstat and its rename."""
+
+    def to_done(self, path: Path) -> Path:
+        write(path.with_name(".new"), b"the new version").replace(path)
+        return super().to_done(path)
+
+
+def test_a_file_replaced_between_the_check_and_the_rename_goes_back_to_be_sent(
+    tmp_path, logs_json: Captured
+):
+    bench = Bench(tmp_path)
+    bench.finisher._mover = ReplacedDuringTheMove(bench.drop, bench.done, bench.failed, time.time)
+    item = bench.item("a.csv", b"the sent version")
+    bench.finisher.done(item, sent(), "/bucket/a.csv")
+    bench.step()
+    assert item.path.read_bytes() == b"the new version"  # back in drop/ under its name
+    assert not list(bench.done.iterdir()) and bench.handed_back == [item.spot]
+    assert not logs_json.events("uploaded")
+    assert (
+        logs_json.events("changed")[0]["reason"] == "the file was replaced while it was being moved"
+    )
