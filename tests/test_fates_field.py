@@ -15,6 +15,8 @@ import pwd
 import secrets
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -125,6 +127,10 @@ def field() -> Iterator[Field]:
         shutil.rmtree(base)
 
 
+def child_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("PRODUCTIV_")}
+
+
 def puts_per_object(sandbox: Sandbox) -> Counter[str]:
     return Counter(r.path for r in list(sandbox.requests) if r.endpoint == "put")
 
@@ -162,6 +168,14 @@ def test_files_in_a_folder_the_service_cannot_write_wait_unsent_until_it_is_fixe
             assert str(users) in status["folders"][0] and status["last_error"] is None
             [line] = [s for s in notify.texts("STATUS=") if "files wait" in s][:1]
             assert str(users) in line and "service unavailable" not in line
+            shown = subprocess.run(
+                [sys.executable, "-m", "watcher", "status"],
+                env={**child_env(), **sandbox.env(), "PRODUCTIV_DROP_DIR": str(f.folders.drop)},
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert f"FOLDER: files wait: {users} is not writable by nobody" in shown.stdout
 
             users.chmod(0o2770)  # fixed: every file goes, without a restart or a rescan
             done_soon(f.folders, *(f"users/{name}" for name in names), timeout=20)

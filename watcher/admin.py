@@ -73,6 +73,8 @@ def _describe(doc: dict[str, Any] | None, alive: bool) -> str:
         lines.append(f"  uploading {upload['file']}: {share:.0%} of {upload['bytes']} bytes")
     if doc.get("retrying_since"):
         lines.append(f"  service unavailable since {doc['retrying_since']}: {doc['last_error']}")
+    for text in doc.get("folders") or []:  # not an outage: a folder that holds files back
+        lines.append(f"  FOLDER: files wait: {text}")
     if doc.get("watch") != "ok":
         lines.append(f"  WATCH: {doc['watch']}")
     lines.append("recent:")
