@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 import grp
 import logging
 import os
@@ -130,6 +131,7 @@ def blocked(
     )
 
 
+@functools.lru_cache(maxsize=64)  # each held file is described: the passwd file is read once
 def _user(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name
@@ -137,6 +139,7 @@ def _user(uid: int) -> str:
         return str(uid)
 
 
+@functools.lru_cache(maxsize=64)
 def _group(gid: int) -> str:
     try:
         return grp.getgrgid(gid).gr_name

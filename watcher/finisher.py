@@ -101,9 +101,10 @@ class Finisher:
         while not (stop.is_set() and self._outcomes.empty()):
             self.step(beat)
 
-    def blocker(self, path: Path) -> Blocked | None:
-        """The folder that would refuse this file's move, said for an operator; None if none."""
-        found = self._mover.blocker(path)
+    def blocker(self, path: Path, seen: dict[Path, Any] | None = None) -> Blocked | None:
+        """The folder that would refuse this file's move, said for an operator; None if none
+        (`seen`: the folders' status, shared by the files of one batch)."""
+        found = self._mover.blocker(path, seen)
         return None if found is None else blocked(*found)
 
     def step(self, beat: Heartbeat) -> None:

@@ -119,19 +119,27 @@ class Mover:
         sub = path.parent.relative_to(self._drop)
         return self._done / sub, self._failed / sub
 
-    def blocker(self, path: Path) -> tuple[Path, os.stat_result, str] | None:
+    def blocker(
+        self, path: Path, seen: dict[Path, list[Looked]] | None = None
+    ) -> tuple[Path, os.stat_result, str] | None:
         """The first folder that would refuse this file's move, by its permissions, and why: its
         own folder, then where it would go in done/ and in failed/ (or the nearest existing
         parent, where the subfolder would be made). None when the move should work; a folder
-        that cannot be looked at is left to the move itself to report."""
+        that cannot be looked at is left to the move itself to report. `seen` keeps what was
+        found for each folder across the files of one batch: the stats are per folder, and
+        only a sticky folder needs the file's own status."""
+        looked = None if seen is None else seen.get(path.parent)
+        if looked is None:
+            looked = [_look(folder) for folder in (path.parent, *self.destinations(path))]
+            if seen is not None:
+                seen[path.parent] = looked
         uid, gids = os.geteuid(), {os.getegid(), *os.getgroups()}
-        done, failed = self.destinations(path)
-        for wanted, entry in ((path.parent, path), (done, None), (failed, None)):
+        for n, (folder, st) in enumerate(looked):
+            if st is None:
+                continue
             try:
-                folder, st = nearest(wanted)
-                sticky = entry is not None and st.st_mode & stat.S_ISVTX
-                owner = os.lstat(entry) if entry is not None and sticky else None
-                reason = unmovable(st, owner, uid, gids)
+                sticky = n == 0 and st.st_mode & stat.S_ISVTX
+                reason = unmovable(st, os.lstat(path) if sticky else None, uid, gids)
             except OSError:
                 continue
             if reason is not None:
@@ -222,6 +230,16 @@ def unmovable(
     if mode & stat.S_ISVTX and entry is not None and uid not in (entry.st_uid, folder.st_uid):
         return "the sticky bit: only the file's owner or the folder's owner may move the file"
     return None
+
+
+Looked = tuple[Path, os.stat_result | None]  # a folder (or its nearest parent) and its status
+
+
+def _look(folder: Path) -> Looked:
+    try:
+        return nearest(folder)
+    except OSError:
+        return folder, None
 
 
 def nearest(folder: Path) -> tuple[Path, os.stat_result]:

@@ -23,6 +23,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from .api import ApiClient, SignedUrl
@@ -113,11 +115,12 @@ class Uploader:
         batch = self._work.take_batch(self._settings.batch_size, timeout=wake)
         beat.busy()
         sendable = []
+        seen: dict[Path, Any] = {}  # a stat per folder for the whole batch
         for item in batch:
             reason = refusal(item, self._settings.max_file_size)
             if reason is not None:
                 self._finish.fail(item, reason, None)
-            elif (problem := self._finish.blocker(item.path)) is not None:
+            elif (problem := self._finish.blocker(item.path, seen)) is not None:
                 self._hold(item, problem)
             else:
                 sendable.append(item)
