@@ -35,7 +35,7 @@ from .health import IDLE_WAKE_SECONDS, Heartbeat
 from .items import Item, Snapshot, Spot, display
 from .logs import event
 from .metrics import Metrics
-from .mover import Mover, nearest
+from .mover import Looked, Mover, nearest
 from .receipts import Journal, receipt_time
 from .transfer import Sent
 from .workqueue import WorkQueue
@@ -101,7 +101,7 @@ class Finisher:
         while not (stop.is_set() and self._outcomes.empty()):
             self.step(beat)
 
-    def blocker(self, path: Path, seen: dict[Path, Any] | None = None) -> Blocked | None:
+    def blocker(self, path: Path, seen: dict[Path, list[Looked]] | None = None) -> Blocked | None:
         """The folder that would refuse this file's move, said for an operator; None if none
         (`seen`: the folders' status, shared by the files of one batch)."""
         found = self._mover.blocker(path, seen)

@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from .api import ApiClient, SignedUrl
@@ -36,6 +35,7 @@ from .health import IDLE_WAKE_SECONDS, Heartbeat
 from .items import Item, Spot
 from .logs import event
 from .metrics import Metrics
+from .mover import Looked
 from .settings import MAX_CONCURRENCY, Settings
 from .transfer import FileChanged, FileGone, NotRegular, Transfer
 from .workqueue import WorkQueue
@@ -115,7 +115,7 @@ class Uploader:
         batch = self._work.take_batch(self._settings.batch_size, timeout=wake)
         beat.busy()
         sendable = []
-        seen: dict[Path, Any] = {}  # a stat per folder for the whole batch
+        seen: dict[Path, list[Looked]] = {}  # a stat per folder for the whole batch
         for item in batch:
             reason = refusal(item, self._settings.max_file_size)
             if reason is not None:
