@@ -234,12 +234,13 @@ def test_a_move_that_fails_is_retried_as_a_move_with_a_growing_backoff(tmp_path,
     [problem] = logs_json.events("folder_not_writable")
     assert problem["folder"] == str(bench.done / "users") and "File exists" in problem["reason"]
     assert bench.work.counts() == (0, 1)  # never put back in the queue for another upload
+    assert len(bench.finisher.folders) == 1
     (bench.done / "users").unlink()
     bench.now += 80.0
     bench.step()
     assert (bench.done / "users" / "a.csv").read_bytes() == b"data"
     assert len(logs_json.events("uploaded")) == 1 and logs_json.events("folder_writable")
-    assert bench.finisher.folders.texts() == [] and bench.work.counts() == (0, 0)
+    assert not bench.finisher.folders and bench.work.counts() == (0, 0)
 
 
 def test_a_refused_file_that_changed_since_is_not_moved_to_failed(tmp_path, logs_json):

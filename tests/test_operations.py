@@ -199,6 +199,7 @@ def test_prometheus_metrics_are_scraped_from_the_real_endpoint(daemon, folders, 
         "oldest_waiting_seconds",
         "seconds_since_last_upload",
         "service_retrying",
+        "folders_not_writable",
         "watch_deaf",
     ):
         assert f"productiv_watcher_{gauge} " in text

@@ -180,6 +180,9 @@ class FolderTrouble:
         if ended is not None:
             event(log, "folder_writable", folder=folder, seconds=round(self._clock() - ended[1], 2))
 
+    def __len__(self) -> int:
+        return len(self._open)
+
     def texts(self) -> list[str]:
         with self._lock:
             return [problem.text() for problem, _ in self._open.values()]

@@ -75,6 +75,10 @@ class Operations:
                     "1 while the API or storage is failing and the daemon backs off",
                     lambda: float(gates.outage() is not None),
                 ),
+                "folders_not_writable": (
+                    "Folders that refuse moves now; their files wait, unsent or unmoved",
+                    lambda: float(len(finisher.folders)),
+                ),
                 "watch_deaf": (
                     "1 while the drop folder cannot be watched",
                     lambda: float(watcher.deaf_reason is not None),
