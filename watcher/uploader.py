@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from .api import ApiClient, SignedUrl
+from .api import ApiClient, SignedUrl, name_cost, packed
 from .faults import Fault, Kind, backoff_seconds
 from .finisher import Finisher
 from .gate import ServiceGate
@@ -110,8 +110,11 @@ class Uploader:
             else:
                 self._finish.fail(item, reason, None)
         beat.idle()
-        if sendable and self._gate.wait(stop):
-            self._request(sendable, stop, beat)
+        budget = self._api.names_budget(batch[0].spot.file_type) if batch else 0
+        for group in packed(sendable, lambda item: name_cost(item.spot.name), budget):
+            if not self._gate.wait(stop):
+                return  # stopping: the files stay in the drop folder
+            self._request(group, stop, beat)
 
     def _request(self, items: list[Item], stop: threading.Event, beat: Heartbeat) -> None:
         beat.busy()  # an API call: it must answer within the watchdog period
@@ -189,7 +192,7 @@ class Uploader:
             self.progress[rel] = (sent, size)
 
         try:
-            sent = self._transfer.put(ticket.url.url, item, progress)
+            sent = self._transfer.put(ticket.url, item, progress)
         except Fault as fault:
             self._settle(item, fault)
         except FileGone:
