@@ -344,7 +344,8 @@ def test_an_echoed_authorization_header_reaches_no_file_and_no_status_output(
     state = folders.root / "state"
     sandbox.inject("urls", count=100_000, status=503, echo_auth=True)
     write(folders.drop / "a.csv")
-    with daemon(status_seconds=0.1):
+    metrics = folders.root / "metrics.prom"  # labels are closed sets: type, cause, class
+    with daemon(status_seconds=0.1, metrics_textfile=metrics):
         status_text = wait_for(
             lambda: "Authorization" in (t := _read(state / statusfile.NAME)) and t,
             what="the echo in status.json",
@@ -358,6 +359,8 @@ def test_an_echoed_authorization_header_reaches_no_file_and_no_status_output(
         assert "Authorization: ***" in text
         assert_no_secrets(text)
     assert json.loads(receipts)["file"] == "a.csv"
+    assert "productiv_watcher_files_failed" in metrics.read_text()
+    assert_no_secrets(metrics.read_text())
     # A receipt written by an older version, unscrubbed: `status` scrubs what it prints.
     leaked = next(iter(sandbox._tokens))
     old = {"time": "2026-01-01T00:00:00Z", "file": "old.csv", "outcome": "failed"}

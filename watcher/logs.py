@@ -30,6 +30,7 @@ _SIGNED_PARAM = re.compile(
     r"(?i)\b(?:x-amz-(?:signature|credential|security-token)|x-goog-(?:signature|credential)"
     r"|signature|awsaccesskeyid)(?:=|%3D)[^&\s\"'<>\\]*"
 )
+_SIGNED_WORDS = ("signature", "credential", "security-token", "awsaccesskeyid")
 # An echoed `Authorization:` header (any scheme), up to the end of its value.
 _AUTH_HEADER = re.compile(r"(?i)(\b(?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?)[^\"'\\\r\n}]+")
 _BEARER = re.compile(r"(?i)\bbearer\s+[\w\-.~+/]{8,}=*")
@@ -87,11 +88,19 @@ class Redactor:
     def __call__(self, text: str) -> str:
         for secret in self._values:
             text = text.replace(secret, "***")
-        text = _AUTH_HEADER.sub(r"\1***", text)
-        text = _BEARER.sub("Bearer ***", text)
-        text = _BASIC.sub(_basic, text)
-        text = _QUERY.sub("?<redacted>", text)
-        return _SIGNED_PARAM.sub("<redacted>", text)
+        # Each pattern only where its word is: a plain line costs a few substring searches.
+        low = text.lower()
+        if "authorization" in low:
+            text = _AUTH_HEADER.sub(r"\1***", text)
+        if "bearer" in low:
+            text = _BEARER.sub("Bearer ***", text)
+        if "basic" in low:
+            text = _BASIC.sub(_basic, text)
+        if "?" in text:
+            text = _QUERY.sub("?<redacted>", text)
+        if any(word in low for word in _SIGNED_WORDS):
+            text = _SIGNED_PARAM.sub("<redacted>", text)
+        return text
 
     def doc(self, doc: Any) -> Any:
         """A JSON document with every string scrubbed, except file names (receipts and
