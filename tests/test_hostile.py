@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from watcher.api import (
 from watcher.faults import Fault, Kind, classify_put
 from watcher.items import Item, Snapshot, Spot
 from watcher.logs import REDACT, TOKENS_KEPT, Redactor
+from watcher.notify import SystemdNotifier
 from watcher.sandbox import CLIENT_ID, CLIENT_SECRET, Sandbox
 from watcher.settings import FILE_TYPES, Settings
 from watcher.transfer import FileChanged, Transfer
@@ -458,3 +460,14 @@ def _read(path: Path) -> str:
         return path.read_text()
     except FileNotFoundError:
         return ""
+
+
+def test_a_status_text_is_one_line_of_the_notify_protocol(tmp_path, monkeypatch):
+    """A newline in an API's words must not forge another assignment (WATCHDOG=1, MAINPID=)."""
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(path))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        SystemdNotifier().send("STATUS=retrying: bad\nWATCHDOG=1\nMAINPID=1", "READY=1")
+        sent = server.recv(4096).decode()
+    assert sent.splitlines() == ["STATUS=retrying: bad WATCHDOG=1 MAINPID=1", "READY=1"]
