@@ -86,8 +86,7 @@ class Redactor:
         return len(self._values)
 
     def __call__(self, text: str) -> str:
-        for secret in self._values:
-            text = text.replace(secret, "***")
+        text = self._known(text)  # first, so that no pattern leaves a piece of a secret behind
         # Each pattern only where its word is: a plain line costs a few substring searches.
         low = text.lower()
         if "authorization" in low:
@@ -100,6 +99,11 @@ class Redactor:
             text = _QUERY.sub("?<redacted>", text)
         if any(word in low for word in _SIGNED_WORDS):
             text = _SIGNED_PARAM.sub("<redacted>", text)
+        return self._known(text)  # and last, so that no pattern's output spells one either
+
+    def _known(self, text: str) -> str:
+        for secret in self._values:
+            text = text.replace(secret, "***")
         return text
 
     def doc(self, doc: Any) -> Any:
