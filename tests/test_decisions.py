@@ -284,6 +284,8 @@ def test_classify_put(status, body, kind):
         (200, "urls", None),
         (400, "urls", Kind.REFUSED),
         (414, "urls", Kind.REFUSED),
+        (431, "urls", Kind.REFUSED),  # header fields too large: a smaller batch, like 414
+        (431, "token", Kind.SERVICE),
         (404, "urls", Kind.SERVICE),
         (403, "urls", Kind.SERVICE),
         (401, "urls", Kind.SERVICE),
@@ -348,6 +350,13 @@ def test_backoff_is_bounded(step, initial, maximum, jitter):
         ("file:///etc/passwd", False),
         ("not a url", False),
         ("https://[::1/x", False),
+        ("https://127.0.0.1:99999/b/k?x=1", False),  # .port raises ValueError
+        ("https://h:0/b/k", False),
+        ("https://h:-1/b/k", False),
+        ("https://h:443/b/k", True),
+        ("https://h/b k?x=1", False),
+        ("https://h/b\x00k", False),
+        ("https://h/caf\u00e9", False),
     ],
 )
 def test_url_problem(url, ok):
@@ -363,6 +372,9 @@ def test_url_problem(url, ok):
             NOON + 600,
         ),
         ("https://h/b/k?X-Amz-Date=garbage&X-Amz-Expires=600", None),
+        ("https://h/b/k?Expires=nan", None),
+        ("https://h/b/k?Expires=1e999", None),
+        ("https://h/b/k?X-Amz-Date=20261127T071500Z&X-Amz-Expires=inf", None),
         ("https://h/b/k", None),
     ],
 )

@@ -11,18 +11,20 @@ import calendar
 import email.utils
 import ipaddress
 import logging
+import math
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import parse_qs, quote, urlsplit
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, quote, quote_plus, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 
 from . import __version__
-from .faults import Fault, Kind, classify_api_status, retry_after_seconds, transport_retry
+from .faults import Fault, Kind, classify_api_status, retry_after_seconds, tidy, transport_retry
 from .logs import REDACT
 from .settings import Settings
 
@@ -30,6 +32,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TOKEN_SECONDS = 300.0  # a token answer without expires_in
 URL_PATH = "/services/push/v1/customer/apps/{app_id}/upload"
+# `GET <path>?<query> HTTP/1.1` stays within this: common front ends (nginx's 8k header
+# buffers, many load balancers) answer 414 or 431 beyond it, whatever batch_size says.
+MAX_REQUEST_LINE_BYTES = 8 * 1024
+_SENDABLE = re.compile(r"[\x21-\x7e]+")  # what may go in a request line or a header value
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,12 +51,17 @@ def token_needs_refresh(obtained_at: float, lifetime: float, now: float) -> bool
 
 
 def url_problem(url: str) -> str | None:
-    """Why a signed URL must not be used, or None: https only, http only to loopback."""
+    """Why a signed URL must not be used, or None: https only, http only to loopback, and
+    only what can be sent at all (printable ASCII, a port from 1 to 65535)."""
+    if not _SENDABLE.fullmatch(url):
+        return "the signed URL has spaces, control or non-ASCII characters"
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
+        if parts.port == 0:  # out of 0-65535 or not a number: .port raises ValueError
+            raise ValueError("port 0")
     except ValueError:
-        return "the signed URL is not a valid URL"
+        return "the signed URL is not a valid URL (its host or port)"
     if parts.username is not None or parts.password is not None:
         return "the signed URL carries a user name or password"
     if parts.scheme == "https" and host:
@@ -71,19 +83,41 @@ def _is_loopback(host: str) -> bool:
 def url_expiry(url: str) -> float | None:
     """When the signer says the URL expires (epoch seconds), from SigV2 or SigV4 parameters."""
     query = parse_qs(urlsplit(url).query)  # read-only: the URL itself is used as received
+    expiry = None
     try:
         if "Expires" in query:
-            return float(query["Expires"][0])
-        if "X-Amz-Date" in query and "X-Amz-Expires" in query:
+            expiry = float(query["Expires"][0])
+        elif "X-Amz-Date" in query and "X-Amz-Expires" in query:
             stamp = query["X-Amz-Date"][0]  # YYYYMMDDTHHMMSSZ (strptime is slow in a hot path)
             if len(stamp) != 16 or stamp[8] != "T" or stamp[15] != "Z":
                 return None
             date = (int(stamp[0:4]), int(stamp[4:6]), int(stamp[6:8]))
             clock = (int(stamp[9:11]), int(stamp[11:13]), int(stamp[13:15]))
-            return calendar.timegm((*date, *clock)) + float(query["X-Amz-Expires"][0])
+            expiry = calendar.timegm((*date, *clock)) + float(query["X-Amz-Expires"][0])
     except (ValueError, OverflowError):
         return None
-    return None
+    return expiry if expiry is not None and math.isfinite(expiry) else None
+
+
+def name_cost(name: str) -> int:
+    """Bytes one name adds to the signed-URL request line: `?filenames=<name>` or `&...`,
+    encoded as requests encodes it (UTF-8, then quote_plus)."""
+    return len("&filenames=") + len(quote_plus(name.encode("utf-8", "surrogateescape")))
+
+
+def packed(items: Sequence[T], cost: Callable[[T], int], budget: int) -> list[list[T]]:
+    """Consecutive groups, in order, each costing at most `budget`; an item over the budget on
+    its own is a group of one (the API client refuses it with a reason)."""
+    groups: list[list[T]] = []
+    used = budget + 1  # start a new group at the first item
+    for item in items:
+        price = cost(item)
+        if used + price > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(item)
+        used += price
+    return groups
 
 
 class ApiClient:
@@ -138,14 +172,34 @@ class ApiClient:
             form |= {"client_id": s.client_id, "client_secret": secret}
         response = self._call("token", "POST", s.token_url, data=form, auth=auth)
         token, lifetime = parse_token(_json(response, "token endpoint"))
-        REDACT.add([token])
+        REDACT.add_token(token)
         return token, lifetime
+
+    def names_budget(self, file_type: str | None) -> int:
+        """Bytes of the request line left for the names (each costs `name_cost`)."""
+        path = urlsplit(self._urls_url()).path
+        kind = f"&type={file_type}" if file_type else ""
+        return MAX_REQUEST_LINE_BYTES - len(f"GET {path}{kind} HTTP/1.1")
+
+    def _urls_url(self) -> str:
+        s = self._settings
+        return s.api_url + URL_PATH.format(app_id=quote(s.app_id, safe=""))
 
     def upload_urls(self, names: list[str], file_type: str | None) -> dict[str, SignedUrl | Fault]:
         """Signed URLs for these names (a refused URL maps to a FINAL Fault); missing names
-        are simply absent. Raises Fault for the whole request."""
-        s = self._settings
-        url = s.api_url + URL_PATH.format(app_id=quote(s.app_id, safe=""))
+        are simply absent. Raises Fault for the whole request, and before sending it when it
+        would be longer than MAX_REQUEST_LINE_BYTES (REFUSED: split; FINAL for one name)."""
+        over = sum(map(name_cost, names)) - self.names_budget(file_type)
+        if over > 0 and len(names) == 1:
+            reason = (
+                f"the file name is too long to ask for its signed URL (the request would be"
+                f" {over} bytes over the {MAX_REQUEST_LINE_BYTES} that servers accept)"
+            )
+            raise Fault(Kind.FINAL, reason, where="urls")
+        if over > 0:
+            reason = f"the signed-URL request would be over {MAX_REQUEST_LINE_BYTES} bytes"
+            raise Fault(Kind.REFUSED, reason, where="urls")
+        url = self._urls_url()
         params = [("filenames", name) for name in names]
         if file_type:
             params.append(("type", file_type))
@@ -184,8 +238,15 @@ class ApiClient:
 def parse_token(body: Any) -> tuple[str, float]:
     """(access token, lifetime in seconds) from a token answer; Fault when there is none."""
     token = body.get("access_token") if isinstance(body, dict) else None
-    if not isinstance(token, str) or not token:
+    token = token.strip() if isinstance(token, str) else None  # a trailing newline is common
+    if not token:
         raise Fault(Kind.SERVICE, "the token endpoint answered without an access_token")
+    if not _SENDABLE.fullmatch(token):
+        reason = (
+            "the token endpoint answered with an access_token that cannot be sent in a header"
+            " (it has spaces, control or non-ASCII characters)"
+        )
+        raise Fault(Kind.SERVICE, reason)
     lifetime = body.get("expires_in")
     if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)):
         return token, DEFAULT_TOKEN_SECONDS
@@ -215,23 +276,33 @@ def parse_urls(body: Any, names: list[str], skew: float) -> dict[str, SignedUrl 
     return answer
 
 
-def _json(response: requests.Response, where: str) -> Any:
+_NOT_JSON = object()
+
+
+def _parsed(response: requests.Response) -> Any:
+    """The body as JSON, or _NOT_JSON: a body nested too deep for the parser (200,000 '[')
+    raises RecursionError, which is no more the caller's problem than a syntax error."""
     try:
         return response.json()
-    except ValueError:
-        raise Fault(Kind.SERVICE, f"the {where} answered with a body that is not JSON") from None
+    except (ValueError, RecursionError):
+        return _NOT_JSON
+
+
+def _json(response: requests.Response, where: str) -> Any:
+    body = _parsed(response)
+    if body is _NOT_JSON:
+        raise Fault(Kind.SERVICE, f"the {where} answered with a body that is not JSON")
+    return body
 
 
 def _api_reason(where: str, response: requests.Response) -> str:
     """`<where> answered HTTP 400 (error: message)`, using the API's own words when it has any."""
     detail = ""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
+    body = _parsed(response)
     if isinstance(body, dict):
-        words = [str(body[k]) for k in ("error", "error_description", "message") if k in body]
-        detail = ": ".join(words)[:200]
+        keys = ("error", "error_description", "message")
+        words = [str(body[k]) for k in keys if isinstance(body.get(k), (str, int, float))]
+        detail = tidy(": ".join(words))
     if response.status_code == 401 and where == "signed-URL endpoint":
         detail = detail or "token refused even after a fresh one"
     if "invalid_client" in detail:
@@ -247,5 +318,5 @@ def _clock_skew(response: requests.Response, now: float) -> float:
         return 0.0
     try:
         return now - email.utils.parsedate_to_datetime(date).timestamp()
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return 0.0

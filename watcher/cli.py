@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 
 from . import __version__, logs
@@ -24,6 +25,7 @@ EX_CONFIG = 78
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    sys.stdout = logs.ScrubbedStream(sys.stdout)  # what the commands print is scrubbed too
     # Until the settings are read, log as the environment asks (json mode covers exit 78 too).
     level = os.environ.get("PRODUCTIV_LOG_LEVEL", "INFO").upper()
     logs.setup(

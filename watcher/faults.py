@@ -78,14 +78,14 @@ def transport_retry() -> Retry:
 def classify_api_status(status: int, endpoint: str) -> Kind | None:
     """Signed-URL or token answer -> None when fine, else whose problem it is.
 
-    400 (and 413/414, a URL too long) means the API refused something in the request: the
-    uploader splits the batch to find which name. Everything else, 404 (unknown app) and
-    401/403 after a fresh token included, is the service's or the configuration's problem:
-    the files are fine and wait.
+    400 (and 413/414/431, a URL or header too long) means the API refused something in the
+    request: the uploader splits the batch to find which name, or to make the URL shorter.
+    Everything else, 404 (unknown app) and 401/403 after a fresh token included, is the
+    service's or the configuration's problem: the files are fine and wait.
     """
     if 200 <= status < 300:
         return None
-    if endpoint == "urls" and status in (400, 413, 414):
+    if endpoint == "urls" and status in (400, 413, 414, 431):
         return Kind.REFUSED
     return Kind.SERVICE
 
@@ -99,16 +99,24 @@ def s3_error(body: bytes) -> tuple[str, str]:
     text = body[:4096].decode("utf-8", "replace")
     code = _XML_CODE.search(text)
     message = _XML_MESSAGE.search(text)
-    return (code.group(1) if code else "", message.group(1) if message else "")
+    return (tidy(code.group(1)) if code else "", tidy(message.group(1)) if message else "")
 
 
-def classify_put(status: int, body: bytes) -> Kind | None:
-    """PUT answer -> None when stored, else whose problem it is (trusting the server's clock).
+def tidy(words: str, limit: int = 200) -> str:
+    """A server's own words made fit for one log field or status line: control characters
+    (a newline would forge a line of systemd's notify protocol) become spaces; capped."""
+    return " ".join("".join(c if c.isprintable() else " " for c in words[:limit]).split())
+
+
+def classify_put(status: int, body: bytes, url_expired: bool = False) -> Kind | None:
+    """PUT answer -> None when stored, else whose problem it is.
 
     An expired URL is answered 403 by S3 ("Request has expired") and 400 by rclone's serve s3
     ("The difference between the request time and the server's time exceeds..."), both with
     Code AccessDenied: fetch a fresh URL, no attempt used. RequestTimeTooSkewed is the same
-    story told about the clocks.
+    story told about the clocks. Ceph RGW says only AccessDenied, with an empty Message: when
+    the URL's own expiry (by the API's clock) has passed, `url_expired`, AccessDenied is
+    taken to mean "expired" whatever the words.
     """
     if 200 <= status < 300:
         return None
@@ -117,7 +125,8 @@ def classify_put(status: int, body: bytes) -> Kind | None:
     code, message = s3_error(body)
     message = message.lower()
     if code == "RequestTimeTooSkewed" or (
-        code == "AccessDenied" and ("expired" in message or "request time" in message)
+        code == "AccessDenied"
+        and (url_expired or "expired" in message or "request time" in message)
     ):
         return Kind.EXPIRED
     return Kind.FILE
@@ -138,10 +147,9 @@ def retry_after_seconds(value: str | None, now: float) -> float | None:
         seconds = float(value)
     else:
         try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - now
+        except (TypeError, ValueError, OverflowError):
             return None
-        seconds = when.timestamp() - now
     return max(0.0, min(seconds, RETRY_AFTER_CAP_SECONDS))
 
 

@@ -2,41 +2,136 @@
 
 Pipeline code calls `event(log, "uploaded", file=..., bytes=...)`; the name is the stable `event`
 field. Every line, library lines and tracebacks included, passes through `Redactor`, which removes
-signed-URL query strings and any registered secret value before it is written.
+signed-URL query strings, signature parameters, echoed credentials and every registered secret
+value before it is written. The same `REDACT` scrubs every other text that leaves the process:
+the sidecars, receipts and status file (`REDACT.doc`) and the commands' output (`ScrubbedStream`).
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import logging
 import re
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, TextIO
 
-# A query string of key=value pairs, as in every signed URL; a '?' inside a file name is kept.
-_QUERY = re.compile(r"\?[\w.\-~%]+=[^\s\"'<>]*")
+# A query string, as in every signed URL: `?k=v...`, or `?flag&k=v...` (S3's `?x-id&X-Amz-...`).
+# A '?' inside a file name is kept. A backslash ends it, so that JSON text stays valid.
+_QUERY = re.compile(r"\?[\w.\-~%]+[=&][^\s\"'<>\\]*")
+# A signature parameter wherever it appears, even without a '?' before it.
+_SIGNED_PARAM = re.compile(
+    r"(?i)\b(?:x-amz-(?:signature|credential|security-token)|x-goog-(?:signature|credential)"
+    r"|signature|awsaccesskeyid)(?:=|%3D)[^&\s\"'<>\\]*"
+)
+_SIGNED_WORDS = ("signature", "credential", "security-token", "awsaccesskeyid")
+# An echoed `Authorization:` header (any scheme), up to the end of its value.
+_AUTH_HEADER = re.compile(r"(?i)(\b(?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?)[^\"'\\\r\n}]+")
+_BEARER = re.compile(r"(?i)\bbearer\s+[\w\-.~+/]{8,}=*")
+_BASIC = re.compile(r"(?i)\bbasic\s+([A-Za-z0-9+/]{4,}={0,2})")
+EXACT_FIELDS = frozenset({"file", "moved_to", "object"})  # file names: never rewritten
+TOKENS_KEPT = 4  # the current access token and the few before it that may still be echoed
+
+
+def _basic(match: re.Match[str]) -> str:
+    """`Basic <base64 of id:secret>` -> `Basic ***`; an ordinary word after "basic" stays."""
+    try:
+        decoded = base64.b64decode(match.group(1), validate=True)
+    except ValueError:
+        return match.group(0)
+    return "Basic ***" if b":" in decoded else match.group(0)
 
 
 class Redactor:
-    """Scrubs secrets and signed-URL query strings out of finished log lines (thread-safe)."""
+    """Scrubs secrets, echoed credentials and signed-URL queries out of text (thread-safe).
+
+    It holds the configured secrets and only the last `TOKENS_KEPT` access tokens: an older
+    token can no longer be in any answer, and every line is scrubbed against all it holds.
+    Credentials it was never told about are caught by their shape (`Authorization: ...`,
+    `Bearer ...`, `Basic ...`, signature parameters).
+    """
 
     def __init__(self) -> None:
-        self._secrets: frozenset[str] = frozenset()
+        self._configured: tuple[str, ...] = ()
+        self._tokens: deque[str] = deque(maxlen=TOKENS_KEPT)
+        self._values: tuple[str, ...] = ()  # both, longest first; replaced whole, read unlocked
         self._lock = threading.Lock()
 
     def add(self, values: Iterable[str]) -> None:
+        """Configured secrets (the client secret, a fixed token): kept for the process's life."""
         with self._lock:
-            self._secrets = self._secrets | {v for v in values if len(v) >= 4}
+            fresh = [v for v in values if len(v) >= 4 and v not in self._configured]
+            self._configured += tuple(fresh)
+            self._refresh()
+
+    def add_token(self, token: str) -> None:
+        """A newly fetched access token; the oldest one held is forgotten."""
+        if len(token) < 4:
+            return
+        with self._lock:
+            if token not in self._tokens:
+                self._tokens.append(token)
+                self._refresh()
+
+    def _refresh(self) -> None:
+        self._values = tuple(sorted({*self._configured, *self._tokens}, key=len, reverse=True))
+
+    def __len__(self) -> int:
+        return len(self._values)
 
     def __call__(self, text: str) -> str:
-        text = _QUERY.sub("?<redacted>", text)
-        for secret in self._secrets:
+        text = self._known(text)  # first, so that no pattern leaves a piece of a secret behind
+        # Each pattern only where its word is: a plain line costs a few substring searches.
+        low = text.lower()
+        if "authorization" in low:
+            text = _AUTH_HEADER.sub(r"\1***", text)
+        if "bearer" in low:
+            text = _BEARER.sub("Bearer ***", text)
+        if "basic" in low:
+            text = _BASIC.sub(_basic, text)
+        if "?" in text:
+            text = _QUERY.sub("?<redacted>", text)
+        if any(word in low for word in _SIGNED_WORDS):
+            text = _SIGNED_PARAM.sub("<redacted>", text)
+        return self._known(text)  # and last, so that no pattern's output spells one either
+
+    def _known(self, text: str) -> str:
+        for secret in self._values:
             text = text.replace(secret, "***")
         return text
+
+    def doc(self, doc: Any) -> Any:
+        """A JSON document with every string scrubbed, except file names (receipts and
+        sidecars are searched by them, and a name is the producer's, never a credential)."""
+        if isinstance(doc, str):
+            return self(doc)
+        if isinstance(doc, list):
+            return [self.doc(value) for value in doc]
+        if isinstance(doc, dict):
+            return {
+                key: value if key in EXACT_FIELDS else self.doc(value) for key, value in doc.items()
+            }
+        return doc
+
+
+class ScrubbedStream(io.TextIOBase):
+    """A command's stdout, scrubbed as it is written: every printed line passes `REDACT`."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(REDACT(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
 
 
 REDACT = Redactor()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .items import display
+from .logs import REDACT
 from .settings import Settings, require_folders
 
 NAME_MAX_BYTES = 255
@@ -168,7 +169,8 @@ class Mover:
         The sidecar comes first, so a file never sits in failed/ without its reason: if the
         sidecar cannot be written (a full disk), nothing moves and the file waits in drop/.
         """
-        text = json.dumps({**sidecar, "failed_at": _iso(self._clock())}, indent=2) + "\n"
+        text = json.dumps(REDACT.doc({**sidecar, "failed_at": _iso(self._clock())}), indent=2)
+        text += "\n"
 
         def claim(final: Path) -> Path:
             sidecar_path = final.with_name(final.name + SIDECAR_SUFFIX)

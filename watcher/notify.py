@@ -12,6 +12,8 @@ from typing import Protocol
 
 import sdnotify
 
+from .logs import REDACT
+
 
 class Notifier(Protocol):
     """The seam the service talks to."""
@@ -41,6 +43,8 @@ class SystemdNotifier:
 
     def send(self, *lines: str) -> None:
         if self._notifier is not None:
-            # sdnotify encodes as latin-1: keep the text to ASCII.
-            text = "\n".join(lines).encode("ascii", "replace").decode("ascii")
+            # sdnotify encodes as latin-1: keep the text to ASCII. One line per assignment: a
+            # newline in a status text would forge another (WATCHDOG=1, MAINPID=...).
+            text = "\n".join(" ".join(REDACT(line).split("\n")) for line in lines)
+            text = text.encode("ascii", "replace").decode("ascii")
             self._notifier.notify(text)

@@ -70,7 +70,7 @@ def _try(
         answer = api.upload_urls([item.spot.name], item.spot.file_type).get(item.spot.name)
         if not isinstance(answer, SignedUrl):
             raise answer or Fault(Kind.FILE, "the API's answer has no URL for this file name")
-        sent = transfer.put(answer.url, item)
+        sent = transfer.put(answer, item)
     except Fault as fault:
         final = fault.kind in (Kind.FINAL, Kind.REFUSED)
         results[item.path] = f"FAILED {rel}: {fault.reason}"

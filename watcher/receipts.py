@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .logs import REDACT
+
 NAME = "receipts.jsonl"
 
 
@@ -36,13 +38,13 @@ class Journal:
         """Write the lines, flush and fsync once for all of them, rotating first if need be."""
         if not docs:
             return
-        lines = "".join(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs).encode()
+        lines = "".join(json.dumps(REDACT.doc(d), ensure_ascii=False) + "\n" for d in docs)
         with self._lock:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._rotate_if_full(len(lines))
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             try:
-                os.write(fd, lines)
+                os.write(fd, lines.encode())
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -46,6 +46,8 @@ class Injected:
     retry_after: str | None = None
     body: str | None = None  # raw body to answer with (e.g. truncated JSON)
     partial: bool = False  # signed URLs: answer for every other name only, plus an unasked one
+    echo_auth: bool = False  # the error message repeats the request's Authorization header
+    headers: dict[str, str] | None = None  # extra answer headers (an odd Date replaces ours)
 
 
 def object_key(app_id: str, file_type: str | None, name: str) -> str:
@@ -80,6 +82,8 @@ class Sandbox:
         self.extra_names: set[str] = set()  # added to the URL answer, unasked
         self.url_base: str | None = None  # hand out URLs on another base, e.g. "ftp://x"
         self.expire_next = 0  # this many next URLs are minted already expired
+        self.expired_message = "Request has expired"  # S3's words; Ceph RGW says nothing ("")
+        self.max_request_line: int | None = None  # 431 for a longer signed-URL request line
         self.presign = presign
         self.requests: list[Recorded] = []
         self.arrived: dict[str, int] = {"token": 0, "urls": 0, "put": 0}  # before any fault
@@ -231,7 +235,7 @@ class Sandbox:
                 "The request signature we calculated does not match",
             )
         if self.now() > float(params["Expires"]):
-            return 403, "AccessDenied", "Request has expired"
+            return 403, "AccessDenied", self.expired_message
         if "chunked" in headers.get("Transfer-Encoding", "").lower():
             return (
                 501,

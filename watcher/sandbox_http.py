@@ -100,10 +100,14 @@ class SandboxHandler(BaseHTTPRequestHandler):
         ctype: str = "application/json",
         extra: dict[str, str] | None = None,
     ) -> None:
-        self.send_response(status)
+        extra = extra or {}
+        if "Date" in extra:
+            self.send_response_only(status)  # the injected Date instead of ours
+        else:
+            self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
-        for name, value in (extra or {}).items():
+        for name, value in extra.items():
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
@@ -137,12 +141,16 @@ class SandboxHandler(BaseHTTPRequestHandler):
             return False  # only a delay
         status = fault.status or 200
         extra = {"Retry-After": fault.retry_after} if fault.retry_after else {}
+        extra.update(fault.headers or {})
         if 300 <= status < 400:
             extra["Location"] = f"{sandbox.url}/elsewhere"
         if endpoint != "put" or self.headers.get("Content-Length"):
             self._drain()
         if fault.body is not None:
             body = fault.body.encode()
+        elif fault.echo_auth:
+            echoed = f"refused, Authorization: {self.headers.get('Authorization', 'none')}"
+            body = json.dumps({"message": echoed}).encode()
         elif endpoint == "put":
             body = _xml_error("InternalError" if status >= 500 else "AccessDenied", "injected")
         else:
@@ -233,7 +241,9 @@ class SandboxHandler(BaseHTTPRequestHandler):
         file_type = query["type"][0] if query.get("type") else None
         auth = self.headers.get("Authorization", "")
         status, doc = 200, None
-        if not auth.startswith("Bearer ") or not sandbox.token_valid(auth[7:]):
+        if sandbox.max_request_line and len(self.requestline) > sandbox.max_request_line:
+            status, doc = 431, {"message": "Request Header Fields Too Large"}
+        elif not auth.startswith("Bearer ") or not sandbox.token_valid(auth[7:]):
             status, doc = 401, {"message": "Unauthorized"}
         elif app_id != sandbox.app_id:
             status, doc = 404, {"message": f"app {app_id} not found"}

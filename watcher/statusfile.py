@@ -13,14 +13,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .logs import REDACT
+
 NAME = "status.json"
 
 
 def write(folder: Path, doc: dict[str, Any]) -> None:
-    """Whole or not at all: a temporary file in the same folder, then a rename."""
+    """Whole or not at all: a temporary file in the same folder, then a rename. Scrubbed:
+    `last_error` carries the API's own words, which may echo a credential."""
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{NAME}.{os.getpid()}"
-    tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    text = json.dumps(REDACT.doc(doc), indent=1, ensure_ascii=False)
+    tmp.write_text(text + "\n", encoding="utf-8")
     os.replace(tmp, folder / NAME)
 
 

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import urllib3
 from urllib3.exceptions import HTTPError
 
+from .api import SignedUrl
 from .faults import Fault, Kind, classify_put, put_reason, retry_after_seconds, transport_retry
 from .items import Item, Snapshot
 
@@ -132,12 +133,14 @@ class Transfer:
         )
 
     def put(
-        self, url: str, item: Item, on_progress: Callable[[int], None] = lambda _: None
+        self, signed: SignedUrl, item: Item, on_progress: Callable[[int], None] = lambda _: None
     ) -> Sent:
-        """PUT the item's file to `url`; raises Fault, FileGone, FileChanged or NotRegular.
+        """PUT the item's file to the signed URL; raises Fault, FileGone, FileChanged or
+        NotRegular, never anything else, whatever the URL or the storage's answer.
 
         `on_progress(bytes sent)` is called for every block (status, and the watchdog's sign
         of life)."""
+        url = signed.url
         expected = item.snapshot
         fd = open_version(item.path, expected)
         try:
@@ -166,8 +169,12 @@ class Transfer:
             except HTTPError as exc:
                 reason = f"PUT to storage failed: {_why(exc)}"
                 raise Fault(Kind.SERVICE, reason, where="put") from None
+            except ValueError as exc:  # a URL that url_problem let through but cannot be sent
+                reason = f"the signed URL cannot be used: {type(exc).__name__}"
+                raise Fault(Kind.FINAL, reason, where="put") from None
             seconds = time.monotonic() - started
-            kind = classify_put(response.status, response.data)
+            expired = signed.expires_at is not None and time.time() >= signed.expires_at
+            kind = classify_put(response.status, response.data, expired)
             if kind is not None:
                 wait = retry_after_seconds(response.headers.get("Retry-After"), time.time())
                 reason = put_reason(response.status, response.data)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .api import ApiClient, SignedUrl
+from .api import ApiClient, SignedUrl, name_cost, packed
 from .fates import Blocked, Next, after_fault
 from .faults import Fault, Kind, backoff_seconds
 from .finisher import Finisher
@@ -125,8 +125,11 @@ class Uploader:
             else:
                 sendable.append(item)
         beat.idle()
-        if sendable and self._gates.api.wait(stop):
-            self._request(sendable, stop, beat)
+        budget = self._api.names_budget(batch[0].spot.file_type) if batch else 0
+        for group in packed(sendable, lambda item: name_cost(item.spot.name), budget):
+            if not self._gates.api.wait(stop):
+                return  # stopping: the files stay in the drop folder
+            self._request(group, stop, beat)
 
     def _hold(self, item: Item, problem: Blocked) -> None:
         """Keep a file that could not be moved after its upload: it waits for its folder."""
@@ -224,7 +227,7 @@ class Uploader:
             self.progress[rel] = (sent, size)
 
         try:
-            sent = self._transfer.put(ticket.url.url, item, progress)
+            sent = self._transfer.put(ticket.url, item, progress)
         except Fault as fault:
             self._settle(item, fault)
         except FileGone:
