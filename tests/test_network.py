@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from watcher.network import (
     masked_proxy,
     proxy_secrets,
 )
+from watcher.settings import load
 
 P = "http://proxy.corp:3128"
 
@@ -189,3 +191,20 @@ def test_a_proxy_setting_without_a_scheme_is_http(sandbox):
     settings = make_settings(sandbox, None, proxy=SecretStr("proxy.corp:3128"))
     assert settings.proxy is not None
     assert settings.proxy.get_secret_value() == "http://proxy.corp:3128"
+
+
+def test_a_world_readable_config_holding_a_proxy_password_is_warned_about(
+    tmp_path, caplog, monkeypatch
+):
+    for name in [n for n in os.environ if n.startswith("PRODUCTIV_")]:
+        monkeypatch.delenv(name)
+    config = tmp_path / "config.toml"
+    config.write_text(
+        'app_id = "a"\naccess_token = "t0ken"\nproxy = "http://u:Pr0xy-pass@proxy:3128"\n'
+    )
+    config.chmod(0o600)
+    load(config)
+    assert "readable by others" not in caplog.text
+    config.chmod(0o644)
+    load(config)
+    assert "readable by others" in caplog.text and "Pr0xy-pass" not in caplog.text

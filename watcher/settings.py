@@ -305,7 +305,8 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 def warn_if_exposed(path: Path, table: Mapping[str, Any]) -> None:
     """A config file holding a secret should not be readable by everyone."""
-    if not any(table.get(name) for name in SECRET_FIELDS):
+    proxy_login = "@" in str(table.get("proxy") or "")  # user:password@host
+    if not proxy_login and not any(table.get(name) for name in SECRET_FIELDS):
         return
     if path.stat().st_mode & stat.S_IROTH:
         log.warning(
