@@ -157,16 +157,22 @@ def explain(exc: BaseException, host: str, proxy: str | None) -> str | None:
     where = f"the proxy {_host_port(proxy)}" if through_proxy and proxy else host
     for cause in chain:
         if isinstance(cause, ssl.SSLCertVerificationError):
-            why = cause.verify_message or "unknown reason"
-            if cause.verify_code in UNTRUSTED_CODES:
-                why = f"set ca_bundle to your proxy's CA ({why})"
-            return f"certificate verify failed for {where}: {why}"
+            untrusted = cause.verify_code in UNTRUSTED_CODES
+            return certificate_reason(where, cause.verify_message or "unknown reason", untrusted)
     if through_proxy and proxy:
         detail = _detail(chain)
         if "407" in detail:
             detail += ": check the user name and password in the proxy setting"
         return f"cannot connect to {host} through the proxy {_host_port(proxy)}: {detail}"
     return None
+
+
+def certificate_reason(where: str, why: str, untrusted: bool) -> str:
+    """The sentence for a certificate that failed verification, with OpenSSL's words: any PUT
+    engine (libcurl gives the same words in its error buffer) says it alike."""
+    if untrusted:
+        why = f"set ca_bundle to your proxy's CA ({why})"
+    return f"certificate verify failed for {where}: {why}"
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
