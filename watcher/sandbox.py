@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import secrets
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -69,7 +70,10 @@ class Sandbox:
         host: str = "127.0.0.1",
         port: int = 0,
         presign: Presign | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
     ) -> None:
+        """`tls_cert` (with `tls_key`, unless the key is in the same PEM) serves https."""
         self.store = Path(store)
         self.app_id = APP_ID
         self.client_id = CLIENT_ID
@@ -92,7 +96,11 @@ class Sandbox:
         self._signing_secret = secrets.token_urlsafe(24)
         self._lock = threading.Lock()
         self._closing = threading.Event()
-        self._server = SandboxServer((host, port), SandboxHandler)
+        tls = None
+        if tls_cert is not None:
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls.load_cert_chain(tls_cert, tls_key)
+        self._server = SandboxServer((host, port), SandboxHandler, tls)
         self._server.sandbox = self
         self._thread: threading.Thread | None = None
 
@@ -101,7 +109,8 @@ class Sandbox:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        scheme = "http" if self._server.tls is None else "https"
+        return f"{scheme}://{host!s}:{port}"
 
     def start(self) -> Sandbox:
         self.store.mkdir(parents=True, exist_ok=True)

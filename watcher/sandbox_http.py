@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import socket
+import ssl
 import threading
 from dataclasses import asdict, dataclass, field
 from email.utils import formatdate
@@ -45,10 +46,30 @@ class SandboxServer(ThreadingHTTPServer):
     request_queue_size = 128
     sandbox: Sandbox
 
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         super().__init__(address, handler)
+        self.tls = tls
         self.open_sockets: set[socket.socket] = set()
         self._sockets_lock = threading.Lock()
+
+    def get_request(self) -> tuple[Any, Any]:
+        """With TLS, the handshake waits for the request's own thread (`finish_request`), so
+        a client that never completes it cannot stall the accepting thread."""
+        request, address = super().get_request()
+        if self.tls is not None:
+            request = self.tls.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+        return request, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            request.settimeout(SandboxHandler.timeout)
+            request.do_handshake()  # a refused certificate ends here, in handle_error
+        super().finish_request(request, client_address)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._sockets_lock:

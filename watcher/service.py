@@ -23,6 +23,7 @@ from .items import Spot
 from .logs import REDACT, event
 from .metrics import Metrics
 from .mover import Mover, prepare_folders
+from .network import Network
 from .notify import Notifier, SystemdNotifier
 from .operations import Operations
 from .receipts import Journal
@@ -76,7 +77,8 @@ class Service:
         self.gates = Gates(
             settings.retry_initial_seconds, settings.retry_max_seconds, clock, self.metrics
         )
-        self.api = ApiClient(settings)
+        self.network = Network.from_settings(settings)
+        self.api = ApiClient(settings, network=self.network)
         self.finisher = Finisher(
             Mover(drop, done, failed, time.time),
             self.work,
@@ -88,7 +90,12 @@ class Service:
         self.uploader = Uploader(
             settings,
             self.api,
-            Transfer(settings.request_timeout_seconds, MAX_CONCURRENCY, settings.content_type),
+            Transfer(
+                settings.request_timeout_seconds,
+                MAX_CONCURRENCY,
+                settings.content_type,
+                network=self.network,
+            ),
             self.finisher,
             self.work,
             self.gates,
@@ -138,6 +145,7 @@ class Service:
             notify_socket="set" if self._notifier.enabled else "unset",
             watchdog_seconds=self._notifier.watchdog_seconds,
             settings=self.settings.public_view(),
+            network=self.network.describe(),
         )
         self._spawn("stabiliser", lambda stop, beat: self.stabiliser.run(stop))
         self._spawn("dispatcher", self.uploader.dispatch_step)

@@ -131,6 +131,8 @@ class Settings(BaseSettings):
     api_url: str = "https://public-api.productiv.com"
     token_url: str = "https://login.api.productiv.com/oauth2/token"  # noqa: S105
     scope: str = "https://api.productiv.com/connector.write"
+    proxy: SecretStr | None = None  # beats HTTPS_PROXY/HTTP_PROXY; may hold user:password
+    ca_bundle: Path | None = None  # PEM CAs trusted beside certifi's (a TLS-inspecting proxy)
 
     drop_dir: Path | None = None
     done_dir: Path | None = None
@@ -170,6 +172,30 @@ class Settings(BaseSettings):
         if not value.startswith(("https://", "http://")) or "@" in value.split("/")[2]:
             raise ValueError("must be an http(s) URL without user:password")
         return value.rstrip("/")
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_url(cls, value: SecretStr | None) -> SecretStr | None:
+        from .network import proxy_problem, with_scheme  # network imports this module
+
+        if value is None or not value.get_secret_value().strip():
+            return None
+        url = with_scheme(value.get_secret_value())
+        problem = proxy_problem(url)
+        if problem:
+            raise ValueError(problem)
+        return SecretStr(url)
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _pem_file(cls, value: Path | None) -> Path | None:
+        from .network import pem_problem
+
+        path = value.expanduser().absolute() if value is not None else None
+        problem = pem_problem(path) if path is not None else None
+        if problem:
+            raise ValueError(problem)
+        return path
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -228,12 +254,19 @@ class Settings(BaseSettings):
         for name in SECRET_FIELDS:
             if view.get(name) is not None:
                 view[name] = "***"
+        if self.proxy is not None:
+            from .network import masked_proxy
+
+            view["proxy"] = masked_proxy(self.proxy.get_secret_value())
         return view
 
     def secret_values(self) -> list[str]:
         """Values that must never appear in any output (the log filter scrubs them)."""
+        from .network import proxy_secrets
+
         secrets = [getattr(self, name) for name in SECRET_FIELDS]
-        return [s.get_secret_value() for s in secrets if s is not None and s.get_secret_value()]
+        values = [s.get_secret_value() for s in secrets if s is not None and s.get_secret_value()]
+        return values + proxy_secrets(self.proxy.get_secret_value() if self.proxy else "")
 
 
 def load(config: Path | None = None, credentials: bool = True) -> Settings:
@@ -272,7 +305,8 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 def warn_if_exposed(path: Path, table: Mapping[str, Any]) -> None:
     """A config file holding a secret should not be readable by everyone."""
-    if not any(table.get(name) for name in SECRET_FIELDS):
+    proxy_login = "@" in str(table.get("proxy") or "")  # user:password@host
+    if not proxy_login and not any(table.get(name) for name in SECRET_FIELDS):
         return
     if path.stat().st_mode & stat.S_IROTH:
         log.warning(

@@ -14,12 +14,13 @@ import errno
 import hashlib
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, cast
-from urllib.parse import urlsplit
+from typing import IO, Any, cast
+from urllib.parse import unquote, urlsplit
 
 import urllib3
 from urllib3.exceptions import HTTPError
@@ -27,6 +28,7 @@ from urllib3.exceptions import HTTPError
 from .api import SignedUrl
 from .faults import Fault, Kind, classify_put, put_reason, retry_after_seconds, transport_retry
 from .items import Item, Snapshot
+from .network import Network, explain
 
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 SEND_BLOCK_BYTES = 1024 * 1024  # fewer, larger writes for big bodies; bounds memory per PUT
@@ -120,17 +122,38 @@ def open_version(path: Path, expected: Snapshot) -> int:
 
 
 class Transfer:
-    """Shared by the PUT worker threads: urllib3's PoolManager is thread-safe."""
+    """Shared by the PUT worker threads: urllib3's pool managers are thread-safe.
 
-    def __init__(self, timeout_seconds: float, concurrency: int, content_type: str = "") -> None:
+    One manager for direct PUTs and one per proxy URL (made on first use), all trusting the
+    network's CA file; which one a URL takes is `Network`'s cached decision."""
+
+    def __init__(
+        self, timeout_seconds: float, concurrency: int, content_type: str = "", *, network: Network
+    ) -> None:
         self._content_type = content_type
-        self._pool = urllib3.PoolManager(
-            num_pools=4,
-            maxsize=concurrency,  # the setting's bound: a reload may add workers
-            retries=transport_retry(),
-            timeout=urllib3.Timeout(connect=timeout_seconds, read=timeout_seconds),
-            blocksize=SEND_BLOCK_BYTES,
-        )
+        self._network = network
+        self._pool_kw: dict[str, Any] = {
+            "num_pools": 4,
+            "maxsize": concurrency,  # the setting's bound: a reload may add workers
+            "retries": transport_retry(),
+            "timeout": urllib3.Timeout(connect=timeout_seconds, read=timeout_seconds),
+            "blocksize": SEND_BLOCK_BYTES,
+            "ca_certs": network.ca_file,
+        }
+        self._pool = urllib3.PoolManager(**self._pool_kw)
+        self._proxied: dict[str, urllib3.ProxyManager] = {}
+        self._lock = threading.Lock()
+
+    def _manager(self, proxy: str | None) -> urllib3.PoolManager:
+        if proxy is None:
+            return self._pool
+        manager = self._proxied.get(proxy)
+        if manager is None:
+            with self._lock:
+                manager = self._proxied.get(proxy)
+                if manager is None:
+                    manager = self._proxied[proxy] = proxy_manager(proxy, self._pool_kw)
+        return manager
 
     def put(
         self, signed: SignedUrl, item: Item, on_progress: Callable[[int], None] = lambda _: None
@@ -153,10 +176,14 @@ class Transfer:
             # The connection pool directly, not the PoolManager: it would parse the long signed
             # URL once more, with urllib3's slower parser, for every file.
             parts = urlsplit(url)
+            host, port = parts.hostname or "", parts.port
+            proxy = self._network.proxy_for(parts.scheme, host, port)
             target = f"{parts.path}?{parts.query}" if parts.query else parts.path
+            if proxy is not None and parts.scheme == "http":
+                target = url  # no tunnel: the proxy's pool is asked for the absolute URL
             started = time.monotonic()
             try:
-                pool = self._pool.connection_from_host(parts.hostname, parts.port, parts.scheme)
+                pool = self._manager(proxy).connection_from_host(host, port, parts.scheme)
                 response = pool.urlopen(
                     "PUT",
                     target or "/",
@@ -167,7 +194,7 @@ class Transfer:
                     preload_content=True,
                 )
             except HTTPError as exc:
-                reason = f"PUT to storage failed: {_why(exc)}"
+                reason = f"PUT to storage failed: {explain(exc, host, proxy) or _why(exc)}"
                 raise Fault(Kind.SERVICE, reason, where="put") from None
             except ValueError as exc:  # a URL that url_problem let through but cannot be sent
                 reason = f"the signed URL cannot be used: {type(exc).__name__}"
@@ -185,6 +212,17 @@ class Transfer:
             return Sent(response.status, seconds, etag, reader.sha256.hexdigest())
         finally:
             os.close(fd)
+
+
+def proxy_manager(proxy: str, pool_kw: dict[str, Any]) -> urllib3.ProxyManager:
+    """A manager that tunnels through `proxy` (CONNECT for https), with its credentials as a
+    Proxy-Authorization header: urllib3 does not take them from the URL itself."""
+    parts = urlsplit(proxy)
+    headers = None
+    if parts.username is not None:
+        login = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        headers = urllib3.make_headers(proxy_basic_auth=login)
+    return urllib3.ProxyManager(proxy, proxy_headers=headers, **pool_kw)
 
 
 def _why(exc: HTTPError) -> str:
