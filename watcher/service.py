@@ -20,7 +20,7 @@ from .finisher import Finisher
 from .gate import ServiceGate
 from .health import Counts, Heartbeat, status_line, stuck
 from .items import Spot
-from .logs import REDACT, event
+from .logs import REDACT, Detail, event
 from .metrics import Metrics
 from .mover import Mover, prepare_folders
 from .notify import Notifier, SystemdNotifier
@@ -137,7 +137,7 @@ class Service:
             version=__version__,
             notify_socket="set" if self._notifier.enabled else "unset",
             watchdog_seconds=self._notifier.watchdog_seconds,
-            settings=self.settings.public_view(),
+            settings=Detail(self.settings.public_view(), self.settings.brief_view()),
         )
         self._spawn("stabiliser", lambda stop, beat: self.stabiliser.run(stop))
         self._spawn("dispatcher", self.uploader.dispatch_step)
