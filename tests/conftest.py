@@ -22,13 +22,11 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from tests.helpers import Unavailable, Unprivileged, unprivileged
+from tests.helpers import ROOT, Unavailable, Unprivileged, unprivileged
 from watcher import logs
 from watcher.sandbox import CLIENT_SECRET, ISSUED, Sandbox
 from watcher.service import Service
 from watcher.settings import Settings
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:

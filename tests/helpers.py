@@ -30,8 +30,8 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parent.parent
 VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 PROBE = (
-    "import os, sys; "
-    f"print(sys.version_info[:2] == {sys.version_info[:2]!r} and os.access(sys.executable, os.X_OK))"
+    f"import os, sys; print(sys.version_info[:2] == {sys.version_info[:2]!r}"
+    " and os.access(sys.executable, os.X_OK))"
 )
 
 
@@ -46,7 +46,7 @@ class Unprivileged:
     `argv` ends with `-m watcher`: append the command (`run`, `check`...). Merge `env` (which
     points PYTHONPATH at the copy) into the child's environment, start it with `cwd="/"` (the
     checkout may be unreadable), and hand it its folders with `own()`, under a `nobody_tmp`.
-    With `tests.conftest.Child`: `Child(env, command=nobody.argv, cwd=Path("/"))`.
+    With `tests.conftest.Child`: `Child({**env, **nobody.env}, command=nobody.argv, cwd=Path("/"))`.
     """
 
     user: str
@@ -72,10 +72,13 @@ class Unprivileged:
 def privilege_drop(user: str = "nobody") -> tuple[str, ...]:
     """The command prefix that runs what follows as `user`, or Unavailable saying why not."""
     if os.geteuid() != 0:
-        raise Unavailable(f"needs root to run the daemon as {user}: run `sudo make test` for it")
+        raise Unavailable(f"needs root to run the daemon as {user}: run `make test` as root")
     if not shutil.which("setpriv"):
         raise Unavailable("needs setpriv (util-linux) to run the daemon as another user")
-    entry = pwd.getpwnam(user)
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise Unavailable(f"needs a user {user} to run the daemon as") from None
     return ("setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups")
 
 
@@ -143,7 +146,7 @@ def unprivileged(site: Path, user: str = "nobody") -> Unprivileged:
     prefix = privilege_drop(user)
     python = find_python(prefix)
     install_copy(site)
-    entry = pwd.getpwnam(user)
+    entry = pwd.getpwnam(user)  # privilege_drop checked it exists
     nobody = Unprivileged(user, entry.pw_uid, entry.pw_gid, python, site, prefix)
     check = subprocess.run(
         [*prefix, python, "-c", "import watcher.cli, watcher.service"],

@@ -10,8 +10,8 @@ import subprocess
 from tests.conftest import ROOT
 
 WHERE = (
-    "import json, os, sys, pydantic_core, watcher; print(json.dumps("
-    "[sys.executable, watcher.__file__, pydantic_core.__file__, os.access(sys.executable, os.X_OK)]))"
+    "import json, os, sys, pydantic_core, watcher; print(json.dumps([sys.executable,"
+    " watcher.__file__, pydantic_core.__file__, os.access(sys.executable, os.X_OK)]))"
 )
 
 
