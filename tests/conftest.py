@@ -7,11 +7,13 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +22,11 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
+from tests.helpers import ROOT, Unavailable, Unprivileged, unprivileged
 from watcher import logs
 from watcher.sandbox import CLIENT_SECRET, ISSUED, Sandbox
 from watcher.service import Service
 from watcher.settings import Settings
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
@@ -185,12 +186,17 @@ class Child:
     """`productiv-watcher run` as a real child process; its stderr lines collected as they come."""
 
     def __init__(
-        self, env: dict[str, str], *args: str, prefix: list[str] | None = None, cwd: Path = ROOT
+        self,
+        env: dict[str, str],
+        *args: str,
+        command: Sequence[str] = (sys.executable, "-m", "watcher"),
+        cwd: Path = ROOT,
     ) -> None:
+        """`command` runs `python -m watcher`: `as_nobody.argv` runs it as nobody (cwd="/")."""
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("PRODUCTIV_")}
         full_env.update(env)
         self.proc = subprocess.Popen(
-            [*(prefix or []), sys.executable, "-m", "watcher", "run", *args],
+            [*command, "run", *args],
             env=full_env,
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
@@ -253,3 +259,27 @@ def no_leaked_threads() -> Iterator[None]:
         timeout=10,
         what="the test's threads to end",
     )
+
+
+@pytest.fixture(scope="session")
+def as_nobody() -> Iterator[Unprivileged]:
+    """How to run the daemon as `nobody` from a copy it can read (tests/helpers.py), or a skip
+    that says what to do. Built once per session (per xdist worker) on first use."""
+    site = Path(tempfile.mkdtemp(prefix="pw-site-"))
+    try:
+        yield unprivileged(site)
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    finally:
+        shutil.rmtree(site)
+
+
+@pytest.fixture
+def nobody_tmp(as_nobody: Unprivileged) -> Iterator[Path]:
+    """A fresh folder that `nobody` can traverse (pytest's tmp_path is private to its user)."""
+    base = Path(tempfile.mkdtemp(prefix="pw-nobody-"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base)

@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import ROOT, Folders, assert_no_secrets, subprocess_daemon, wait_for
 from watcher import __version__
 from watcher.sandbox import Sandbox
+from watcher.settings import Settings
 
 
 def cli(
@@ -216,6 +217,26 @@ def test_json_logs_are_one_object_per_line(sandbox, folders):
     [uploaded] = [d for d in docs if d["event"] == "uploaded"]
     assert uploaded["file"] == "a.csv" and uploaded["bytes"] == 1 and uploaded["level"] == "info"
     assert docs[0]["settings"]["client_secret"] == "***"
+
+
+def test_the_first_text_line_is_readable_and_json_keeps_every_setting(sandbox, folders):
+    first = {}
+    for fmt in ("text", "json"):
+        env = daemon_env(sandbox, folders, PRODUCTIV_LOG_FORMAT=fmt, PRODUCTIV_BATCH_SIZE="7")
+        with subprocess_daemon(env) as proc:
+            wait_for(lambda: len(proc.lines) >= 2, what="started and ready")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+            first[fmt] = proc.lines[0]
+    words = first["text"].split()
+    assert words[1:3] == ["INFO", "started"] and "{" not in first["text"]
+    for pair in (f"drop_dir={folders.drop}", f"api_url={sandbox.url}", "client_secret=***"):
+        assert pair in words
+    assert "batch_size=7" in words and "settle_seconds=0.3" in words  # differ from the defaults
+    assert not [w for w in words if w.startswith(("upload_concurrency=", "ignore_patterns="))]
+    settings = json.loads(first["json"])["settings"]
+    assert set(settings) == set(Settings.model_fields)  # all of them, defaults included
+    assert settings["client_secret"] == "***" and settings["batch_size"] == 7
 
 
 def test_a_state_dir_that_cannot_be_written_is_exit_78(sandbox, folders, tmp_path):

@@ -27,15 +27,11 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, Child, Folders, wait_for
+from tests.conftest import Child, Folders, wait_for
+from tests.helpers import Unprivileged
 from tests.test_pipeline import done_soon, write
 from tests.test_systemd import NotifySocket
 from watcher.sandbox import Sandbox
-
-needs_setpriv = pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv"
-)
-
 
 def unused_id(known: Any, start: int) -> int:
     """A user or group id nothing on this host has (the producer, the drop group)."""
@@ -53,6 +49,7 @@ class Field:
     service: int  # nobody's uid
     producer: int
     drop_gid: int
+    runner: Unprivileged
     child: Child | None = None
 
     def produce(self, path: Path, data: bytes) -> Path:
@@ -72,7 +69,7 @@ class Field:
             "PRODUCTIV_RETRY_MAX_SECONDS": "3",
             "PRODUCTIV_STATUS_SECONDS": "0.2",
             "PRODUCTIV_LOG_FORMAT": "json",
-            "PYTHONPATH": str(ROOT),
+            **self.runner.env,
             **env,
         }
         setpriv = [
@@ -81,7 +78,8 @@ class Field:
             "--regid=nogroup",
             f"--groups={self.drop_gid}",
         ]
-        self.child = Child(settings, prefix=setpriv, cwd=Path("/"))
+        command = [*setpriv, self.runner.python, "-m", "watcher"]
+        self.child = Child(settings, command=command, cwd=Path("/"))
         wait_for(lambda: self.events("ready") or self.child.proc.poll() is not None, what="ready")
         return self.child
 
@@ -101,7 +99,7 @@ class Field:
 
 
 @contextmanager
-def field() -> Iterator[Field]:
+def field(runner: Unprivileged) -> Iterator[Field]:
     import grp
 
     nobody = pwd.getpwnam("nobody")
@@ -111,6 +109,7 @@ def field() -> Iterator[Field]:
         nobody.pw_uid,
         unused_id(pwd.getpwuid, 42000),
         unused_id(grp.getgrgid, 42000),
+        runner,
     )
     try:
         base.chmod(0o755)
@@ -135,11 +134,12 @@ def puts_per_object(sandbox: Sandbox) -> Counter[str]:
     return Counter(r.path for r in list(sandbox.requests) if r.endpoint == "put")
 
 
-@needs_setpriv
-def test_files_in_a_folder_the_service_cannot_write_wait_unsent_until_it_is_fixed(sandbox):
+def test_files_in_a_folder_the_service_cannot_write_wait_unsent_until_it_is_fixed(
+    sandbox, as_nobody
+):
     notify = NotifySocket(f"@pw-fates-{secrets.token_hex(4)}")  # abstract: nobody may send
     try:
-        with field() as f:
+        with field(as_nobody) as f:
             users = f.folders.drop / "users"  # made by the producer with umask 0027
             users.mkdir()
             os.chown(users, f.producer, f.drop_gid)
@@ -189,11 +189,10 @@ def test_files_in_a_folder_the_service_cannot_write_wait_unsent_until_it_is_fixe
         notify.close()
 
 
-@needs_setpriv
 def test_a_done_folder_that_turns_read_only_during_the_put_retries_the_move_not_the_put(
-    sandbox,
+    sandbox, as_nobody
 ):
-    with field() as f:
+    with field(as_nobody) as f:
         sandbox.inject("put", count=2, delay=1.0)  # done/ turns read-only while these are sent
         names = ["a.csv", "b.csv"]
         for name in names:

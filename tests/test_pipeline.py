@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Captured, Folders, wait_for
+from tests.conftest import Captured, Child, Folders, wait_for
 from watcher import statusfile
 from watcher.watching import Watcher
 
@@ -512,70 +512,34 @@ def test_a_file_replaced_while_settling_is_uploaded_as_its_last_version(daemon, 
     assert sandbox.count("put") == 1
 
 
-def test_an_unreadable_file_goes_to_failed_with_the_reason(sandbox, logs_json):
+def test_an_unreadable_file_goes_to_failed_with_the_reason(sandbox, as_nobody, nobody_tmp):
     """Runs the daemon as `nobody`: root reads every file, so only a dropped privilege shows it."""
-    import pwd
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
-
-    from tests.conftest import ROOT, assert_no_secrets
-
-    if os.geteuid() != 0 or not shutil.which("setpriv"):
-        pytest.skip("needs root and setpriv to run the daemon as another user")
-    nobody = pwd.getpwnam("nobody")
-    base = Path(tempfile.mkdtemp(prefix="pw-nobody-"))  # pytest's tmp_path is private to root
-    (base / "drop").mkdir(parents=True)
+    base = nobody_tmp
+    (base / "drop").mkdir()
     write(base / "drop" / "locked.csv", b"secret").chmod(0o000)
     write(base / "drop" / "open.csv", b"fine").chmod(0o644)
-    base.chmod(0o755)
-    for folder in (base, base / "drop"):
-        os.chown(folder, nobody.pw_uid, nobody.pw_gid)
+    as_nobody.own(base, base / "drop")
     env = {
         **sandbox.env(),
+        **as_nobody.env,
         "PRODUCTIV_DROP_DIR": str(base / "drop"),
         "PRODUCTIV_SETTLE_SECONDS": "0.3",
-        "PYTHONPATH": str(ROOT),
-        "PATH": os.environ["PATH"],
     }
-    proc = subprocess.Popen(
-        [
-            "setpriv",
-            f"--reuid={nobody.pw_uid}",
-            f"--regid={nobody.pw_gid}",
-            "--clear-groups",
-            sys.executable,
-            "-m",
-            "watcher",
-            "run",
-        ],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd="/",
-    )
 
     def finished() -> bool:
         return (base / "failed" / "locked.csv.error.json").exists() and (
             base / "done" / "open.csv"
         ).exists()
 
+    child = Child(env, command=as_nobody.argv, cwd=Path("/"))
     try:
-        deadline = time.monotonic() + 15
-        while not finished() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: finished() or child.proc.poll() is not None, what="both files moved")
     finally:
-        proc.terminate()
-        stderr = proc.communicate(timeout=15)[1]
-    try:
-        assert finished(), stderr
-        assert_no_secrets(stderr)
-        reason = json.loads((base / "failed" / "locked.csv.error.json").read_text())["reason"]
-        assert reason == "cannot read the file: Permission denied"
-        assert ((base / "failed" / "locked.csv").stat().st_mode & 0o777) == 0  # permissions kept
-    finally:
-        shutil.rmtree(base)
+        child.close()
+    assert finished(), child.stderr
+    reason = json.loads((base / "failed" / "locked.csv.error.json").read_text())["reason"]
+    assert reason == "cannot read the file: Permission denied"
+    assert ((base / "failed" / "locked.csv").stat().st_mode & 0o777) == 0  # permissions kept
 
 
 def test_a_drop_folder_that_disappears_and_comes_back_is_watched_again(daemon, folders, logs_json):

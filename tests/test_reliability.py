@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import subprocess
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Captured, Child, Folders, wait_for
+from tests.conftest import Captured, Child, Folders, wait_for
 from tests.test_pipeline import done_soon, write
 from watcher.sandbox import Sandbox
 
@@ -100,58 +99,43 @@ def test_a_long_outage_keeps_memory_and_log_volume_flat(sandbox, folders):
     assert folders.files(folders.failed) == [] if folders.failed.exists() else True
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root + setpriv")
-def test_a_done_folder_that_refuses_files_keeps_them_in_drop(sandbox):
+def test_a_done_folder_that_refuses_files_keeps_them_in_drop(sandbox, as_nobody, nobody_tmp):
     """As `nobody`, so that permissions apply (root writes anywhere). A file that could not be
     moved once uploaded is not uploaded at all (issue 10): it waits, unsent, for done/."""
-    import pwd
-    import tempfile
-
-    nobody = pwd.getpwnam("nobody")
-    base = Path(tempfile.mkdtemp(prefix="pw-done-"))  # pytest's tmp_path is private to root
+    base = nobody_tmp
+    folders = Folders(base, base / "drop", base / "done", base / "failed")
+    for folder in (folders.drop, folders.done, folders.failed, base / "state"):
+        folder.mkdir()
+        as_nobody.own(folder)
+    env = {
+        **child_env(
+            sandbox,
+            folders,
+            PRODUCTIV_RETRY_INITIAL_SECONDS="0.2",
+            PRODUCTIV_RETRY_MAX_SECONDS="0.4",
+        ),
+        **as_nobody.env,
+    }
+    child = Child(env, command=as_nobody.argv, cwd=Path("/"))
     try:
-        base.chmod(0o755)
-        folders = Folders(base, base / "drop", base / "done", base / "failed")
-        for folder in (folders.drop, folders.done, folders.failed, base / "state"):
-            folder.mkdir()
-            os.chown(folder, nobody.pw_uid, nobody.pw_gid)
-        env = {
-            **child_env(
-                sandbox,
-                folders,
-                PRODUCTIV_RETRY_INITIAL_SECONDS="0.2",
-                PRODUCTIV_RETRY_MAX_SECONDS="0.4",
-            ),
-            "PYTHONPATH": str(ROOT),
-        }
-        setpriv = [
-            "setpriv",
-            f"--reuid={nobody.pw_uid}",
-            f"--regid={nobody.pw_gid}",
-            "--clear-groups",
-        ]
-        child = Child(env, prefix=setpriv, cwd=Path("/"))
-        try:
-            wait_for(lambda: " ready " in child.stderr)
-            folders.done.chmod(0o555)  # done/ stops taking files: read-only for its owner
-            write(folders.drop / "a.csv", b"kept").chmod(0o644)
-            wait_for(lambda: " folder_not_writable " in child.stderr, timeout=20)
-            assert (folders.drop / "a.csv").read_bytes() == b"kept"
-            assert list(folders.done.iterdir()) == []
-            assert sandbox.count("put") == 0  # not sent: it could not have been moved
-            folders.done.chmod(0o755)
-            wait_for(lambda: (folders.done / "a.csv").exists(), timeout=20)
-            child.send_signal(signal.SIGTERM)
-            assert child.wait(15) == 0
-        finally:
-            child.close()
-        [problem] = [line for line in child.lines if " folder_not_writable " in line]
-        assert f"folder={folders.done} " in problem and "no write permission" in problem
-        assert sandbox.count("put") == sandbox.count("put", 200) == 1  # sent once, when movable
-        assert not [line for line in child.lines if " retrying " in line]  # not an outage
-        assert (folders.done / "a.csv").read_bytes() == b"kept"
+        wait_for(lambda: " ready " in child.stderr)
+        folders.done.chmod(0o555)  # done/ stops taking files: read-only for its owner
+        write(folders.drop / "a.csv", b"kept").chmod(0o644)
+        wait_for(lambda: " folder_not_writable " in child.stderr, timeout=20)
+        assert (folders.drop / "a.csv").read_bytes() == b"kept"
+        assert list(folders.done.iterdir()) == []
+        assert sandbox.count("put") == 0  # not sent: it could not have been moved
+        folders.done.chmod(0o755)
+        wait_for(lambda: (folders.done / "a.csv").exists(), timeout=20)
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(15) == 0
     finally:
-        shutil.rmtree(base)
+        child.close()
+    [problem] = [line for line in child.lines if " folder_not_writable " in line]
+    assert f"folder={folders.done} " in problem and "no write permission" in problem
+    assert sandbox.count("put") == sandbox.count("put", 200) == 1  # sent once, when movable
+    assert not [line for line in child.lines if " retrying " in line]  # not an outage
+    assert (folders.done / "a.csv").read_bytes() == b"kept"
 
 
 def test_a_full_disk_keeps_the_file_in_drop_until_there_is_room(sandbox, tmp_path, daemon_factory):

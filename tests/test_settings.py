@@ -128,6 +128,26 @@ def test_a_secret_never_shows_in_a_message_or_the_public_view(env, tmp_path):
     assert SECRET not in str(caught.value)
 
 
+def test_the_brief_view_is_the_essentials_then_what_differs_from_the_defaults(env):
+    env.setenv("PRODUCTIV_CLIENT_SECRET", SECRET)
+    env.setenv("PRODUCTIV_ACCESS_TOKEN", SECRET + "-token")
+    env.setenv("PRODUCTIV_DROP_DIR", "/srv/drop")
+    env.setenv("PRODUCTIV_BATCH_SIZE", "9")
+    env.setenv("PRODUCTIV_UPLOAD_CONCURRENCY", "4")  # the default: not shown
+    assert list(load().brief_view().items()) == [
+        ("app_id", "app"),
+        ("api_url", "https://public-api.productiv.com"),  # shown even when it is the default
+        ("drop_dir", "/srv/drop"),
+        ("done_dir", "/srv/done"),
+        ("failed_dir", "/srv/failed"),
+        ("client_id", "id"),
+        ("client_secret", "***"),
+        ("access_token", "***"),
+        ("batch_size", 9),
+        ("state_dir", "/srv/state"),
+    ]
+
+
 def test_a_world_readable_config_holding_the_secret_is_warned_about(env, tmp_path, caplog):
     load(toml(tmp_path, f'client_secret = "{SECRET}"', mode=0o644))
     assert "readable by others" in caplog.text and SECRET not in caplog.text

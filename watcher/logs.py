@@ -18,7 +18,8 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TextIO
 
@@ -171,6 +172,15 @@ def event(
     logger.log(level, message, extra={"event": name, "fields": fields})
 
 
+@dataclass(frozen=True)
+class Detail:
+    """A field that JSON lines carry whole (`full`) and text lines show as the `key=value`
+    pairs of `brief`: a person reading the start line wants a glance, not escaped JSON."""
+
+    full: Mapping[str, Any]
+    brief: Mapping[str, Any]
+
+
 def _timestamp(record: logging.LogRecord) -> str:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
     return f"{stamp}.{int(record.msecs):03d}Z"
@@ -191,9 +201,9 @@ class TextFormatter(logging.Formatter):
         name = getattr(record, "event", None) or record.name
         parts = [_timestamp(record), f"{record.levelname:<7}", name]
         fields: dict[str, Any] = getattr(record, "fields", {})
-        parts += [
-            f"{key}={_text_value(value)}" for key, value in fields.items() if value is not None
-        ]
+        for key, value in fields.items():
+            pairs = value.brief.items() if isinstance(value, Detail) else [(key, value)]
+            parts += [f"{k}={_text_value(v)}" for k, v in pairs if v is not None]
         message = record.getMessage()
         if message:
             parts.append(message)
@@ -213,7 +223,9 @@ class JsonFormatter(logging.Formatter):
             "event": getattr(record, "event", None) or "log",
             "logger": record.name,
         }
-        doc.update({k: v for k, v in getattr(record, "fields", {}).items() if v is not None})
+        for key, value in getattr(record, "fields", {}).items():
+            if value is not None:
+                doc[key] = value.full if isinstance(value, Detail) else value
         message = record.getMessage()
         if message:
             doc["message"] = message

@@ -20,7 +20,7 @@ from .finisher import Finisher
 from .gate import Gates
 from .health import Counts, Heartbeat, status_line, stuck
 from .items import Spot
-from .logs import REDACT, event
+from .logs import REDACT, Detail, event
 from .metrics import Metrics
 from .mover import Mover, prepare_folders
 from .network import Network
@@ -144,7 +144,7 @@ class Service:
             version=__version__,
             notify_socket="set" if self._notifier.enabled else "unset",
             watchdog_seconds=self._notifier.watchdog_seconds,
-            settings=self.settings.public_view(),
+            settings=Detail(self.settings.public_view(), self.settings.brief_view()),
             network=self.network.describe(),
         )
         self._spawn("stabiliser", lambda stop, beat: self.stabiliser.run(stop))

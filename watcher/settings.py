@@ -39,6 +39,8 @@ else:  # pragma: no cover - exercised only on Python 3.10
 FileType = Literal["users", "contracts", "other"]
 FILE_TYPES: tuple[FileType, ...] = ("users", "contracts", "other")
 SECRET_FIELDS = ("client_secret", "access_token")
+# Shown in the text start line even at their defaults: what an operator checks first.
+ESSENTIAL_FIELDS = ("app_id", "api_url", "drop_dir", "done_dir", "failed_dir")
 CREDENTIAL_FIELDS = ("client_id", *SECRET_FIELDS)
 MAX_PUT_BYTES = 5 * 1024**3  # S3's limit for a single PUT
 MAX_CONCURRENCY = 64
@@ -259,6 +261,14 @@ class Settings(BaseSettings):
 
             view["proxy"] = masked_proxy(self.proxy.get_secret_value())
         return view
+
+    def brief_view(self) -> dict[str, Any]:
+        """For people (text logs): the essentials, then each setting that differs from its
+        default, secrets masked. The JSON log line carries `public_view`, every setting."""
+        view = self.public_view()
+        fields = Settings.model_fields
+        changed = [name for name, info in fields.items() if getattr(self, name) != info.default]
+        return {name: view[name] for name in dict.fromkeys([*ESSENTIAL_FIELDS, *changed])}
 
     def secret_values(self) -> list[str]:
         """Values that must never appear in any output (the log filter scrubs them)."""
