@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
+
+from .settings import FILE_TYPES
+
+_TYPE_NAMES = tuple(os.fsencode(t) for t in FILE_TYPES)
 
 
 class _QuietStop(logging.Filter):
@@ -29,8 +35,23 @@ logging.getLogger("watchdog.observers.inotify").addFilter(_QuietStop())
 warnings.filterwarnings("ignore", "Callback with id .* already exists", RuntimeWarning, "watchdog")
 
 
-def observer() -> BaseObserver:
+def _is_folder(path: bytes) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def observer(
+    overflowed: Callable[[], None] = lambda: None,
+    unwatched: Callable[[bytes, OSError], None] = lambda path, exc: None,
+) -> BaseObserver:
     """watchdog's inotify observer, asking the kernel only for what the stabiliser needs.
+
+    Watches only the drop folder and its type folders (real folders, never a symlink): every
+    deeper folder would cost a watch from `fs.inotify.max_user_watches` for nothing. A type
+    folder that cannot be watched is reported to `unwatched` (watchdog would say nothing); a
+    queue overflow (events lost) to `overflowed`. Both are called on watchdog's inotify thread.
 
     watchdog derives the mask from the event filter, and a moved-in file (FileCreatedEvent) brings
     IN_MOVED_FROM with it. watchdog holds every IN_MOVED_FROM for 0.5 s to pair it with its
@@ -48,7 +69,7 @@ def observer() -> BaseObserver:
             InotifyWatchGroup,
         )
         from watchdog.observers.inotify_c import InotifyConstants as In
-        from watchdog.observers.inotify_c import Mask
+        from watchdog.observers.inotify_c import InotifyEvent, Mask
         from watchdog.observers.inotify_move_event_grouper import (
             InotifyMoveEventGrouper,
             PathedInotifyEvent,
@@ -68,6 +89,48 @@ def observer() -> BaseObserver:
     @dataclass
     class Group(InotifyWatchGroup):
         _move_event_grouper: InotifyMoveEventGrouper = field(default_factory=Unpaired, init=False)
+
+        def _is_type_folder(self, path: bytes) -> bool:
+            head, name = os.path.split(path)
+            return head == self.path and name in _TYPE_NAMES
+
+        def _add_all_callbacks(self, path: bytes) -> None:
+            """watchdog's walks every folder below; here: the root and its type folders."""
+            if path == self.path:
+                self._add_callback(path)
+                for name in _TYPE_NAMES:
+                    self._add_all_callbacks(os.path.join(path, name))
+            elif self._is_type_folder(path) and _is_folder(path):
+                self._add_callback(path)
+
+        def _add_callback(self, path: bytes) -> None:
+            """As watchdog's, which drops a failure below the root without a word."""
+            try:
+                wd = self._inotify_fd.add_callback(path, self.event_mask, self._callback, self._id)
+            except OSError as exc:
+                if path == self.path:
+                    raise
+                unwatched(path, exc)
+                return
+            self._active_callbacks_by_path[path] = wd
+            self._active_callbacks_by_watch[wd] = path
+
+        def _recursive_simulate(self, src_path: bytes) -> list[InotifyEvent]:
+            """Files already in a type folder that appeared before its watch (`mkdir users;
+            cp a users/`); watchdog's walks the whole tree below any new folder."""
+            wd = self._active_callbacks_by_path.get(src_path)
+            if wd is None or not self._is_type_folder(src_path):
+                return []
+            try:
+                with os.scandir(src_path) as entries:
+                    names = [e.name for e in entries if not e.is_dir(follow_symlinks=False)]
+            except OSError:
+                return []
+            return [InotifyEvent(wd, In.IN_CREATE, 0, name) for name in names]
+
+        def on_queue_overflow(self) -> None:
+            super().on_queue_overflow()  # watches rebuilt: ours, through _add_all_callbacks
+            overflowed()
 
     class Emitter(InotifyEmitter):
         def on_thread_start(self) -> None:  # as watchdog's, with our mask and grouper

@@ -17,6 +17,7 @@ from functools import partial
 from . import __version__, logs
 from .api import ApiClient
 from .finisher import Finisher
+from .folders import Folders
 from .gate import ServiceGate
 from .health import Counts, Heartbeat, status_line, stuck
 from .items import Spot
@@ -30,7 +31,7 @@ from .settings import MAX_CONCURRENCY, ConfigError, Settings, require_folders, s
 from .stability import Stabiliser
 from .transfer import Transfer
 from .uploader import Uploader
-from .watching import Watcher
+from .watching import Watcher, resolve
 from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class Service:
         self._last_status = ""
 
         drop, done, failed = require_folders(settings)
+        drop = resolve(drop)  # once: inotify and the folders' descriptors follow no symlink
+        self.drop = Folders(drop)  # every file operation in drop/ goes through its descriptors
         assert settings.state_dir is not None  # derived from drop_dir by the settings
         REDACT.add(settings.secret_values())
         self.metrics = Metrics(settings)
@@ -72,13 +75,14 @@ class Service:
             settings.state_dir, int(settings.receipts_max_bytes), settings.receipts_keep
         )
         self.work = WorkQueue(clock, self._noticed)
-        self.stabiliser = Stabiliser(settings.settle_seconds, self.work, clock)
+        self.stabiliser = Stabiliser(settings.settle_seconds, self.work, clock, self.drop.lstat)
         self.gate = ServiceGate(
             settings.retry_initial_seconds, settings.retry_max_seconds, clock, self.metrics
         )
         self.api = ApiClient(settings)
+        self.mover = Mover(drop, done, failed, time.time)
         self.finisher = Finisher(
-            Mover(drop, done, failed, time.time),
+            self.mover,
             self.work,
             self.gate,
             self._noticed,
@@ -88,7 +92,12 @@ class Service:
         self.uploader = Uploader(
             settings,
             self.api,
-            Transfer(settings.request_timeout_seconds, MAX_CONCURRENCY, settings.content_type),
+            Transfer(
+                settings.request_timeout_seconds,
+                MAX_CONCURRENCY,
+                settings.content_type,
+                self.drop.open,
+            ),
             self.finisher,
             self.work,
             self.gate,
@@ -103,6 +112,8 @@ class Service:
             settings.polling,
             settings.poll_interval_seconds,
             settings.canary_seconds,
+            folders=self.drop,
+            wake=self._wakeup.set,
         )
         self.operations = Operations(
             settings,
@@ -210,7 +221,7 @@ class Service:
             if self._reload_requested:
                 self._reload_requested = False
                 self._apply_reload()
-            if now >= next_scan:
+            if now >= next_scan or self.watcher.rescan_due():
                 self.watcher.scan()
                 next_scan = now + self.settings.rescan_seconds
             # Quiet until these counts say otherwise: a file noticed from this moment on wakes
@@ -289,6 +300,8 @@ class Service:
         self.finisher.close()
         self._join([self._threads["finisher"][0]], deadline)
         self.watcher.join(max(0.0, deadline - self._clock()))
+        self.mover.close()
+        self.drop.close()
         self.metrics.stop()
         self.operations.write_status("stopped")
         abandoned = sum(

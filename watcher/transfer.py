@@ -96,10 +96,16 @@ class BoundedReader:
         return self._pos
 
 
-def open_version(path: Path, expected: Snapshot) -> int:
-    """A descriptor on the file, provided it is still the regular file that settled."""
+Opener = Callable[[Path, int], int]  # (path, flags) -> descriptor, as `os.open`
+
+
+def open_version(path: Path, expected: Snapshot, opener: Opener = os.open) -> int:
+    """A descriptor on the file, provided it is still the regular file that settled.
+
+    The daemon's opener works relative to a descriptor of the file's folder (`Folders.open`),
+    so that a type folder swapped for a symlink is refused rather than followed."""
     try:
-        fd = os.open(path, OPEN_FLAGS)
+        fd = opener(path, OPEN_FLAGS)
     except FileNotFoundError:
         raise FileGone from None
     except OSError as exc:
@@ -121,8 +127,15 @@ def open_version(path: Path, expected: Snapshot) -> int:
 class Transfer:
     """Shared by the PUT worker threads: urllib3's PoolManager is thread-safe."""
 
-    def __init__(self, timeout_seconds: float, concurrency: int, content_type: str = "") -> None:
+    def __init__(
+        self,
+        timeout_seconds: float,
+        concurrency: int,
+        content_type: str = "",
+        opener: Opener = os.open,
+    ) -> None:
         self._content_type = content_type
+        self._opener = opener
         self._pool = urllib3.PoolManager(
             num_pools=4,
             maxsize=concurrency,  # the setting's bound: a reload may add workers
@@ -139,7 +152,7 @@ class Transfer:
         `on_progress(bytes sent)` is called for every block (status, and the watchdog's sign
         of life)."""
         expected = item.snapshot
-        fd = open_version(item.path, expected)
+        fd = open_version(item.path, expected, self._opener)
         try:
             headers = {"Content-Length": str(expected.size)}
             if self._content_type:

@@ -1,0 +1,277 @@
+"""Folders by descriptor: a root (drop/, done/ or failed/) and its type folders.
+
+`O_NOFOLLOW` and `lstat` guard only the last component of a path: with `drop/users` a symlink,
+every path-based scan, open and rename would go wherever it points. So every file operation in
+these folders works relative to a descriptor of the file's folder: the root opened once, each
+type folder opened relative to it with `O_DIRECTORY|O_NOFOLLOW`. A type folder that is not a real
+folder (a symlink, a file named `users`) is refused, never followed.
+
+The descriptors are cached: the burst throughput is a measured target, and a cached descriptor
+costs one `fstatat` per use to check that the name still means that folder (dev, inode); the
+root, whose parent producers cannot write, is checked at most once a second. A replaced folder is
+re-opened; the old descriptor is closed once no thread uses it any more.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path, PurePath
+
+from .logs import event
+from .settings import FILE_TYPES
+
+log = logging.getLogger(__name__)
+
+ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC  # readable: scandir and fsync need it
+SUB_FLAGS = ROOT_FLAGS | os.O_NOFOLLOW
+ROOT_CHECK_SECONDS = 1.0
+
+Identity = tuple[int, int]  # (st_dev, st_ino)
+
+
+def kind_of(mode: int) -> str:
+    """What a directory entry is, in the words the `skipped` log line uses."""
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "device"
+
+
+def refusal(kind: str, sub: str) -> str:
+    """Why a type folder of the drop folder is not used, and what to do about it."""
+    if kind == "symlink":
+        return (
+            f"a symlink, not a folder: it is never followed; files of type {sub} go in a "
+            f"real folder {sub}/ (replace the link with a folder)"
+        )
+    return (
+        f"a {kind}, not a folder: the name {sub} belongs to the type folder {sub}/; rename "
+        f"it (files go directly in the drop folder or in a folder {sub}/)"
+    )
+
+
+class FolderRefused(FileNotFoundError):
+    """A type folder of the drop folder that is not a real folder: its files are not ours."""
+
+
+@dataclass(eq=False)
+class _Open:
+    fd: int
+    identity: Identity
+    leases: int = 0
+    retired: bool = False
+
+
+class Folders:
+    """One root and its type folders; safe to use from several threads at once.
+
+    `create` (done/ and failed/): missing folders are made, and a type folder that is not a
+    folder is a NotADirectoryError naming it. Without it (drop/): nothing is made, and such a type
+    folder is a FolderRefused (a FileNotFoundError: the file is no longer in the drop folder),
+    said once in a `skipped` line.
+    """
+
+    def __init__(self, root: Path, create: bool = False) -> None:
+        self.root = root
+        self._create = create
+        self._lock = threading.Lock()
+        self._open: dict[str, _Open] = {}  # "" is the root
+        self._root_checked = float("-inf")
+        self._refused: dict[str, Identity] = {}  # the non-folders already said, by type folder
+
+    def locate(self, path: Path) -> tuple[str, str]:
+        """(type folder, or "" for the root; name) of a file directly in either."""
+        parent = path.parent
+        if parent == self.root:
+            return "", path.name
+        if parent.parent == self.root and parent.name in FILE_TYPES:
+            return parent.name, path.name
+        raise FileNotFoundError(errno.ENOENT, "not in a folder this daemon serves", str(path))
+
+    def sub_of(self, folder: Path) -> str | None:
+        """The type folder (or "") that `folder` names, None when it is not one of ours."""
+        if folder == self.root:
+            return ""
+        if folder.parent == self.root and folder.name in FILE_TYPES:
+            return folder.name
+        return None
+
+    @contextmanager
+    def folder(self, sub: str) -> Iterator[int]:
+        """A descriptor of the root ("") or of a type folder, valid inside the `with`."""
+        with self._lock:
+            entry = self._acquire(sub)
+            entry.leases += 1
+        try:
+            yield entry.fd
+        finally:
+            with self._lock:
+                entry.leases -= 1
+                if entry.retired and entry.leases == 0:
+                    os.close(entry.fd)
+
+    def lstat(self, path: Path) -> os.stat_result:
+        sub, name = self.locate(path)
+        with self.folder(sub) as fd:
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+
+    def exists(self, sub: str, name: str) -> bool:
+        try:
+            with self.folder(sub) as fd:
+                os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def open(self, path: Path, flags: int) -> int:
+        sub, name = self.locate(path)
+        with self.folder(sub) as fd:
+            return os.open(name, flags, dir_fd=fd)
+
+    def scandir(self, sub: str) -> list[str]:
+        """The names in a folder. The scan is the one reader of the directory offset, which a
+        descriptor's copies share, so callers scan from one thread only (the main loop)."""
+        with self.folder(sub) as fd, os.scandir(fd) as entries:
+            return [entry.name for entry in entries]
+
+    def close(self) -> None:
+        with self._lock:
+            for sub in list(self._open):
+                self._retire(sub)
+
+    # -- under the lock ----------------------------------------------------------------------
+
+    def recheck(self) -> None:
+        """Check the root at the next use (a rename into it found it gone)."""
+        with self._lock:
+            self._root_checked = float("-inf")
+
+    def _acquire(self, sub: str) -> _Open:
+        try:
+            return self._acquire_once(sub)
+        except FileNotFoundError:
+            if not self._create:
+                raise
+            self._root_checked = float("-inf")  # the root itself went: make it again
+            return self._acquire_once(sub)
+
+    def _acquire_once(self, sub: str) -> _Open:
+        root = self._root()
+        if not sub:
+            return root
+        try:
+            st = os.stat(sub, dir_fd=root.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            if not self._create:
+                self._retire(sub)
+                raise
+            with suppress(FileExistsError):  # FileNotFoundError: the root went
+                os.mkdir(sub, dir_fd=root.fd)
+            st = os.stat(sub, dir_fd=root.fd, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode):
+            self._retire(sub)
+            raise self._refuse(sub, st)
+        self._refused.pop(sub, None)
+        entry = self._open.get(sub)
+        if entry is None or entry.identity != (st.st_dev, st.st_ino):
+            self._retire(sub)
+            entry = self._opened(sub, os.open(sub, SUB_FLAGS, dir_fd=root.fd))
+        return entry
+
+    def _root(self) -> _Open:
+        entry = self._open.get("")
+        now = time.monotonic()
+        if entry is not None and now - self._root_checked < ROOT_CHECK_SECONDS:
+            return entry
+        try:
+            st = os.stat(self.root)
+        except FileNotFoundError:
+            if not self._create:
+                raise
+            self.root.mkdir(parents=True, exist_ok=True)
+            st = os.stat(self.root)
+        if entry is None or entry.identity != (st.st_dev, st.st_ino):
+            for sub in list(self._open):  # the type folders' names were relative to the old root
+                self._retire(sub)
+            entry = self._opened("", os.open(self.root, ROOT_FLAGS))
+        self._root_checked = now
+        return entry
+
+    def _opened(self, sub: str, fd: int) -> _Open:
+        st = os.fstat(fd)
+        entry = _Open(fd, (st.st_dev, st.st_ino))
+        self._open[sub] = entry
+        return entry
+
+    def _retire(self, sub: str) -> None:
+        entry = self._open.pop(sub, None)
+        if entry is not None:
+            entry.retired = True
+            if entry.leases == 0:
+                os.close(entry.fd)
+
+    def _refuse(self, sub: str, st: os.stat_result) -> OSError:
+        kind = kind_of(st.st_mode)
+        if self._create:
+            text = f"{self.root.name}/{sub} is a {kind}, not a folder: move it away"
+            return NotADirectoryError(errno.ENOTDIR, text, str(self.root / sub))
+        if self._refused.get(sub) != (st.st_dev, st.st_ino):
+            self._refused[sub] = (st.st_dev, st.st_ino)
+            event(log, "skipped", file=sub, reason=refusal(kind, sub))
+        return FolderRefused(errno.ENOENT, f"{sub} is not a folder", str(self.root / sub))
+
+
+# -- which folders overlap -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Where a folder really is: its resolved path, and the (dev, inode) of each folder from
+    it (when it exists) up to `/`, innermost first."""
+
+    path: PurePath
+    chain: tuple[Identity, ...]
+    exists: bool
+
+
+def place(path: Path) -> Place:
+    """Resolves `..` and symlinks; the identities also catch a bind mount of the same folder."""
+    real = Path(os.path.realpath(path))
+    chain = []
+    for folder in (real, *real.parents):
+        try:
+            st = os.stat(folder)
+        except OSError:
+            continue
+        chain.append((st.st_dev, st.st_ino))
+    return Place(real, tuple(chain), real.is_dir())
+
+
+def overlapping(places: Mapping[str, Place]) -> list[tuple[str, str, bool]]:
+    """(inner, outer, same folder) for each pair of folders that are one, or one inside the
+    other, in either direction and under any name."""
+    found = []
+    for (a, pa), (b, pb) in combinations(places.items(), 2):
+        if pa.path == pb.path or (pa.exists and pb.exists and pa.chain[0] == pb.chain[0]):
+            found.append((a, b, True))
+        elif pa.path.is_relative_to(pb.path) or (pb.exists and pb.chain[0] in pa.chain):
+            found.append((a, b, False))
+        elif pb.path.is_relative_to(pa.path) or (pa.exists and pa.chain[0] in pb.chain):
+            found.append((b, a, False))
+    return found
