@@ -145,10 +145,15 @@ class Folders:
             return os.open(name, flags, dir_fd=fd)
 
     def scandir(self, sub: str) -> list[str]:
-        """The names in a folder. The scan is the one reader of the directory offset, which a
-        descriptor's copies share, so callers scan from one thread only (the main loop)."""
-        with self.folder(sub) as fd, os.scandir(fd) as entries:
-            return [entry.name for entry in entries]
+        """The names in a folder, read through a descriptor of its own: the cached one's
+        directory offset is shared by its copies, so two scans on it would miss entries."""
+        with self.folder(sub) as folder:
+            fd = os.open(".", ROOT_FLAGS, dir_fd=folder)
+        try:
+            with os.scandir(fd) as entries:
+                return [entry.name for entry in entries]
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         with self._lock:
@@ -269,7 +274,7 @@ def overlapping(places: Mapping[str, Place]) -> list[tuple[str, str, bool]]:
     found = []
     for (a, pa), (b, pb) in combinations(places.items(), 2):
         if pa.path == pb.path or (pa.exists and pb.exists and pa.chain[0] == pb.chain[0]):
-            found.append((a, b, True))
+            found.append((b, a, True))  # "done_dir ... is the same folder as drop_dir ..."
         elif pa.path.is_relative_to(pb.path) or (pb.exists and pb.chain[0] in pa.chain):
             found.append((a, b, False))
         elif pb.path.is_relative_to(pa.path) or (pa.exists and pa.chain[0] in pb.chain):
