@@ -242,6 +242,16 @@ class Folders:
         return FolderRefused(errno.ENOENT, f"{sub} is not a folder", str(self.root / sub))
 
 
+def resolve(drop_dir: Path) -> Path:
+    """The drop folder as it really is, resolved once at start: inotify does not follow a
+    symlink (a watch on the link would hear nothing) and neither do the folders' descriptors.
+    Re-pointing the link later takes a restart."""
+    real = Path(os.path.realpath(drop_dir))
+    if real != drop_dir:
+        event(log, "drop_dir_resolved", drop_dir=str(drop_dir), resolved=str(real))
+    return real
+
+
 # -- which folders overlap -------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ kernel's watch mask from /proc/self/fdinfo, so an upgrade that changes them fail
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -17,9 +18,16 @@ from dataclasses import dataclass, field
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
+from .items import display
+from .logs import event
 from .settings import FILE_TYPES
 
+log = logging.getLogger(__name__)
+
 _TYPE_NAMES = tuple(os.fsencode(t) for t in FILE_TYPES)
+WATCH_LIMIT = (
+    "the inotify watch limit is used up (raise fs.inotify.max_user_watches, or set polling = true)"
+)
 
 
 class _QuietStop(logging.Filter):
@@ -42,16 +50,27 @@ def _is_folder(path: bytes) -> bool:
         return False
 
 
-def observer(
-    overflowed: Callable[[], None] = lambda: None,
-    unwatched: Callable[[bytes, OSError], None] = lambda path, exc: None,
-) -> BaseObserver:
+def _unwatched(root: bytes, path: bytes, exc: OSError) -> None:
+    """Say that a type folder gets no watch (watchdog drops this without a word)."""
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return  # the folder went (or was replaced) meanwhile: its own event says so
+    why = WATCH_LIMIT if exc.errno == errno.ENOSPC else exc.strerror
+    event(
+        log,
+        "watch_failed",
+        level=logging.ERROR,
+        folder=display(os.fsdecode(os.path.relpath(path, root))),
+        reason=f"cannot watch this folder: {why}; its files are found only by the rescans",
+    )
+
+
+def observer(overflowed: Callable[[], None] = lambda: None) -> BaseObserver:
     """watchdog's inotify observer, asking the kernel only for what the stabiliser needs.
 
     Watches only the drop folder and its type folders (real folders, never a symlink): every
     deeper folder would cost a watch from `fs.inotify.max_user_watches` for nothing. A type
-    folder that cannot be watched is reported to `unwatched` (watchdog would say nothing); a
-    queue overflow (events lost) to `overflowed`. Both are called on watchdog's inotify thread.
+    folder that cannot be watched is said (watchdog would say nothing); a queue overflow
+    (events lost) is reported to `overflowed`, on watchdog's inotify thread.
 
     watchdog derives the mask from the event filter, and a moved-in file (FileCreatedEvent) brings
     IN_MOVED_FROM with it. watchdog holds every IN_MOVED_FROM for 0.5 s to pair it with its
@@ -110,7 +129,7 @@ def observer(
             except OSError as exc:
                 if path == self.path:
                     raise
-                unwatched(path, exc)
+                _unwatched(self.path, path, exc)
                 return
             self._active_callbacks_by_path[path] = wd
             self._active_callbacks_by_watch[wd] = path

@@ -17,7 +17,7 @@ from functools import partial
 from . import __version__, logs
 from .api import ApiClient
 from .finisher import Finisher
-from .folders import Folders
+from .folders import Folders, resolve
 from .gate import ServiceGate
 from .health import Counts, Heartbeat, status_line, stuck
 from .items import Spot
@@ -31,7 +31,7 @@ from .settings import MAX_CONCURRENCY, ConfigError, Settings, require_folders, s
 from .stability import Stabiliser
 from .transfer import Transfer
 from .uploader import Uploader
-from .watching import Watcher, resolve
+from .watching import Watcher
 from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)

@@ -233,28 +233,11 @@ class Watcher:
     def _overflowed(self) -> None:
         self._want_rescan("the kernel's inotify queue overflowed: events were lost")
 
-    def _unwatched(self, path: bytes, exc: OSError) -> None:
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-            return  # the folder went (or was replaced) meanwhile: its own event says so
-        why = (
-            "the inotify watch limit is used up (raise fs.inotify.max_user_watches, or set "
-            "polling = true)"
-            if exc.errno == errno.ENOSPC
-            else exc.strerror
-        )
-        event(
-            log,
-            "watch_failed",
-            level=logging.ERROR,
-            folder=display(os.path.relpath(os.fsdecode(path), self.drop_dir)),
-            reason=f"cannot watch this folder: {why}; its files are found only by the rescans",
-        )
-
     def _start_observer(self) -> None:
         observer = (
             PollingObserver(timeout=self._poll_interval)
             if self._polling
-            else inotify.observer(self._overflowed, self._unwatched)
+            else inotify.observer(self._overflowed)
         )
         observer.name = "observer"
         handler = _Handler(
@@ -272,10 +255,7 @@ class Watcher:
             observer.start()
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                raise ConfigError(
-                    "cannot watch the drop folder: the inotify watch limit is used up "
-                    "(raise fs.inotify.max_user_watches, or set polling = true)"
-                ) from None
+                raise ConfigError(f"cannot watch the drop folder: {inotify.WATCH_LIMIT}") from None
             raise ConfigError(f"cannot watch drop_dir {self.drop_dir}: {exc.strerror}") from None
         self._observer = observer
 
@@ -320,13 +300,3 @@ class Watcher:
             noticed.extend(spot for name in names if (spot := self.to_spot(str(folder / name))))
         self._sink(noticed)  # at once, so files that settle together share a batch
         return len(noticed)
-
-
-def resolve(drop_dir: Path) -> Path:
-    """The drop folder as it really is, resolved once at start: inotify does not follow a
-    symlink (a watch on the link would hear nothing) and neither do the folders' descriptors.
-    Re-pointing the link later takes a restart."""
-    real = Path(os.path.realpath(drop_dir))
-    if real != drop_dir:
-        event(log, "drop_dir_resolved", drop_dir=str(drop_dir), resolved=str(real))
-    return real
