@@ -5,6 +5,7 @@ the watch says when it cannot hear."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from tests.conftest import Captured, Child, Folders, wait_for
 from tests.test_cli import cli, daemon_env
 from tests.test_pipeline import _inotify_masks, done_soon, write
+from watcher.folders import Folders as Descriptors
 from watcher.folders import Place, overlapping
 from watcher.mover import Mover
 
@@ -233,3 +235,21 @@ def test_a_type_folder_that_cannot_be_watched_is_said_and_still_rescanned(sandbo
         child.close()
     line = next(line for line in child.lines if "watch_failed" in line)
     assert "users" in line and "max_user_watches" in line
+
+
+def test_a_replaced_type_folder_is_reopened_and_its_old_descriptor_closed(tmp_path):
+    """The descriptor cache follows a folder replaced by a new one (rm -r; mkdir) at once, keeps
+    a descriptor open while a thread still uses it, and leaks none."""
+    drop = tmp_path / "drop"
+    write(drop / "users" / "first.csv", b"1")
+    before = len(os.listdir("/proc/self/fd"))
+    folders = Descriptors(drop)
+    with folders.folder("users") as held:
+        for n in range(20):
+            shutil.rmtree(drop / "users")
+            write(drop / "users" / f"{n}.csv", b"x")
+            assert folders.lstat(drop / "users" / f"{n}.csv").st_size == 1
+            os.close(folders.open(drop / "users" / f"{n}.csv", os.O_RDONLY))
+        os.fstat(held)  # the first folder's descriptor, still open while it is held
+    folders.close()
+    assert len(os.listdir("/proc/self/fd")) == before  # the cache's own closed too

@@ -6,10 +6,12 @@ these folders works relative to a descriptor of the file's folder: the root open
 type folder opened relative to it with `O_DIRECTORY|O_NOFOLLOW`. A type folder that is not a real
 folder (a symlink, a file named `users`) is refused, never followed.
 
-The descriptors are cached: the burst throughput is a measured target, and a cached descriptor
-costs one `fstatat` per use to check that the name still means that folder (dev, inode); the
-root, whose parent producers cannot write, is checked at most once a second. A replaced folder is
-re-opened; the old descriptor is closed once no thread uses it any more.
+The descriptors are cached, since the burst throughput is a measured target. Before a use that
+reads or moves a file (`fresh`: the PUT's open, the move's source, the scan) one `fstatat` checks
+that the name still means that folder (dev, inode); the stabiliser's looks and the move's target
+(done/, failed/: producers cannot write there) check at most once a second, and again at once when
+a name is not found. A replaced folder is re-opened; the old descriptor is closed once no thread
+uses it any more.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 
 ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC  # readable: scandir and fsync need it
 SUB_FLAGS = ROOT_FLAGS | os.O_NOFOLLOW
-ROOT_CHECK_SECONDS = 1.0
+CHECK_SECONDS = 1.0
 
 Identity = tuple[int, int]  # (st_dev, st_ino)
 
@@ -74,6 +76,7 @@ class FolderRefused(FileNotFoundError):
 class _Open:
     fd: int
     identity: Identity
+    checked: float  # monotonic: when its name last meant this folder
     leases: int = 0
     retired: bool = False
 
@@ -89,19 +92,21 @@ class Folders:
 
     def __init__(self, root: Path, create: bool = False) -> None:
         self.root = root
+        self._root_text = str(root)
         self._create = create
         self._lock = threading.Lock()
         self._open: dict[str, _Open] = {}  # "" is the root
-        self._root_checked = float("-inf")
         self._refused: dict[str, Identity] = {}  # the non-folders already said, by type folder
 
     def locate(self, path: Path) -> tuple[str, str]:
-        """(type folder, or "" for the root; name) of a file directly in either."""
-        parent = path.parent
-        if parent == self.root:
-            return "", path.name
-        if parent.parent == self.root and parent.name in FILE_TYPES:
-            return parent.name, path.name
+        """(type folder, or "" for the root; name) of a file directly in either. Text, not
+        pathlib: this runs several times per file."""
+        head, _, name = os.fspath(path).rpartition(os.sep)
+        if head == self._root_text:
+            return "", name
+        top, _, sub = head.rpartition(os.sep)
+        if top == self._root_text and sub in FILE_TYPES:
+            return sub, name
         raise FileNotFoundError(errno.ENOENT, "not in a folder this daemon serves", str(path))
 
     def sub_of(self, folder: Path) -> str | None:
@@ -113,23 +118,39 @@ class Folders:
         return None
 
     @contextmanager
-    def folder(self, sub: str) -> Iterator[int]:
+    def folder(self, sub: str, fresh: bool = True) -> Iterator[int]:
         """A descriptor of the root ("") or of a type folder, valid inside the `with`."""
-        with self._lock:
-            entry = self._acquire(sub)
-            entry.leases += 1
+        entry = self._lease(sub, fresh)
         try:
             yield entry.fd
         finally:
-            with self._lock:
-                entry.leases -= 1
-                if entry.retired and entry.leases == 0:
-                    os.close(entry.fd)
+            self._release(entry)
 
     def lstat(self, path: Path) -> os.stat_result:
+        """The stabiliser's look: through a descriptor checked within the last second, or at
+        once when the name is not there (its folder may have been replaced meanwhile)."""
         sub, name = self.locate(path)
-        with self.folder(sub) as fd:
-            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+        try:
+            return self._stat(sub, name, fresh=False)
+        except FolderRefused:
+            raise
+        except FileNotFoundError:
+            return self._stat(sub, name, fresh=True)
+
+    def _stat(self, sub: str, name: str, fresh: bool) -> os.stat_result:
+        entry = self._lease(sub, fresh)  # not `folder`: a generator per call shows in the burst
+        try:
+            return os.stat(name, dir_fd=entry.fd, follow_symlinks=False)
+        finally:
+            self._release(entry)
+
+    def open(self, path: Path, flags: int) -> int:
+        sub, name = self.locate(path)
+        entry = self._lease(sub, fresh=True)
+        try:
+            return os.open(name, flags, dir_fd=entry.fd)
+        finally:
+            self._release(entry)
 
     def exists(self, sub: str, name: str) -> bool:
         try:
@@ -138,11 +159,6 @@ class Folders:
         except FileNotFoundError:
             return False
         return True
-
-    def open(self, path: Path, flags: int) -> int:
-        sub, name = self.locate(path)
-        with self.folder(sub) as fd:
-            return os.open(name, flags, dir_fd=fd)
 
     def scandir(self, sub: str) -> list[str]:
         """The names in a folder, read through a descriptor of its own: the cached one's
@@ -160,26 +176,45 @@ class Folders:
             for sub in list(self._open):
                 self._retire(sub)
 
+    def recheck(self) -> None:
+        """Check every folder at its next use (a rename found its target gone)."""
+        with self._lock:
+            for entry in self._open.values():
+                entry.checked = float("-inf")
+
+    def _lease(self, sub: str, fresh: bool) -> _Open:
+        with self._lock:
+            entry = self._acquire(sub, fresh)
+            entry.leases += 1
+            return entry
+
+    def _release(self, entry: _Open) -> None:
+        with self._lock:
+            entry.leases -= 1
+            if entry.retired and entry.leases == 0:
+                os.close(entry.fd)
+
     # -- under the lock ----------------------------------------------------------------------
 
-    def recheck(self) -> None:
-        """Check the root at the next use (a rename into it found it gone)."""
-        with self._lock:
-            self._root_checked = float("-inf")
-
-    def _acquire(self, sub: str) -> _Open:
+    def _acquire(self, sub: str, fresh: bool) -> _Open:
         try:
-            return self._acquire_once(sub)
+            return self._acquire_once(sub, fresh)
         except FileNotFoundError:
             if not self._create:
                 raise
-            self._root_checked = float("-inf")  # the root itself went: make it again
-            return self._acquire_once(sub)
+            root = self._open.get("")  # the root itself went: made again
+            if root is not None:
+                root.checked = float("-inf")
+            return self._acquire_once(sub, fresh)
 
-    def _acquire_once(self, sub: str) -> _Open:
-        root = self._root()
+    def _acquire_once(self, sub: str, fresh: bool) -> _Open:
+        now = time.monotonic()
+        root = self._root(now)
         if not sub:
             return root
+        entry = self._open.get(sub)
+        if entry is not None and not fresh and now - entry.checked < CHECK_SECONDS:
+            return entry
         try:
             st = os.stat(sub, dir_fd=root.fd, follow_symlinks=False)
         except FileNotFoundError:
@@ -193,16 +228,16 @@ class Folders:
             self._retire(sub)
             raise self._refuse(sub, st)
         self._refused.pop(sub, None)
-        entry = self._open.get(sub)
         if entry is None or entry.identity != (st.st_dev, st.st_ino):
             self._retire(sub)
-            entry = self._opened(sub, os.open(sub, SUB_FLAGS, dir_fd=root.fd))
+            entry = self._opened(sub, os.open(sub, SUB_FLAGS, dir_fd=root.fd), now)
+        entry.checked = now
         return entry
 
-    def _root(self) -> _Open:
+    def _root(self, now: float) -> _Open:
+        """The root, whose parent producers cannot write: checked at most once a second."""
         entry = self._open.get("")
-        now = time.monotonic()
-        if entry is not None and now - self._root_checked < ROOT_CHECK_SECONDS:
+        if entry is not None and now - entry.checked < CHECK_SECONDS:
             return entry
         try:
             st = os.stat(self.root)
@@ -214,13 +249,13 @@ class Folders:
         if entry is None or entry.identity != (st.st_dev, st.st_ino):
             for sub in list(self._open):  # the type folders' names were relative to the old root
                 self._retire(sub)
-            entry = self._opened("", os.open(self.root, ROOT_FLAGS))
-        self._root_checked = now
+            entry = self._opened("", os.open(self.root, ROOT_FLAGS), now)
+        entry.checked = now
         return entry
 
-    def _opened(self, sub: str, fd: int) -> _Open:
+    def _opened(self, sub: str, fd: int, now: float) -> _Open:
         st = os.fstat(fd)
-        entry = _Open(fd, (st.st_dev, st.st_ino))
+        entry = _Open(fd, (st.st_dev, st.st_ino), now)
         self._open[sub] = entry
         return entry
 

@@ -167,7 +167,7 @@ class Mover:
         reserve: int,
         claim: Callable[[int, str], str] | None,
     ) -> Path:
-        with self._drop.folder(sub) as src, target.folder(sub) as dst:
+        with self._drop.folder(sub) as src, target.folder(sub, fresh=False) as dst:
             for final in candidate_names(name, self._clock(), reserve):
                 try:
                     claimed = claim(dst, final) if claim is not None else None
