@@ -14,8 +14,8 @@ from tests.conftest import Captured, Child, Folders, wait_for
 from tests.test_cli import cli, daemon_env
 from tests.test_pipeline import _inotify_masks, done_soon, write
 from watcher.folders import Folders as Descriptors
-from watcher.folders import Place, overlapping
 from watcher.mover import Mover
+from watcher.overlap import Place, overlapping
 
 # -- item 2: a type folder that is a symlink ---------------------------------------------------
 

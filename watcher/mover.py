@@ -20,8 +20,9 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .folders import Folders, overlapping, place
+from .folders import Folders
 from .items import display
+from .overlap import overlapping, place
 from .settings import Settings, require_folders
 
 NAME_MAX_BYTES = 255
