@@ -170,7 +170,10 @@ def test_is_stable(since, now, settle, stable):
         ("/d/users/a.csv.part", None, None),
         ("/d", None, None),
         ("/elsewhere/a.csv", None, None),
-        ("/d/users", None, ("users", None)),  # the folder itself is an entry (skipped later)
+        # a type folder's own name is never a file to upload, whatever it is (issue 11, item 3)
+        ("/d/users", None, None),
+        ("/d/users", "users", None),
+        ("/d/other", "other", None),
     ],
 )
 def test_locate(path, default_type, expected):

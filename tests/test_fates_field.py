@@ -25,13 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.conftest import Child, Folders, wait_for
 from tests.helpers import Unprivileged
 from tests.test_pipeline import done_soon, write
 from tests.test_systemd import NotifySocket
 from watcher.sandbox import Sandbox
+
 
 def unused_id(known: Any, start: int) -> int:
     """A user or group id nothing on this host has (the producer, the drop group)."""

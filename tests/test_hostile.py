@@ -32,12 +32,14 @@ from watcher.api import (
 from watcher.faults import Fault, Kind, classify_put
 from watcher.items import Item, Snapshot, Spot
 from watcher.logs import REDACT, TOKENS_KEPT, Redactor
+from watcher.network import Network, ca_file
 from watcher.notify import SystemdNotifier
 from watcher.sandbox import CLIENT_ID, CLIENT_SECRET, Sandbox
 from watcher.settings import FILE_TYPES, Settings
 from watcher.transfer import FileChanged, Transfer
 
 DEEP = "[" * 200_000  # json's C parser raises RecursionError, not ValueError
+DIRECT = Network(None, {}, ca_file(None), None)  # no proxy, certifi's CAs
 
 
 def write(path: Path, data: bytes = b"x") -> Path:
@@ -75,7 +77,7 @@ def test_a_signed_url_with_an_impossible_port_fails_the_file_not_the_worker(
 
 def test_a_put_to_a_url_that_cannot_be_sent_is_a_final_fault(tmp_path):
     """The transfer's own guard, for a URL that reaches it without the API client's check."""
-    transfer = Transfer(5.0, 1)
+    transfer = Transfer(5.0, 1, network=DIRECT)
     for url in ("https://127.0.0.1:99999/b/k", "http://127.0.0.1:-1/b/k"):
         with pytest.raises(Fault) as caught:
             transfer.put(SignedUrl(url, None), item_for(write(tmp_path / "a.csv")))
@@ -171,7 +173,7 @@ def test_any_answer_from_the_api_or_storage_is_a_classified_fault(sandbox, tmp_p
     if put_answer is not None:
         sandbox.inject("put", count=2, **put_answer)
     api = ApiClient(make_settings(sandbox, None, request_timeout_seconds=2.0))
-    transfer = Transfer(2.0, 1)
+    transfer = Transfer(2.0, 1, network=DIRECT)
     item = item_for(write(tmp_path / "a.csv", b"data"))
     try:
         answer = api.upload_urls(names, None)

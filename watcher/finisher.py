@@ -182,7 +182,7 @@ class Finisher:
         a move that failed; None when the file is gone or changed (handed back to go again)."""
         item = outcome.item
         try:
-            if Snapshot.of(os.lstat(item.path)) != item.snapshot:
+            if Snapshot.of(self._mover.lstat(item.path)) != item.snapshot:
                 self._again(item, "the file changed before it could be moved")
                 return None
             if outcome.uploaded:

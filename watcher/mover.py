@@ -21,8 +21,10 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .folders import Folders
 from .items import display
 from .logs import REDACT
+from .overlap import overlapping, place
 from .settings import Settings, require_folders
 
 NAME_MAX_BYTES = 255
@@ -62,63 +64,62 @@ def _fit(text: str, limit: int) -> str:
     return text
 
 
-def rename_noreplace(src: Path, dst: Path) -> None:
-    """Rename src to dst; FileExistsError when dst exists. Same filesystem only."""
+def rename_noreplace(
+    src: Path | str, dst: Path | str, src_dir: int | None = None, dst_dir: int | None = None
+) -> None:
+    """Rename src to dst (each relative to its folder's descriptor, when given); FileExistsError
+    when dst exists. Same filesystem only."""
     if _renameat2 is not None:
         if (
-            _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+            _renameat2(
+                _AT_FDCWD if src_dir is None else src_dir,
+                os.fsencode(src),
+                _AT_FDCWD if dst_dir is None else dst_dir,
+                os.fsencode(dst),
+                _RENAME_NOREPLACE,
+            )
             == 0
         ):
             return
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             raise OSError(err, os.strerror(err), str(src), None, str(dst))
-    os.link(src, dst, follow_symlinks=False)
-    os.unlink(src)
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    os.link(src, dst, src_dir_fd=src_dir, dst_dir_fd=dst_dir, follow_symlinks=False)
+    os.unlink(src, dir_fd=src_dir)
 
 
 class Mover:
-    """Moves files out of the drop folder; safe to call from several threads at once."""
+    """Moves files out of the drop folder; safe to call from several threads at once.
+
+    Every rename is relative to descriptors of the source and target folders (`Folders`): a
+    type folder in drop/ that is not a real folder is never followed, and one in done/ or
+    failed/ that is not a folder is never made over (the move fails, naming it)."""
 
     def __init__(
         self, drop_dir: Path, done_dir: Path, failed_dir: Path, clock: Callable[[], float]
     ) -> None:
-        self._drop = drop_dir
-        self._done = done_dir
-        self._failed = failed_dir
+        self._drop = Folders(drop_dir)
+        self._done = Folders(done_dir, create=True)
+        self._failed = Folders(failed_dir, create=True)
         self._clock = clock
-        self._made: dict[tuple[Path, Path], Path] = {}  # (root, drop folder) -> made folder
 
     def relative(self, final: Path) -> str:
         """`done/users/a.csv`: where a file went, as receipts and `status` show it."""
         text = str(final)
-        for root in (self._done, self._failed):
+        for root in (self._done.root, self._failed.root):
             prefix = f"{root}{os.sep}"
             if text.startswith(prefix):
                 return display(f"{root.name}/{text[len(prefix) :]}")
         return display(text)
 
-    def _rename(self, path: Path, final: Path) -> None:
-        try:
-            rename_noreplace(path, final)
-        except FileNotFoundError:
-            if not path.exists():
-                raise  # the file itself is gone
-            final.parent.mkdir(parents=True, exist_ok=True)  # someone removed done/ or failed/
-            rename_noreplace(path, final)
+    def lstat(self, path: Path) -> os.stat_result:
+        """The status of a file in the drop folder, through its folder's descriptor."""
+        return self._drop.lstat(path)
 
     def destinations(self, path: Path) -> tuple[Path, Path]:
         """The folders this file would go to in done/ and in failed/ (its type subfolder kept)."""
-        sub = path.parent.relative_to(self._drop)
-        return self._done / sub, self._failed / sub
+        sub = path.parent.relative_to(self._drop.root)
+        return self._done.root / sub, self._failed.root / sub
 
     def blocker(
         self, path: Path, seen: dict[Path, list[Looked]] | None = None
@@ -140,7 +141,7 @@ class Mover:
                 continue
             try:
                 sticky = n == 0 and st.st_mode & stat.S_ISVTX
-                reason = unmovable(st, os.lstat(path) if sticky else None, uid, gids)
+                reason = unmovable(st, self.lstat(path) if sticky else None, uid, gids)
             except OSError:
                 continue
             if reason is not None:
@@ -149,16 +150,34 @@ class Mover:
 
     def undo(self, final: Path, path: Path) -> None:
         """Take a moved file back to its name in the drop folder (and drop its sidecar, if any):
-        what was moved was not the version that was uploaded or refused."""
-        rename_noreplace(final, path)
-        final.with_name(final.name + SIDECAR_SUFFIX).unlink(missing_ok=True)
+        what was moved was not the version that was uploaded or refused. Descriptor-relative,
+        like every move."""
+        sub, name = self._drop.locate(path)
+        for tree in (self._done, self._failed):
+            moved_sub = tree.sub_of(final.parent)
+            if moved_sub is None:
+                continue
+            with tree.folder(moved_sub) as src, self._drop.folder(sub) as dst:
+                rename_noreplace(final.name, name, src, dst)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(final.name + SIDECAR_SUFFIX, dir_fd=src)
+            return
+        raise FileNotFoundError(errno.ENOENT, "not in done/ or failed/", str(final))
 
     def sync(self, folders: Iterable[Path]) -> None:
         """Make the renames into and out of these folders durable (one fsync per folder). A
         folder removed meanwhile (an operator's `rm -r drop/`) has nothing left to sync."""
         for folder in folders:
-            with contextlib.suppress(FileNotFoundError):
-                fsync_dir(folder)
+            for tree in (self._drop, self._done, self._failed):
+                sub = tree.sub_of(folder)
+                if sub is not None:
+                    with contextlib.suppress(FileNotFoundError), tree.folder(sub) as fd:
+                        os.fsync(fd)
+                    break
+
+    def close(self) -> None:
+        for tree in (self._drop, self._done, self._failed):
+            tree.close()
 
     def to_done(self, path: Path) -> Path:
         return self._move(path, self._done, reserve=0)
@@ -172,38 +191,55 @@ class Mover:
         text = json.dumps(REDACT.doc({**sidecar, "failed_at": _iso(self._clock())}), indent=2)
         text += "\n"
 
-        def claim(final: Path) -> Path:
-            sidecar_path = final.with_name(final.name + SIDECAR_SUFFIX)
-            write_new(sidecar_path, text)
-            return sidecar_path
+        def claim(folder: int, name: str) -> str:
+            sidecar_name = name + SIDECAR_SUFFIX
+            write_new(sidecar_name, text, dir_fd=folder)
+            return sidecar_name
 
         return self._move(path, self._failed, reserve=len(SIDECAR_SUFFIX), claim=claim)
 
     def _move(
-        self, path: Path, root: Path, reserve: int, claim: Callable[[Path], Path] | None = None
+        self,
+        path: Path,
+        target: Folders,
+        reserve: int,
+        claim: Callable[[int, str], str] | None = None,
     ) -> Path:
         """Keeps the type subfolder (drop/users/a.csv -> done/users/a.csv)."""
-        folder = self._made.get((root, path.parent))
-        if folder is None:
-            folder = root / path.parent.relative_to(self._drop)
-            folder.mkdir(parents=True, exist_ok=True)
-            self._made[(root, path.parent)] = folder
-        for name in candidate_names(path.name, self._clock(), reserve):
-            final = folder / name
-            try:
-                claimed = claim(final) if claim is not None else None
-            except FileExistsError:
-                continue
-            try:
-                self._rename(path, final)
-            except BaseException as exc:
-                if claimed is not None:
-                    claimed.unlink(missing_ok=True)
-                if isinstance(exc, FileExistsError):
+        sub, name = self._drop.locate(path)
+        try:
+            return self._move_once(sub, name, target, reserve, claim)
+        except FileNotFoundError:
+            if not self._drop.exists(sub, name):
+                raise  # the file itself is gone
+            target.recheck()  # someone removed done/ or failed/: made again
+            return self._move_once(sub, name, target, reserve, claim)
+
+    def _move_once(
+        self,
+        sub: str,
+        name: str,
+        target: Folders,
+        reserve: int,
+        claim: Callable[[int, str], str] | None,
+    ) -> Path:
+        with self._drop.folder(sub) as src, target.folder(sub, fresh=False) as dst:
+            for final in candidate_names(name, self._clock(), reserve):
+                try:
+                    claimed = claim(dst, final) if claim is not None else None
+                except FileExistsError:
                     continue
-                raise
-            return final
-        raise FileExistsError(errno.EEXIST, "no free name left", str(folder / path.name))
+                try:
+                    rename_noreplace(name, final, src, dst)
+                except BaseException as exc:
+                    if claimed is not None:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(claimed, dir_fd=dst)
+                    if isinstance(exc, FileExistsError):
+                        continue
+                    raise
+                return target.root / sub / final
+        raise FileExistsError(errno.EEXIST, "no free name left", str(target.root / sub / name))
 
 
 def unmovable(
@@ -255,15 +291,17 @@ def nearest(folder: Path) -> tuple[Path, os.stat_result]:
             folder = folder.parent
 
 
-def write_new(path: Path, text: str, mode: int = 0o640) -> None:
+def write_new(path: Path | str, text: str, mode: int = 0o640, dir_fd: int | None = None) -> None:
     """Create a small file that must not exist yet, whole or not at all (fsynced)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, mode, dir_fd=dir_fd)
     try:
         os.write(fd, text.encode("utf-8", "surrogateescape"))
         os.fsync(fd)
     except BaseException:
         os.close(fd)
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path, dir_fd=dir_fd)
         raise
     os.close(fd)
 
@@ -284,10 +322,12 @@ def prepare_folders(settings: Settings, create: bool = True) -> list[str]:
     drop, done, failed = require_folders(settings)
     if not drop.is_dir():
         return [f"drop_dir {drop} does not exist or is not a folder (it is never created)"]
-    problems = []
-    drop_dev = drop.stat().st_dev
     assert settings.state_dir is not None  # derived from drop_dir when not set
     folders = [("drop_dir", drop), ("done_dir", done), ("failed_dir", failed)]
+    problems = overlaps([*folders, ("state_dir", settings.state_dir)])
+    if problems:
+        return problems  # before creating anything inside another folder
+    drop_dev = drop.stat().st_dev
     for name, wanted in [*folders, ("state_dir", settings.state_dir)]:
         if not wanted.exists() and create:
             try:
@@ -305,3 +345,20 @@ def prepare_folders(settings: Settings, create: bool = True) -> list[str]:
                 f"{name} {wanted} is not on the drop folder's filesystem (files move by rename)"
             )
     return problems
+
+
+def overlaps(folders: list[tuple[str, Path]]) -> list[str]:
+    """One sentence per pair of folders that are the same or nested, by where they really are:
+    the daemon would upload its own output, its journal, or delete what it must keep."""
+    given = dict(folders)
+    places = {name: place(path) for name, path in folders}
+
+    def show(name: str) -> str:
+        real = places[name].path
+        return f"{name} {given[name]}" + ("" if real == given[name] else f" (= {real})")
+
+    return [
+        f"{show(inner)} is {'the same folder as' if same else 'inside'} {show(outer)}: "
+        "drop, done, failed and state folders must be separate, none inside another"
+        for inner, outer, same in overlapping(places)
+    ]

@@ -17,6 +17,7 @@ from functools import partial
 from . import __version__, logs
 from .api import ApiClient
 from .finisher import Finisher
+from .folders import Folders, resolve
 from .gate import Gates
 from .health import Counts, Heartbeat, status_line, stuck
 from .items import Spot
@@ -66,6 +67,8 @@ class Service:
         self._last_status = ""
 
         drop, done, failed = require_folders(settings)
+        drop = resolve(drop)  # once: inotify and the folders' descriptors follow no symlink
+        self.drop = Folders(drop)  # every file operation in drop/ goes through its descriptors
         assert settings.state_dir is not None  # derived from drop_dir by the settings
         REDACT.add(settings.secret_values())
         self.metrics = Metrics(settings)
@@ -73,14 +76,15 @@ class Service:
             settings.state_dir, int(settings.receipts_max_bytes), settings.receipts_keep
         )
         self.work = WorkQueue(clock, self._noticed)
-        self.stabiliser = Stabiliser(settings.settle_seconds, self.work, clock)
+        self.stabiliser = Stabiliser(settings.settle_seconds, self.work, clock, self.drop.lstat)
         self.gates = Gates(
             settings.retry_initial_seconds, settings.retry_max_seconds, clock, self.metrics
         )
         self.network = Network.from_settings(settings)
         self.api = ApiClient(settings, network=self.network)
+        self.mover = Mover(drop, done, failed, time.time)
         self.finisher = Finisher(
-            Mover(drop, done, failed, time.time),
+            self.mover,
             self.work,
             self.gates.delay,
             self._noticed,
@@ -95,6 +99,7 @@ class Service:
                 MAX_CONCURRENCY,
                 settings.content_type,
                 network=self.network,
+                opener=self.drop.open,
             ),
             self.finisher,
             self.work,
@@ -110,6 +115,8 @@ class Service:
             settings.polling,
             settings.poll_interval_seconds,
             settings.canary_seconds,
+            folders=self.drop,
+            wake=self._wakeup.set,
         )
         self.operations = Operations(
             settings,
@@ -218,7 +225,7 @@ class Service:
             if self._reload_requested:
                 self._reload_requested = False
                 self._apply_reload()
-            if now >= next_scan:
+            if now >= next_scan or self.watcher.rescan_due():
                 self.watcher.scan()
                 next_scan = now + self.settings.rescan_seconds
             # Quiet until these counts say otherwise: a file noticed from this moment on wakes
@@ -297,6 +304,8 @@ class Service:
         self.finisher.close()
         self._join([self._threads["finisher"][0]], deadline)
         self.watcher.join(max(0.0, deadline - self._clock()))
+        self.mover.close()
+        self.drop.close()
         self.metrics.stop()
         self.operations.write_status("stopped")
         abandoned = sum(

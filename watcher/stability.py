@@ -11,12 +11,12 @@ from __future__ import annotations
 import heapq
 import logging
 import os
-import stat
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .folders import kind_of
 from .health import IDLE_WAKE_SECONDS
 from .items import Item, Snapshot, Spot
 from .logs import event
@@ -49,21 +49,6 @@ def is_stable(candidate: Candidate, now: float, settle_seconds: float) -> bool:
     return now - candidate.since >= settle_seconds
 
 
-def kind_of(mode: int) -> str:
-    """What a directory entry is, in the words the `skipped` log line uses."""
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISLNK(mode):
-        return "symlink"
-    if stat.S_ISDIR(mode):
-        return "folder"
-    if stat.S_ISFIFO(mode):
-        return "FIFO"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    return "device"
-
-
 class Stabiliser:
     """Holds noticed files until they are stable, then puts them on the work queue.
 
@@ -73,8 +58,15 @@ class Stabiliser:
     and again when its settle time is up: two `lstat` calls per file, whatever the backlog.
     """
 
-    def __init__(self, settle_seconds: float, queue: WorkQueue, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        settle_seconds: float,
+        queue: WorkQueue,
+        clock: Callable[[], float],
+        lstat: Callable[[Path], os.stat_result] = os.lstat,
+    ) -> None:
         self.settle_seconds = settle_seconds
+        self._lstat = lstat  # the drop folder's, through its folders' descriptors
         self._queue = queue
         self._clock = clock
         self._noticed: dict[Path, Spot] = {}
@@ -141,7 +133,7 @@ class Stabiliser:
         """Stat one file; the item when it has just become stable."""
         previous = self._candidates.get(spot.path)
         try:
-            st = os.lstat(spot.path)
+            st = self._lstat(spot.path)
         except FileNotFoundError:
             if self._candidates.pop(spot.path, None) is not None:
                 event(log, "vanished", file=spot.rel, reason="removed before it was uploaded")

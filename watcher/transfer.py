@@ -99,10 +99,16 @@ class BoundedReader:
         return self._pos
 
 
-def open_version(path: Path, expected: Snapshot) -> int:
-    """A descriptor on the file, provided it is still the regular file that settled."""
+Opener = Callable[[Path, int], int]  # (path, flags) -> descriptor, as `os.open`
+
+
+def open_version(path: Path, expected: Snapshot, opener: Opener = os.open) -> int:
+    """A descriptor on the file, provided it is still the regular file that settled.
+
+    The daemon's opener works relative to a descriptor of the file's folder (`Folders.open`),
+    so that a type folder swapped for a symlink is refused rather than followed."""
     try:
-        fd = os.open(path, OPEN_FLAGS)
+        fd = opener(path, OPEN_FLAGS)
     except FileNotFoundError:
         raise FileGone from None
     except OSError as exc:
@@ -125,13 +131,21 @@ class Transfer:
     """Shared by the PUT worker threads: urllib3's pool managers are thread-safe.
 
     One manager for direct PUTs and one per proxy URL (made on first use), all trusting the
-    network's CA file; which one a URL takes is `Network`'s cached decision."""
+    network's CA file; which one a URL takes is `Network`'s cached decision. Files are opened
+    through `opener` (the drop folder's descriptors: see folders.py)."""
 
     def __init__(
-        self, timeout_seconds: float, concurrency: int, content_type: str = "", *, network: Network
+        self,
+        timeout_seconds: float,
+        concurrency: int,
+        content_type: str = "",
+        *,
+        network: Network,
+        opener: Opener = os.open,
     ) -> None:
         self._content_type = content_type
         self._network = network
+        self._opener = opener
         self._pool_kw: dict[str, Any] = {
             "num_pools": 4,
             "maxsize": concurrency,  # the setting's bound: a reload may add workers
@@ -165,7 +179,7 @@ class Transfer:
         of life)."""
         url = signed.url
         expected = item.snapshot
-        fd = open_version(item.path, expected)
+        fd = open_version(item.path, expected, self._opener)
         try:
             headers = {"Content-Length": str(expected.size)}
             if self._content_type:

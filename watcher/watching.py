@@ -31,6 +31,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from . import inotify
+from .folders import Folders
 from .items import Spot, display
 from .liveness import CANARY_NAME, Canary, Hung, Identity, StatProbe
 from .logs import event
@@ -57,13 +58,15 @@ def locate(
     """The spot for a path in the drop folder, or None when it is not ours to upload.
 
     Files directly in drop_dir get `default_type`; files in drop_dir/users|contracts|other get
-    that type. Anything deeper, in another subfolder, outside, or with an ignored name is None.
+    that type. Anything deeper, in another subfolder, outside, or with an ignored name is None,
+    and so is a type folder's own name: whatever it is (a folder, a file `cp`-ed to `drop/users`
+    before the folder existed), it is never a file to upload (`Folders` says why, once).
     """
     rel = os.path.relpath(path, drop_dir)
     parts = rel.split(os.sep)
     if rel.startswith(os.pardir) or parts == ["."] or is_ignored(parts[-1], ignore):
         return None
-    if parts == [CANARY_NAME]:
+    if parts == [CANARY_NAME] or (len(parts) == 1 and parts[0] in FILE_TYPES):
         return None  # ours, whatever ignore_patterns say
     if len(parts) == 1:
         return Spot(Path(path), display(rel), parts[0], default_type)
@@ -82,6 +85,7 @@ class _Handler(FileSystemEventHandler):
         sink: Callable[[list[Spot]], None],
         root_gone: Callable[[], None],
         canary_seen: Callable[[], None],
+        rescan: Callable[[str], None],
     ) -> None:
         self._root = root
         self._to_spot = to_spot
@@ -89,6 +93,8 @@ class _Handler(FileSystemEventHandler):
         self._root_gone = root_gone
         self._canary = os.path.join(root, CANARY_NAME)
         self._canary_seen = canary_seen
+        self._rescan = rescan
+        self._type_names = {os.path.join(root, t) for t in FILE_TYPES}
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if isinstance(event, tuple(_ROOT_GONE)) and os.fsdecode(event.src_path) == self._root:
@@ -101,6 +107,9 @@ class _Handler(FileSystemEventHandler):
             return
         try:
             path = event.dest_path if isinstance(event, FileMovedEvent) else event.src_path
+            if os.fsdecode(path) in self._type_names:  # `cp a.csv drop/users`: say so soon
+                self._rescan("a type folder's name was taken by something else")
+                return
             spot = self._to_spot(os.fsdecode(path))
             if spot is not None:
                 self._sink([spot])
@@ -122,8 +131,13 @@ class Watcher:
         canary_seconds: float | None = None,
         stat_fn: Callable[[Path], os.stat_result] = os.stat,
         stat_timeout: float = 5.0,
+        folders: Folders | None = None,
+        wake: Callable[[], None] = lambda: None,
     ) -> None:
         self.drop_dir = drop_dir
+        self.folders = folders or Folders(drop_dir)  # scanned through descriptors, like the rest
+        self._wake = wake  # the main loop, which scans when `rescan_due` says so
+        self._rescan_reason: str | None = None
         self._default_type = default_type
         self._ignore = ignore
         self._sink = sink
@@ -203,13 +217,36 @@ class Watcher:
         if self._canary is not None:
             self._canary.seen()
 
+    def rescan_due(self) -> bool:
+        """For the main loop: True once after the watch lost events (an inotify queue overflow)
+        or a type folder's name was taken; the scan it then runs finds what was missed."""
+        reason, self._rescan_reason = self._rescan_reason, None
+        if reason is not None:
+            event(log, "rescan", level=logging.WARNING, reason=reason)
+        return reason is not None
+
+    def _want_rescan(self, reason: str) -> None:
+        """From watchdog's threads: only a flag and a wake-up (never a scan on their thread)."""
+        self._rescan_reason = reason
+        self._wake()
+
+    def _overflowed(self) -> None:
+        self._want_rescan("the kernel's inotify queue overflowed: events were lost")
+
     def _start_observer(self) -> None:
         observer = (
-            PollingObserver(timeout=self._poll_interval) if self._polling else inotify.observer()
+            PollingObserver(timeout=self._poll_interval)
+            if self._polling
+            else inotify.observer(self._overflowed)
         )
         observer.name = "observer"
         handler = _Handler(
-            str(self.drop_dir), self.to_spot, self._sink, self._mark_root_gone, self._canary_seen
+            str(self.drop_dir),
+            self.to_spot,
+            self._sink,
+            self._mark_root_gone,
+            self._canary_seen,
+            self._want_rescan,
         )
         observer.schedule(
             handler, str(self.drop_dir), recursive=True, event_filter=[*_WANTED, *_ROOT_GONE]
@@ -218,10 +255,7 @@ class Watcher:
             observer.start()
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                raise ConfigError(
-                    "cannot watch the drop folder: the inotify watch limit is used up "
-                    "(raise fs.inotify.max_user_watches, or set polling = true)"
-                ) from None
+                raise ConfigError(f"cannot watch the drop folder: {inotify.WATCH_LIMIT}") from None
             raise ConfigError(f"cannot watch drop_dir {self.drop_dir}: {exc.strerror}") from None
         self._observer = observer
 
@@ -242,25 +276,27 @@ class Watcher:
             observer.join(timeout)
 
     def scan(self) -> int:
-        """Notice every entry of the drop folder and its type subfolders; the count noticed."""
+        """Notice every entry of the drop folder and its type folders; the count noticed.
+
+        Through the folders' descriptors: a type folder that is not a real folder is refused
+        (said once), never listed. Called from the main loop only."""
         noticed: list[Spot] = []
-        for folder, depth in [(self.drop_dir, 0), *((self.drop_dir / t, 1) for t in FILE_TYPES)]:
+        for sub in ("", *FILE_TYPES):
             try:
-                entries = list(os.scandir(folder))
+                names = self.folders.scandir(sub)
             except FileNotFoundError:
-                if depth == 0:
-                    log.warning("drop folder %s is missing", folder, extra={"event": "scan_failed"})
-                continue
+                if not sub:
+                    log.warning(
+                        "drop folder %s is missing", self.drop_dir, extra={"event": "scan_failed"}
+                    )
+                continue  # a type folder that does not exist (or is refused: said once)
             except OSError as exc:
+                folder = self.drop_dir / sub
                 log.warning(
                     "cannot list %s: %s", folder, exc.strerror, extra={"event": "scan_failed"}
                 )
                 continue
-            for entry in entries:
-                if depth == 0 and entry.name in FILE_TYPES and entry.is_dir(follow_symlinks=False):
-                    continue  # scanned as a type folder
-                spot = self.to_spot(entry.path)
-                if spot is not None:
-                    noticed.append(spot)
+            folder = self.drop_dir / sub
+            noticed.extend(spot for name in names if (spot := self.to_spot(str(folder / name))))
         self._sink(noticed)  # at once, so files that settle together share a batch
         return len(noticed)
