@@ -9,16 +9,19 @@ systemd restarts it rather than letting it limp on deaf) and shuts down in a fix
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
 from functools import partial
 
-from . import __version__, logs
+from . import __version__, logs, statusfile
 from .api import ApiClient
 from .finisher import Finisher
 from .gate import ServiceGate
 from .health import Counts, Heartbeat, status_line, stuck
+from .instance import RETRY_SECONDS, DropLock, Holder
 from .items import Spot
 from .logs import REDACT, event
 from .metrics import Metrics
@@ -60,12 +63,14 @@ class Service:
         self._stop_requests = 0
         self._reload_requested = False
         self.ready = threading.Event()  # set with READY=1 (tests wait on it)
+        self.standing_by = threading.Event()  # set while another instance holds the drop folder
         self._threads: dict[str, tuple[threading.Thread, Heartbeat]] = {}
         self._stuck: str | None = None
         self._last_status = ""
 
         drop, done, failed = require_folders(settings)
         assert settings.state_dir is not None  # derived from drop_dir by the settings
+        self.lock = DropLock(drop)
         REDACT.add(settings.secret_values())
         self.metrics = Metrics(settings)
         self.journal = Journal(
@@ -139,6 +144,14 @@ class Service:
             watchdog_seconds=self._notifier.watchdog_seconds,
             settings=self.settings.public_view(),
         )
+        if not self._hold_drop_folder():
+            return self._stop_standing_by()
+        try:
+            return self._start_and_supervise()
+        finally:
+            self.lock.release()  # last: a standby takes over only once every move is done
+
+    def _start_and_supervise(self) -> int:
         self._spawn("stabiliser", lambda stop, beat: self.stabiliser.run(stop))
         self._spawn("dispatcher", self.uploader.dispatch_step)
         self._spawn("finisher", lambda stop, beat: self.finisher.run(self._moves_stop, beat))
@@ -153,6 +166,88 @@ class Service:
             return self._supervise()
         finally:
             self._shutdown()
+
+    # -- one daemon per drop folder: the standby -------------------------------------------
+
+    def _hold_drop_folder(self) -> bool:
+        """Take the drop folder's lock; while another instance holds it, stand by (READY=1, so
+        systemd does not time the start out; watchdog pings; the status file) and try again
+        every RETRY_SECONDS. False when a stop came first. A reload asked for meanwhile is
+        applied by the main loop after the takeover."""
+        holder = self._try_lock()
+        shown: Holder | None = None
+        interval = self._notifier.watchdog_seconds
+        while holder is not None:
+            if holder != shown:
+                shown = holder
+                line = f"standby: the drop folder is held by {holder.describe()}"
+                self._notifier.send("READY=1", f"STATUS={line}")
+                event(log, "standby", line, holder_pid=holder.pid, holder_host=holder.host)
+                self.standing_by.set()
+            if interval is not None:
+                self._notifier.send("WATCHDOG=1")  # alive, and waiting by design
+            self._own_status("standby", active=holder.describe())
+            self._wait(min(RETRY_SECONDS, interval or RETRY_SECONDS))
+            if self._stop_requests:
+                return False
+            holder = self._try_lock()
+        if shown is not None:
+            self.standing_by.clear()
+            event(log, "takeover", f"{shown.describe()} let go of the drop folder")
+        return True
+
+    def _try_lock(self) -> Holder | None:
+        try:
+            return self.lock.acquire()
+        except OSError as exc:  # a folder that cannot hold the lock file, NFS without locks
+            raise ConfigError(
+                f"drop_dir {self.lock.path.parent}: cannot lock {self.lock.path.name}:"
+                f" {exc.strerror} (see the README, One daemon per drop folder)"
+            ) from None
+
+    def _stop_standing_by(self) -> int:
+        """A stop while standing by: nothing was started, nothing to drain."""
+        self._notifier.send("STOPPING=1", "STATUS=stopping")
+        self._own_status("stopped")
+        self.api.close()
+        event(log, "stopped", uploaded=0, failed=0)
+        return 0
+
+    def _own_status(self, state: str, **extra: str) -> None:
+        """Write the status file, unless it describes another live instance (one host, one
+        state folder): the active instance's status stays what `status` shows."""
+        doc = statusfile.read(self.journal.folder)
+        mine = doc is not None and (doc.get("pid"), doc.get("host")) == (
+            os.getpid(),
+            socket.gethostname(),
+        )
+        if mine or not statusfile.running(doc, time.time()):
+            self.operations.write_status(state, **extra)
+
+    def _keep_lock(self) -> bool:
+        """The main loop's check that the lock file is still the one held (producers may remove
+        it, and a standby would lock a new one). Lost: take it again, or end with status 1 when
+        another instance already has it (systemd's restart makes this one the standby)."""
+        if self.lock.still_ours():
+            return True
+        self.lock.release()
+        holder = self._try_lock()
+        if holder is None:
+            event(log, "lock_restored", level=logging.WARNING, lock=str(self.lock.path))
+            return True
+        event(
+            log,
+            "lock_lost",
+            f"{self.lock.path} was removed or replaced, and {holder.describe()} holds it now",
+            level=logging.CRITICAL,
+        )
+        return False
+
+    def _wait(self, seconds: float) -> None:
+        """The main thread's one way to wait: until `seconds` pass, or a signal or a thread
+        that ends wakes it."""
+        self._wakeup.wait(seconds)
+        self._wakeup.clear()
 
     # -- threads ---------------------------------------------------------------------------
 
@@ -207,6 +302,8 @@ class Service:
             if now >= next_check:  # a stat on a helper thread: not on every turn
                 next_check = now + CHECK_SECONDS
                 self.watcher.check()
+                if not self._keep_lock():
+                    return 1
             if self._reload_requested:
                 self._reload_requested = False
                 self._apply_reload()

@@ -31,6 +31,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from . import inotify
+from .instance import LOCK_NAME
 from .items import Spot, display
 from .liveness import CANARY_NAME, Canary, Hung, Identity, StatProbe
 from .logs import event
@@ -63,7 +64,7 @@ def locate(
     parts = rel.split(os.sep)
     if rel.startswith(os.pardir) or parts == ["."] or is_ignored(parts[-1], ignore):
         return None
-    if parts == [CANARY_NAME]:
+    if parts in ([CANARY_NAME], [LOCK_NAME]):
         return None  # ours, whatever ignore_patterns say
     if len(parts) == 1:
         return Spot(Path(path), display(rel), parts[0], default_type)
