@@ -71,6 +71,8 @@ class DropLock:
             return None
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(self.path, flags, 0o660)
+        with contextlib.suppress(OSError):  # not ours to change: fine
+            os.fchmod(fd, 0o660)  # whoever made it (root, by hand), the unit's user may lock it
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
