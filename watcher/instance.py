@@ -19,11 +19,19 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from .logs import event
+from .notify import Notifier
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = ".productiv-watcher.lock"
 RETRY_SECONDS = 2.0  # how often a standby tries again: a takeover within 10 s with room to spare
@@ -80,10 +88,11 @@ class DropLock:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
             return self.holder()
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": _iso(time.time())}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
         self._fd = fd
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": _iso(time.time())}
+        with contextlib.suppress(OSError):  # a full disk: held all the same, just not named
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
         return None
 
     def holder(self) -> Holder:
@@ -113,6 +122,49 @@ class DropLock:
             with contextlib.suppress(OSError):
                 fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+
+class Standby:
+    """The wait of a second instance: on the main thread, before anything else starts."""
+
+    def __init__(
+        self,
+        try_lock: Callable[[], Holder | None],
+        notifier: Notifier,
+        wait: Callable[[float], None],
+        standing_by: threading.Event,
+    ) -> None:
+        self._try_lock = try_lock
+        self._notifier = notifier
+        self._wait = wait
+        self._standing_by = standing_by
+
+    def hold(self, stopping: Callable[[], bool], status: Callable[[Holder], None]) -> bool:
+        """Return True once the lock is ours, False when `stopping` says so first. Meanwhile:
+        READY=1 with a STATUS naming the holder (so systemd does not time the start out), a
+        `standby` line per holder, watchdog pings and `status` on every turn, a new try every
+        RETRY_SECONDS (or every ping interval, when shorter)."""
+        holder = self._try_lock()
+        shown: Holder | None = None
+        interval = self._notifier.watchdog_seconds
+        while holder is not None:
+            if holder != shown:
+                shown = holder
+                line = f"standby: the drop folder is held by {holder.describe()}"
+                self._notifier.send("READY=1", f"STATUS={line}")
+                event(log, "standby", line, holder_pid=holder.pid, holder_host=holder.host)
+                self._standing_by.set()
+            if interval is not None:
+                self._notifier.send("WATCHDOG=1")  # alive, and waiting by design
+            status(holder)
+            self._wait(min(RETRY_SECONDS, interval or RETRY_SECONDS))
+            if stopping():
+                return False
+            holder = self._try_lock()
+        if shown is not None:
+            self._standing_by.clear()
+            event(log, "takeover", f"{shown.describe()} let go of the drop folder")
+        return True
 
 
 def active_holder(drop_dir: Path) -> Holder | None:

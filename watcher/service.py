@@ -8,6 +8,7 @@ systemd restarts it rather than letting it limp on deaf) and shuts down in a fix
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -21,7 +22,7 @@ from .api import ApiClient
 from .finisher import Finisher
 from .gate import ServiceGate
 from .health import Counts, Heartbeat, status_line, stuck
-from .instance import RETRY_SECONDS, DropLock, Holder
+from .instance import DropLock, Holder, Standby
 from .items import Spot
 from .logs import REDACT, event
 from .metrics import Metrics
@@ -64,6 +65,7 @@ class Service:
         self._reload_requested = False
         self.ready = threading.Event()  # set with READY=1 (tests wait on it)
         self.standing_by = threading.Event()  # set while another instance holds the drop folder
+        self._lock_deferred = False  # the lock file could not be made yet (a full disk)
         self._threads: dict[str, tuple[threading.Thread, Heartbeat]] = {}
         self._stuck: str | None = None
         self._last_status = ""
@@ -170,40 +172,31 @@ class Service:
     # -- one daemon per drop folder: the standby -------------------------------------------
 
     def _hold_drop_folder(self) -> bool:
-        """Take the drop folder's lock; while another instance holds it, stand by (READY=1, so
-        systemd does not time the start out; watchdog pings; the status file) and try again
-        every RETRY_SECONDS. False when a stop came first. A reload asked for meanwhile is
-        applied by the main loop after the takeover."""
-        holder = self._try_lock()
-        shown: Holder | None = None
-        interval = self._notifier.watchdog_seconds
-        while holder is not None:
-            if holder != shown:
-                shown = holder
-                line = f"standby: the drop folder is held by {holder.describe()}"
-                self._notifier.send("READY=1", f"STATUS={line}")
-                event(log, "standby", line, holder_pid=holder.pid, holder_host=holder.host)
-                self.standing_by.set()
-            if interval is not None:
-                self._notifier.send("WATCHDOG=1")  # alive, and waiting by design
-            self._own_status("standby", active=holder.describe())
-            self._wait(min(RETRY_SECONDS, interval or RETRY_SECONDS))
-            if self._stop_requests:
-                return False
-            holder = self._try_lock()
-        if shown is not None:
-            self.standing_by.clear()
-            event(log, "takeover", f"{shown.describe()} let go of the drop folder")
-        return True
+        """Take the drop folder's lock, standing by while another instance holds it. False
+        when a stop came first. A reload asked for meanwhile is applied after the takeover."""
+        standby = Standby(self._try_lock, self._notifier, self._wait, self.standing_by)
+        return standby.hold(
+            lambda: self._stop_requests > 0,
+            lambda holder: self._own_status("standby", active=holder.describe()),
+        )
 
     def _try_lock(self) -> Holder | None:
+        """`lock.acquire`, with its failures judged: a full disk (the lock file cannot be made
+        yet) is no reason not to start, and the main loop tries again; anything else (a folder
+        that cannot hold the file, NFS mounted without locks) ends the start with exit 78."""
         try:
             return self.lock.acquire()
-        except OSError as exc:  # a folder that cannot hold the lock file, NFS without locks
-            raise ConfigError(
-                f"drop_dir {self.lock.path.parent}: cannot lock {self.lock.path.name}:"
-                f" {exc.strerror} (see the README, One daemon per drop folder)"
-            ) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise ConfigError(
+                    f"drop_dir {self.lock.path.parent}: cannot lock {self.lock.path.name}:"
+                    f" {exc.strerror} (see the README, One daemon per drop folder)"
+                ) from None
+            if not self._lock_deferred:
+                self._lock_deferred = True
+                reason = f"cannot make {self.lock.path}: {exc.strerror}; trying again every 10 s"
+                event(log, "lock_deferred", reason, level=logging.WARNING)
+            return None
 
     def _stop_standing_by(self) -> int:
         """A stop while standing by: nothing was started, nothing to drain."""
@@ -233,7 +226,9 @@ class Service:
         self.lock.release()
         holder = self._try_lock()
         if holder is None:
-            event(log, "lock_restored", level=logging.WARNING, lock=str(self.lock.path))
+            if self.lock.held:
+                self._lock_deferred = False
+                event(log, "lock_restored", level=logging.WARNING, lock=str(self.lock.path))
             return True
         event(
             log,
