@@ -220,11 +220,17 @@ class Service:
     def _keep_lock(self) -> bool:
         """The main loop's check that the lock file is still the one held (producers may remove
         it, and a standby would lock a new one). Lost: take it again, or end with status 1 when
-        another instance already has it (systemd's restart makes this one the standby)."""
-        if self.lock.still_ours():
+        another instance already has it (systemd's restart makes this one the standby). Not
+        while the watch has lost the drop folder (gone, replaced, hanging): that is the watch's
+        to report, and the lock stays on the file it holds."""
+        if self.watcher.deaf_reason is not None or self.lock.still_ours():
             return True
         self.lock.release()
-        holder = self._try_lock()
+        try:
+            holder = self._try_lock()
+        except ConfigError as exc:  # the folder went away meanwhile: the next check sees it
+            event(log, "lock_deferred", str(exc), level=logging.WARNING)
+            return True
         if holder is None:
             if self.lock.held:
                 self._lock_deferred = False
