@@ -41,6 +41,7 @@ done
 opt=$root/opt/productiv-watcher
 etc=$root/etc/productiv-watcher
 units=$root/etc/systemd/system
+state=$root/var/lib/productiv-watcher
 folders=$root$base
 
 say() { printf '%s\n' "$*"; }
@@ -102,13 +103,20 @@ if [ -n "$secret" ]; then
     fi
 fi
 
-# 4. The folders: producers (group $group) write into drop/; setgid keeps the group on files.
-for name in drop done failed; do
+# 4. The folders: producers (group $group) write into drop/ and its type folders, made here so
+#    that producers need not make them with their own umask (a 0750 folder the service cannot
+#    move files out of); setgid keeps the group on their files. Run again, it repairs them.
+for name in drop drop/users drop/contracts drop/other done failed; do
     run mkdir -p "$folders/$name"
-    run chmod 2770 "$folders/$name"
     if system; then run chown "$user:$group" "$folders/$name"; fi
+    run chmod 2770 "$folders/$name"
 done
 run chmod 0755 "$folders"
+# What the unit's StateDirectory= would make at the first start (the state folder's parent),
+# made now so that `check` passes before it.
+run mkdir -p "$state"
+if system; then run chown "$user:$user" "$state"; fi
+run chmod 0755 "$state"
 
 # 5. The units.
 run mkdir -p "$units"
@@ -132,5 +140,6 @@ say "installed. Next:"
 say "  1. edit $etc/config.toml (app_id, client_id)"
 [ -n "$secret" ] || say "  2. put the client secret in $etc/client_secret (mode 0600, owner root)"
 say "  3. CREDENTIALS_DIRECTORY=$etc $opt/venv/bin/productiv-watcher check --config $etc/config.toml"
+say "     (as root it judges the folders for the service's user $user)"
 say "  4. systemctl enable --now productiv-watcher; systemctl status productiv-watcher"
-say "  producers join the group $group and write into $base/drop"
+say "  producers join the group $group and write into $base/drop/{users,contracts,other}"

@@ -24,6 +24,7 @@ from pydantic import SecretStr
 
 from tests.helpers import ROOT, Unavailable, Unprivileged, unprivileged
 from watcher import logs
+from watcher.instance import LOCK_NAME
 from watcher.sandbox import CLIENT_SECRET, ISSUED, Sandbox
 from watcher.service import Service
 from watcher.settings import Settings
@@ -49,11 +50,12 @@ class Folders:
     failed: Path
 
     def files(self, folder: Path) -> list[str]:
-        """Relative paths of the regular files below `folder`, sidecars included."""
+        """Relative paths of the regular files below `folder`, sidecars included (not the
+        daemon's own lock file in the drop folder)."""
         return sorted(
             str(p.relative_to(folder))
             for p in folder.rglob("*")
-            if p.is_file() and not p.is_symlink()
+            if p.is_file() and not p.is_symlink() and p != self.drop / LOCK_NAME
         )
 
 

@@ -247,7 +247,30 @@ def test_the_unit_says_what_the_issue_asks():
 # -- the install script ---------------------------------------------------------------------
 
 
-def test_install_is_idempotent_and_uninstall_keeps_the_files(tmp_path):
+def readme_check(root: Path, exe: Path, sandbox: Sandbox) -> None:
+    """The README's steps 2 and 3 on the fresh install, before any start: `check` passes."""
+    config = root / "etc" / "productiv-watcher" / "config.toml"
+    text = config.read_text().replace("your-app-id", sandbox.app_id)
+    text = text.replace("your-client-id", sandbox.client_id)
+    text = text.replace('"/srv/', f'"{root}/srv/').replace('"/var/', f'"{root}/var/')
+    config.write_text(
+        f'api_url = "{sandbox.url}"\ntoken_url = "{sandbox.url}/oauth2/token"\n{text}'
+    )
+    (config.parent / "client_secret").write_text(sandbox.client_secret + "\n")
+    env = {"CREDENTIALS_DIRECTORY": str(config.parent), "PATH": os.environ["PATH"]}
+    check = subprocess.run(
+        [str(exe), "check", "--config", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert f"state_dir {root}/var/lib/productiv-watcher/state will be created" in check.stdout
+
+
+@pytest.mark.timeout(180)  # two pip installs: over a minute when the machine is busy
+def test_install_is_idempotent_and_uninstall_keeps_the_files(tmp_path, sandbox):
     root = tmp_path / "root"
     secret = tmp_path / "secret"
     secret.write_text("s3cret\n")
@@ -261,6 +284,10 @@ def test_install_is_idempotent_and_uninstall_keeps_the_files(tmp_path):
     assert oct((etc / "client_secret").stat().st_mode & 0o777) == "0o600"
     assert oct((etc / "config.toml").stat().st_mode & 0o777) == "0o640"
     assert oct((root / "srv" / "productiv" / "drop").stat().st_mode & 0o7777) == "0o2770"
+    for name in ("users", "contracts", "other"):  # producers need not make them
+        folder = root / "srv" / "productiv" / "drop" / name
+        assert oct(folder.stat().st_mode & 0o7777) == "0o2770"
+    assert (root / "var" / "lib" / "productiv-watcher").is_dir()  # what StateDirectory= makes
     assert (root / "etc" / "systemd" / "system" / "productiv-watcher@.service").exists()
     exe = root / "opt" / "productiv-watcher" / "venv" / "bin" / "productiv-watcher"
     assert (
@@ -269,6 +296,8 @@ def test_install_is_idempotent_and_uninstall_keeps_the_files(tmp_path):
             [str(exe), "--version"], capture_output=True, text=True, check=True
         ).stdout
     )
+
+    readme_check(root, exe, sandbox)
 
     (etc / "config.toml").write_text("app_id = 'mine'\n")
     (root / "srv" / "productiv" / "drop" / "waiting.csv").write_text("x")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import statusfile
+from .instance import active_holder
 from .items import display
 from .mover import SIDECAR_SUFFIX, candidate_names, rename_noreplace
 from .receipts import Journal
@@ -47,9 +48,13 @@ def status(settings: Settings, file: str | None, as_json: bool) -> int:
     doc = statusfile.read(journal.folder)
     alive = statusfile.running(doc, time.time())
     recent = [r for r, _ in zip(journal.newest_first(), range(5), strict=False)]
+    holder = None if settings.drop_dir is None else active_holder(settings.drop_dir)
     if as_json:
-        print(json.dumps({"running": alive, "status": doc, "recent": recent}, indent=1))
+        active = None if holder is None else {"pid": holder.pid, "host": holder.host}
+        out = {"running": alive, "active": active, "status": doc, "recent": recent}
+        print(json.dumps(out, indent=1))
     else:
+        print(f"active instance: {holder.describe() if holder else 'none holds the drop folder'}")
         print(_describe(doc, alive))
         for receipt in recent:
             print("  " + _receipt_line(receipt))
@@ -61,6 +66,11 @@ def _describe(doc: dict[str, Any] | None, alive: bool) -> str:
         return "not running (no status file yet)"
     if not alive:
         return f"not running (last status {doc.get('updated')}, state {doc.get('state')})"
+    if doc["state"] == "standby":
+        return (
+            f"standby since {doc['started']} (pid {doc['pid']}, version {doc['version']}):"
+            f" the drop folder {doc['drop_dir']} is held by {doc.get('active')}\nrecent:"
+        )
     lines = [
         f"running since {doc['started']} (pid {doc['pid']}, version {doc['version']}),"
         f" watching {doc['drop_dir']}",

@@ -61,15 +61,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .mover import prepare_folders
+    from .access import describe_user, folder_report, service_user
+    from .instance import active_holder
 
     settings = _settings(args)
     print(f"settings: ok (app_id {settings.app_id}, api_url {settings.api_url})")
-    problems = prepare_folders(settings, create=False)
+    user = service_user(args.as_user)
+    print(f"folders: judged for {describe_user(user)}")
+    problems, notes = folder_report(settings, user)
     for problem in problems:
         print(f"folders: FAIL {problem}")
     if not problems:
         print(f"folders: ok ({settings.drop_dir} -> {settings.done_dir}, {settings.failed_dir})")
+    for note in notes:
+        print(f"folders: {note}")
+    holder = None if settings.drop_dir is None else active_holder(settings.drop_dir)
+    running = (
+        f"{holder.describe()} holds the drop folder"
+        if holder
+        else "no daemon holds the drop folder"
+    )
+    print(f"instance: {running}")
     api = ApiClient(settings)
     try:
         api.token()
@@ -135,7 +147,12 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     with_config(command("run", cmd_run, "run the daemon in the foreground (systemd runs this)"))
-    with_config(command("check", cmd_check, "check settings, folders and credentials"))
+    check = with_config(command("check", cmd_check, "check settings, folders and credentials"))
+    check.add_argument(
+        "--as-user",
+        metavar="NAME",
+        help="judge the folders for this user (default, as root: the unit's productiv-watcher)",
+    )
     upload = with_config(command("upload", cmd_upload, "upload the named files once (no moves)"))
     upload.add_argument("--type", choices=FILE_TYPES, help="file type (default: file_type)")
     upload.add_argument("files", nargs="+", type=Path, metavar="FILE")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -112,12 +113,14 @@ class Operations:
             folders=tuple(self._finisher.folders.texts()),
         )
 
-    def write_status(self, state: str) -> None:
+    def write_status(self, state: str, **extra: str) -> None:
         """The document `productiv-watcher status` shows; rewritten atomically."""
         counts = self.counts()
         doc: dict[str, Any] = {
             "state": state,
+            **extra,
             "pid": os.getpid(),
+            "host": socket.gethostname(),
             "version": __version__,
             "started": statusfile.iso(self._started),
             "drop_dir": str(self.settings.drop_dir),

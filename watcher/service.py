@@ -8,18 +8,22 @@ systemd restarts it rather than letting it limp on deaf) and shuts down in a fix
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
 from functools import partial
 
-from . import __version__, logs
+from . import __version__, logs, statusfile
 from .api import ApiClient
 from .finisher import Finisher
 from .folders import Folders, resolve
 from .gate import Gates
 from .health import Counts, Heartbeat, status_line, stuck
+from .instance import DropLock, Holder, Standby
 from .items import Spot
 from .logs import REDACT, Detail, event
 from .metrics import Metrics
@@ -62,6 +66,8 @@ class Service:
         self._stop_requests = 0
         self._reload_requested = False
         self.ready = threading.Event()  # set with READY=1 (tests wait on it)
+        self.standing_by = threading.Event()  # set while another instance holds the drop folder
+        self._lock_deferred = False  # the lock file could not be made yet (a full disk)
         self._threads: dict[str, tuple[threading.Thread, Heartbeat]] = {}
         self._stuck: str | None = None
         self._last_status = ""
@@ -70,6 +76,7 @@ class Service:
         drop = resolve(drop)  # once: inotify and the folders' descriptors follow no symlink
         self.drop = Folders(drop)  # every file operation in drop/ goes through its descriptors
         assert settings.state_dir is not None  # derived from drop_dir by the settings
+        self.lock = DropLock(drop)
         REDACT.add(settings.secret_values())
         self.metrics = Metrics(settings)
         self.journal = Journal(
@@ -154,6 +161,14 @@ class Service:
             settings=Detail(self.settings.public_view(), self.settings.brief_view()),
             network=self.network.describe(),
         )
+        if not self._hold_drop_folder():
+            return self._stop_standing_by()
+        try:
+            return self._start_and_supervise()
+        finally:
+            self.lock.release()  # last: a standby takes over only once every move is done
+
+    def _start_and_supervise(self) -> int:
         self._spawn("stabiliser", lambda stop, beat: self.stabiliser.run(stop))
         self._spawn("dispatcher", self.uploader.dispatch_step)
         self._spawn("finisher", lambda stop, beat: self.finisher.run(self._moves_stop, beat))
@@ -168,6 +183,87 @@ class Service:
             return self._supervise()
         finally:
             self._shutdown()
+
+    # -- one daemon per drop folder: the standby -------------------------------------------
+
+    def _hold_drop_folder(self) -> bool:
+        """Take the drop folder's lock, standing by while another instance holds it. False
+        when a stop came first. A reload asked for meanwhile is applied after the takeover."""
+        standby = Standby(self._try_lock, self._notifier, self._wait, self.standing_by)
+        return standby.hold(
+            lambda: self._stop_requests > 0,
+            lambda holder: self._own_status("standby", active=holder.describe()),
+        )
+
+    def _try_lock(self) -> Holder | None:
+        """`lock.acquire`, with its failures judged: a full disk (the lock file cannot be made
+        yet) is no reason not to start, and the main loop tries again; anything else (a folder
+        that cannot hold the file, NFS mounted without locks) ends the start with exit 78."""
+        try:
+            return self.lock.acquire()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise ConfigError(
+                    f"drop_dir {self.lock.path.parent}: cannot lock {self.lock.path.name}:"
+                    f" {exc.strerror} (see the README, One daemon per drop folder)"
+                ) from None
+            if not self._lock_deferred:
+                self._lock_deferred = True
+                reason = f"cannot make {self.lock.path}: {exc.strerror}; trying again every 10 s"
+                event(log, "lock_deferred", reason, level=logging.WARNING)
+            return None
+
+    def _stop_standing_by(self) -> int:
+        """A stop while standing by: nothing was started, nothing to drain."""
+        self._notifier.send("STOPPING=1", "STATUS=stopping")
+        self._own_status("stopped")
+        self.api.close()
+        event(log, "stopped", uploaded=0, failed=0)
+        return 0
+
+    def _own_status(self, state: str, **extra: str) -> None:
+        """Write the status file, unless it describes another live instance (one host, one
+        state folder): the active instance's status stays what `status` shows."""
+        doc = statusfile.read(self.journal.folder)
+        mine = doc is not None and (doc.get("pid"), doc.get("host")) == (
+            os.getpid(),
+            socket.gethostname(),
+        )
+        if mine or not statusfile.running(doc, time.time()):
+            self.operations.write_status(state, **extra)
+
+    def _keep_lock(self) -> bool:
+        """The main loop's check that the lock file is still the one held (producers may remove
+        it, and a standby would lock a new one). Lost: take it again, or end with status 1 when
+        another instance already has it (systemd's restart makes this one the standby). Not
+        while the watch has lost the drop folder (gone, replaced, hanging): that is the watch's
+        to report, and the lock stays on the file it holds."""
+        if self.watcher.deaf_reason is not None or self.lock.still_ours():
+            return True
+        self.lock.release()
+        try:
+            holder = self._try_lock()
+        except ConfigError as exc:  # the folder went away meanwhile: the next check sees it
+            event(log, "lock_deferred", str(exc), level=logging.WARNING)
+            return True
+        if holder is None:
+            if self.lock.held:
+                self._lock_deferred = False
+                event(log, "lock_restored", level=logging.WARNING, lock=str(self.lock.path))
+            return True
+        event(
+            log,
+            "lock_lost",
+            f"{self.lock.path} was removed or replaced, and {holder.describe()} holds it now",
+            level=logging.CRITICAL,
+        )
+        return False
+
+    def _wait(self, seconds: float) -> None:
+        """The main thread's one way to wait: until `seconds` pass, or a signal or a thread
+        that ends wakes it."""
+        self._wakeup.wait(seconds)
+        self._wakeup.clear()
 
     # -- threads ---------------------------------------------------------------------------
 
@@ -222,6 +318,8 @@ class Service:
             if now >= next_check:  # a stat on a helper thread: not on every turn
                 next_check = now + CHECK_SECONDS
                 self.watcher.check()
+                if not self._keep_lock():
+                    return 1
             if self._reload_requested:
                 self._reload_requested = False
                 self._apply_reload()

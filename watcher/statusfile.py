@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -37,12 +38,15 @@ def read(folder: Path) -> dict[str, Any] | None:
 
 
 def running(doc: dict[str, Any] | None, now: float) -> bool:
-    """Does the status file describe a live daemon?"""
-    if not doc or doc.get("state") != "running":
+    """Does the status file describe a live daemon (active or standing by)? A process on
+    another host (a state folder on a shared mount) counts as live while the file is fresh."""
+    if not doc or doc.get("state") not in ("running", "standby"):
         return False
     stale_after = 3 * float(doc.get("every_seconds", 2.0)) + 5.0
     if now - float(doc.get("updated_epoch", 0)) > stale_after:
         return False
+    if doc.get("host", socket.gethostname()) != socket.gethostname():
+        return True
     try:
         os.kill(int(doc["pid"]), 0)
     except ProcessLookupError:

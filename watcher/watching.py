@@ -32,6 +32,7 @@ from watchdog.observers.polling import PollingObserver
 
 from . import inotify
 from .folders import Folders
+from .instance import LOCK_NAME
 from .items import Spot, display
 from .liveness import CANARY_NAME, Canary, Hung, Identity, StatProbe
 from .logs import event
@@ -66,7 +67,7 @@ def locate(
     parts = rel.split(os.sep)
     if rel.startswith(os.pardir) or parts == ["."] or is_ignored(parts[-1], ignore):
         return None
-    if parts == [CANARY_NAME] or (len(parts) == 1 and parts[0] in FILE_TYPES):
+    if parts in ([CANARY_NAME], [LOCK_NAME]) or (len(parts) == 1 and parts[0] in FILE_TYPES):
         return None  # ours, whatever ignore_patterns say
     if len(parts) == 1:
         return Spot(Path(path), display(rel), parts[0], default_type)

@@ -1,0 +1,141 @@
+"""`check` judges the folders for the service's user, not for root: the pure judgement from
+tables, the same judgement against the kernel's (as nobody), and `check --as-user` end to end."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli import cli
+from watcher.access import Seen, User, blocker, fix, permits
+
+NOBODY, NOGROUP = 65534, 65534
+ALICE, DROP = 1001, 2001
+SERVICE = User("svc", 999, frozenset({999, DROP}), "test")
+
+
+def seen(mode: int, owner: int = ALICE, group: int = DROP, path: str = "/d") -> Seen:
+    return Seen(Path(path), 0o040000 | mode, owner, group)
+
+
+@pytest.mark.parametrize(
+    ("mode", "owner", "group", "need", "allowed"),
+    [
+        (0o2770, ALICE, DROP, "rwx", True),  # what install.sh makes: the drop group works
+        (0o2750, ALICE, DROP, "rwx", False),  # a producer's umask 0027: the issue's loop
+        (0o2750, ALICE, DROP, "rx", True),
+        (0o700, 999, DROP, "rwx", True),  # the service's own
+        (0o077, 999, DROP, "rwx", False),  # the owner's bits decide for the owner
+        (0o707, ALICE, DROP, "rwx", False),  # ... and the group's for a member
+        (0o777, ALICE, 5, "rwx", True),  # others
+        (0o770, ALICE, 5, "x", False),
+        (0o000, ALICE, 5, "rwx", None),  # root: anything (checked below)
+    ],
+)
+def test_permits_is_the_kernels_rule_without_acls(mode, owner, group, need, allowed):
+    if allowed is None:
+        assert permits(seen(mode, owner, group), User("root", 0, frozenset({0}), ""), need)
+    else:
+        assert permits(seen(mode, owner, group), SERVICE, need) is allowed
+
+
+def test_blocker_names_the_first_folder_on_the_way():
+    top, mid = seen(0o755, 0, 0, "/srv"), seen(0o750, 0, 0, "/srv/p")
+    last = seen(0o2770, 0, DROP, "/srv/p/drop")
+    assert blocker([top, mid, last], SERVICE) == (mid, "x")  # cannot even reach it
+    assert blocker([top, last], SERVICE) is None
+    assert blocker([top, seen(0o2750, 0, DROP, "/srv/drop")], SERVICE)[1] == "rwx"
+
+
+@pytest.mark.parametrize(
+    ("folder", "need", "expected"),
+    [
+        (seen(0o2750, ALICE, DROP), "rwx", "chmod g+rwx /d"),
+        (seen(0o500, 999, DROP), "rwx", "chmod u+rwx /d"),
+        (seen(0o750, 0, 0), "x", "chmod o+x /d"),
+        (seen(0o755, ALICE, 0), "rwx", "chgrp productiv-drop /d && chmod g+rwx /d"),
+    ],
+)
+def test_the_fix_is_the_smallest_command(folder, need, expected):
+    assert fix(folder, SERVICE, need, "productiv-drop") == expected
+
+
+# -- against the kernel, as nobody -------------------------------------------------------------
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A folder nobody can reach (pytest's tmp_path sits below a root-only folder)."""
+    path = Path(tempfile.mkdtemp(prefix="pw-access-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def as_nobody(*command: str) -> subprocess.CompletedProcess[str]:
+    prefix = ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOGROUP), "--clear-groups"]
+    return subprocess.run([*prefix, *command], capture_output=True, text=True, check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root")
+@pytest.mark.parametrize(
+    ("owner", "group", "mode"),
+    [
+        (NOBODY, NOGROUP, 0o700),
+        (0, NOGROUP, 0o2770),
+        (0, NOGROUP, 0o2750),
+        (0, 0, 0o777),
+        (0, 0, 0o775),
+        (NOBODY, 0, 0o077),
+        (0, NOGROUP, 0o1770),  # sticky: creating and removing one's own file still works
+    ],
+)
+def test_the_judgement_agrees_with_the_kernel(open_tmp, owner, group, mode):
+    folder = open_tmp / "f"
+    folder.mkdir()
+    os.chown(folder, owner, group)
+    folder.chmod(mode)
+    nobody = User("nobody", NOBODY, frozenset({NOGROUP}), "test")
+    judged = permits(Seen(folder, folder.stat().st_mode, owner, group), nobody, "rwx")
+    real = as_nobody("sh", "-c", f"ls {folder} && touch {folder}/x && rm {folder}/x")
+    assert judged is (real.returncode == 0), real.stderr
+
+
+# -- check --as-user, end to end --------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give folders to other users")
+def test_check_lists_the_folders_the_service_user_cannot_work_in_and_how_to_fix_them(
+    open_tmp, sandbox
+):
+    drop = open_tmp / "drop"
+    for folder in (drop, drop / "users", drop / "contracts", open_tmp / "done"):
+        folder.mkdir()
+        os.chown(folder, NOBODY, NOGROUP)
+        folder.chmod(0o2770)
+    os.chown(drop / "users", 0, NOGROUP)  # a producer's subfolder, made with umask 0027
+    (drop / "users").chmod(0o2750)
+    os.chown(open_tmp, NOBODY, NOGROUP)  # failed/ and state/ will be made at start
+    env = {**sandbox.env(), "PRODUCTIV_DROP_DIR": str(drop)}
+
+    first = cli("check", "--as-user", "nobody", env=env)
+    assert first.returncode == 1, first.stdout + first.stderr
+    assert "folders: judged for nobody (uid 65534" in first.stdout
+    [line] = [s for s in first.stdout.splitlines() if "FAIL" in s]
+    assert line.startswith(f"folders: FAIL drop_dir/users {drop / 'users'}: nobody cannot")
+    assert "root:nogroup drwxr-s---" in line
+    assert f"failed_dir {open_tmp / 'failed'} will be created at start" in first.stdout
+    assert "1 problem(s)" in first.stdout
+    assert cli("check", env=env).returncode == 0  # root itself could: that is not the question
+
+    subprocess.run(line.split("fix: ", 1)[1], shell=True, check=True)  # the advice, as given
+    second = cli("check", "--as-user", "nobody", env=env)
+    assert second.returncode == 0 and "all good" in second.stdout, second.stdout
+    real = as_nobody("sh", "-c", f"touch {drop}/users/x && mv {drop}/users/x {open_tmp}/done/")
+    assert real.returncode == 0, real.stderr

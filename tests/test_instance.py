@@ -1,0 +1,174 @@
+"""One daemon per drop folder: the lock, the standby, the takeover after a kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, Child, Folders, assert_no_secrets, make_settings, wait_for
+from tests.test_systemd import env_for, notify  # noqa: F401 (a fixture)
+from watcher.instance import LOCK_NAME, DropLock, Holder, active_holder, parse_holder
+from watcher.liveness import CANARY_NAME
+from watcher.sandbox import Sandbox
+from watcher.service import Service
+from watcher.watching import locate
+
+HOST = socket.gethostname()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"pid": 12, "host": "a", "since": "2026-01-01T00:00:00Z"}', (12, "a")),
+        ('{"pid": "12", "host": "a"}', (12, "a")),
+        ("", (None, "")),  # the new holder has not written it yet
+        ('{"pid": 12', (None, "")),  # half written
+        ('{"host": "a"}', (None, "")),
+        ("[1, 2]", (None, "")),
+    ],
+)
+def test_the_lock_file_names_its_holder(text, expected):
+    holder = parse_holder(text)
+    assert (holder.pid, holder.host) == expected
+
+
+def test_holder_descriptions():
+    assert Holder(12, "a").describe() == "pid 12 on a"
+    assert Holder(None, "").describe() == "another instance"
+
+
+@pytest.mark.parametrize("name", [LOCK_NAME, CANARY_NAME])
+def test_the_lock_and_canary_files_are_never_uploaded_whatever_the_patterns(name):
+    assert locate(f"/d/{name}", "/d", None, ()) is None
+    assert locate(f"/d/users/{name}", "/d", None, ()) is not None  # only ours, at the top
+
+
+def test_one_holder_at_a_time_and_others_see_who(tmp_path):
+    first, second = DropLock(tmp_path), DropLock(tmp_path)
+    assert active_holder(tmp_path) is None  # no lock file yet: nothing created by looking
+    assert not (tmp_path / LOCK_NAME).exists()
+    assert first.acquire() is None and first.held
+    assert oct((tmp_path / LOCK_NAME).stat().st_mode & 0o777) == "0o660"  # whatever the umask
+    assert second.acquire() == Holder(os.getpid(), HOST, first.holder().since)
+    assert active_holder(tmp_path) == first.holder()
+    first.release()
+    assert active_holder(tmp_path) is None
+    assert second.acquire() is None
+    second.release()
+
+
+def test_a_removed_lock_file_is_taken_back_or_lost(sandbox: Sandbox, folders: Folders):
+    service = Service(make_settings(sandbox, folders))
+    try:
+        assert service.lock.acquire() is None
+        assert service._keep_lock()
+        (folders.drop / LOCK_NAME).unlink()  # a producer cleaning up hidden files
+        assert service._keep_lock() and service.lock.still_ours()  # took a new one
+        (folders.drop / LOCK_NAME).unlink()
+        other = DropLock(folders.drop)
+        assert other.acquire() is None  # a standby locked the new file first
+        assert not service._keep_lock()  # the main loop ends with status 1
+        other.release()
+    finally:
+        service.lock.release()
+        service.api.close()
+
+
+def test_a_standby_tells_systemd_pings_and_stops_cleanly(sandbox, folders, notify):  # noqa: F811
+    holder = DropLock(folders.drop)
+    assert holder.acquire() is None  # the "first instance" is this test process
+    (folders.drop / "a.csv").write_bytes(b"x")
+    child = Child(env_for(sandbox, folders, notify, WATCHDOG_USEC="400000"))
+    try:
+        want = f"STATUS=standby: the drop folder is held by pid {os.getpid()} on {HOST}"
+        wait_for(lambda: notify.texts("READY=1"), what="READY=1")
+        assert notify.messages[0][1].splitlines() == ["READY=1", want]
+        wait_for(lambda: len(notify.times("WATCHDOG=1")) >= 4, what="pings while standing by")
+        child.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert child.wait(15) == 0
+        assert time.monotonic() - started < 3
+    finally:
+        child.close()
+        holder.release()
+    assert notify.texts("STOPPING=1")
+    assert (folders.drop / "a.csv").exists() and sandbox.count("put") == 0
+    assert "standby" in child.stderr and "Traceback" not in child.stderr
+
+
+def events(child: Child, name: str) -> list[dict[str, object]]:
+    docs = [json.loads(line) for line in list(child.lines) if line.startswith("{")]
+    return [d for d in docs if d.get("event") == name]
+
+
+def status(env: dict[str, str]) -> dict[str, object]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PRODUCTIV_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "watcher", "status", "--json"],
+        env={**full_env, **env},
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+        check=False,
+    )
+    assert_no_secrets(result.stdout + result.stderr)
+    doc: dict[str, object] = json.loads(result.stdout)
+    return doc
+
+
+def test_two_daemons_on_one_folder_one_uploads_the_other_takes_over_after_kill_9(
+    sandbox: Sandbox, folders: Folders, tmp_path: Path
+):
+    names = [f"users/f{n:03d}.csv" for n in range(60)]
+    (folders.drop / "users").mkdir()
+    env = {
+        **sandbox.env(),
+        "PRODUCTIV_DROP_DIR": str(folders.drop),
+        "PRODUCTIV_SETTLE_SECONDS": "0.3",
+        "PRODUCTIV_UPLOAD_CONCURRENCY": "2",
+        "PRODUCTIV_STATUS_SECONDS": "0.3",
+        "PRODUCTIV_LOG_FORMAT": "json",
+        "PRODUCTIV_LOG_LEVEL": "DEBUG",
+    }
+    sandbox.inject("put", count=len(names), delay=0.15)  # a burst that takes a few seconds
+    first = Child(env)
+    second: Child | None = None
+    try:
+        wait_for(lambda: events(first, "ready"), what="the first to be ready")
+        second = Child(env)
+        wait_for(lambda: events(second, "standby"), what="the second to stand by")
+        assert status(env)["active"] == {"pid": first.proc.pid, "host": HOST}
+        for name in names:
+            (folders.drop / name).write_bytes(name.encode())
+        wait_for(lambda: len(folders.files(folders.done)) >= 15, what="the first uploading")
+        assert [d["event"] for d in events(second, "standby")] == ["standby"]
+        for busy in ("queued", "uploaded", "failed", "retrying", "ready"):
+            assert events(second, busy) == [], f"the standby logged {busy}"
+        first.proc.kill()  # kill -9, mid-burst
+        killed = time.monotonic()
+        wait_for(lambda: events(second, "takeover"), timeout=10, what="the takeover")
+        took = time.monotonic() - killed
+        wait_for(
+            lambda: len(folders.files(folders.done)) == len(names), timeout=60, what="all done"
+        )
+        assert status(env)["active"] == {"pid": second.proc.pid, "host": HOST}
+        print(f"takeover {took:.2f} s after kill -9; {sandbox.count('put')} PUTs")
+    finally:
+        first.close()
+        if second is not None:
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(15) == 0
+            second.close()
+    assert folders.files(folders.done) == names  # each once: a second move would add a stamp
+    assert folders.files(folders.drop) == []
+    for name in names:
+        assert sandbox.stored(name.split("/")[1], "users") == name.encode()
