@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -225,7 +226,7 @@ def test_a_type_folder_that_cannot_be_watched_is_said_and_still_rescanned(sandbo
     if os.system("unshare --user --map-root-user true 2>/dev/null") != 0:
         pytest.skip("no user namespaces here")
     env = daemon_env(sandbox, folders, PRODUCTIV_RESCAN_SECONDS="1")
-    child = Child(env, prefix=prefix)
+    child = Child(env, command=[*prefix, sys.executable, "-m", "watcher"])
     try:
         wait_for(lambda: "ready" in child.stderr, what="READY")
         write(folders.drop / "users" / "a.csv", b"x")

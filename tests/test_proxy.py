@@ -18,6 +18,7 @@ import trustme
 from tests.conftest import ROOT, Daemon, Folders, make_settings, wait_for
 from tests.proxyserver import Proxy, connect_proxy
 from tests.s3server import rclone_s3, s3_client
+from watcher.api import SignedUrl
 from watcher.faults import Fault
 from watcher.items import Item, Snapshot, Spot
 from watcher.network import VARIABLES, Network
@@ -195,7 +196,7 @@ def test_a_put_that_cannot_pass_says_why(https_sandbox, proxy, pki, tmp_path, lo
     path.write_bytes(b"e")
     item = Item(Spot(path, "e.csv", "e.csv", None), Snapshot.of(os.stat(path)))
     with pytest.raises(Fault) as caught:
-        transfer.put(https_sandbox.signed_url(None, "e.csv"), item)
+        transfer.put(SignedUrl(https_sandbox.signed_url(None, "e.csv"), None), item)
     assert caught.value.reason.startswith("PUT to storage failed: ")
     assert expected in caught.value.reason, caught.value.reason
     assert "X-Amz" not in caught.value.reason and "wrong" not in caught.value.reason

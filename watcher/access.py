@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .mover import overlaps
 from .settings import FILE_TYPES, ConfigError, Settings, require_folders
 
 UNIT_USER = "productiv-watcher"  # the units' User=
@@ -163,9 +164,13 @@ def folder_report(settings: Settings, user: User) -> tuple[list[str], list[str]]
     if not drop.is_dir():
         return [f"drop_dir {drop} does not exist or is not a folder (it is never created)"], []
     assert settings.state_dir is not None  # derived from drop_dir when not set
-    group = drop_group(drop, user)
-    problems, notes = [], []
     roots = [("drop_dir", drop), ("done_dir", done), ("failed_dir", failed)]
+    overlapping = overlaps([*roots, ("state_dir", settings.state_dir)])
+    if overlapping:
+        return overlapping, []  # the rest would judge the wrong folders
+    group = drop_group(drop, user)
+    problems: list[str] = []
+    notes: list[str] = []
     for name, wanted in [*roots, ("state_dir", settings.state_dir)]:
         text = problem(name, wanted, user, group)
         if text is not None:

@@ -189,14 +189,15 @@ class Transfer:
             body = cast("IO[bytes]", reader) if expected.size else b""
             # The connection pool directly, not the PoolManager: it would parse the long signed
             # URL once more, with urllib3's slower parser, for every file.
-            parts = urlsplit(url)
-            host, port = parts.hostname or "", parts.port
-            proxy = self._network.proxy_for(parts.scheme, host, port)
-            target = f"{parts.path}?{parts.query}" if parts.query else parts.path
-            if proxy is not None and parts.scheme == "http":
-                target = url  # no tunnel: the proxy's pool is asked for the absolute URL
+            host, proxy = "", None
             started = time.monotonic()
             try:
+                parts = urlsplit(url)
+                host, port = parts.hostname or "", parts.port
+                proxy = self._network.proxy_for(parts.scheme, host, port)
+                target = f"{parts.path}?{parts.query}" if parts.query else parts.path
+                if proxy is not None and parts.scheme == "http":
+                    target = url  # no tunnel: the proxy's pool is asked for the absolute URL
                 pool = self._manager(proxy).connection_from_host(host, port, parts.scheme)
                 response = pool.urlopen(
                     "PUT",
