@@ -110,6 +110,9 @@ def main() -> int:
                 for title, step in Scenario(machine, report).steps():
                     with report.step(title):
                         step()
+            except Broken as broken:  # said before the tear down, under the step it ended
+                report.failed.append("(the steps after it did not run)")
+                print(f"{'':9} STOPPED: {broken}", flush=True)
             finally:
                 print(f"{report.clock()} tear down", flush=True)
                 machine.close()
