@@ -94,7 +94,7 @@ def main() -> int:
     except Skip as why:
         print(f"SKIP make systemd-test: {why}")
         return 0
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _interrupt)
     signal.signal(signal.SIGALRM, _too_long)
     signal.alarm(HARD_LIMIT_SECONDS)

@@ -131,6 +131,24 @@ class Scenario(Driver):
             "no `Status:` line in:",
             status.splitlines()[:12],
         )
+        pid = self.show()["MainPID"]
+        proc = dict(
+            line.split(":\t", 1) for line in self.m.sh(f"cat /proc/{pid}/status").splitlines()
+        )
+        found = {name: proc.get(name) for name in ("NoNewPrivs", "Seccomp", "CapEff")}
+        found["/"], found[BASE] = self.m.sh(
+            f"findmnt -N {pid} -no OPTIONS / && findmnt -N {pid} -no OPTIONS {BASE}"
+        ).split()
+        self.report.check(
+            f"the unit's confinement is in force (no new privileges, seccomp, no capabilities, "
+            f"/ read-only, {BASE} writable)",
+            found["NoNewPrivs"] == "1"
+            and found["Seccomp"] == "2"
+            and found["CapEff"] == "0000000000000000"
+            and found["/"].startswith("ro,")
+            and found[BASE].startswith("rw,"),
+            f"the daemon (pid {pid}) runs with {found}",
+        )
 
     def produce(self) -> None:
         self.mark()
@@ -138,9 +156,9 @@ class Scenario(Driver):
         files += ["loose-1.csv", "loose-2.csv"]  # directly in drop/
         self.drop(files, mkdir=TYPES)  # `mkdir -p`, as a producer's script would
         self.all_done("the producer's files", files, BASE, UNIT)
-        status = self.show()["StatusText"]
+        counted = wait_until(lambda: f"{len(files)} uploaded" in self.show()["StatusText"], 12)
         self.report.check(
-            "STATUS counts them", f"{len(files)} uploaded" in status, f"StatusText={status!r}"
+            "STATUS counts them", counted, f"StatusText={self.show()['StatusText']!r}"
         )
         # Where the producer had to make a type folder (install.sh made none), the operator
         # repairs it, so that the next steps check their own promises, not this one again.
@@ -276,7 +294,8 @@ class Scenario(Driver):
         config = set_options(
             self.m.path(CONFIG).read_text(),
             drop_dir=f"{base}/drop",
-            state_dir=f"/var/lib/productiv-watcher/{INSTANCE}/state",  # its StateDirectory=
+            # Its own StateDirectory=: the main one's state_dir is read-only to an instance.
+            state_dir=f"/var/lib/productiv-watcher/{INSTANCE}/state",
         )
         self.m.path(f"/root/{INSTANCE}.toml").write_text(config)
         self.m.sh(
@@ -355,7 +374,7 @@ class Scenario(Driver):
             self.all_done("beside a standby", files, BASE, UNIT)
             uploaded = event_lines(lines(), "uploaded")
             self.report.check(
-                "the standby uploads nothing",
+                "the standby logs no `uploaded` line",
                 not uploaded,
                 f"it logged {len(uploaded)} `uploaded` line(s):",
                 uploaded[:5],
