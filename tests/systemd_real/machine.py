@@ -21,6 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
+LAYERS_SIZE = "4g"  # the most the container may write
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # what sudo would give
 
 # Units of this host that would start in the container and are no part of the test: consoles
@@ -91,6 +92,7 @@ class Machine:
         self.source = source  # bound read-only at `mount_at` inside
         self.mount_at = mount_at
         self.base = Path(tempfile.mkdtemp(prefix="productiv-systemd-test.", dir="/var/tmp"))
+        self.layers = self.base / "layers"  # a tmpfs holding the upper layer and its workdir
         self.merged = self.base / "merged"
         self.name = f"productiv-test-{uuid.uuid4().hex[:8]}"
         self.nspawn: subprocess.Popen[bytes] | None = None
@@ -100,18 +102,15 @@ class Machine:
 
     def boot(self) -> None:
         """Mount the overlay and boot it; `close` undoes whatever part of this was done."""
-        for name in ("upper", "work", "merged"):
-            (self.base / name).mkdir()
-        self._prepare_upper(self.base / "upper")
-        options = f"lowerdir=/,upperdir={self.base}/upper,workdir={self.base}/work"
-        mounted = subprocess.run(
-            ["mount", "-t", "overlay", "overlay", "-o", options, str(self.merged)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if mounted.returncode != 0:
-            raise Skip(f"cannot mount an overlay here: {mounted.stderr.strip()}")
+        self.layers.mkdir()
+        self.merged.mkdir()
+        # The upper layer lives in memory: quick to write (the venv) and gone at its unmount.
+        _mount("tmpfs", f"size={LAYERS_SIZE},mode=0700", self.layers)
+        for name in ("upper", "work"):
+            (self.layers / name).mkdir()
+        self._prepare_upper(self.layers / "upper")
+        layers = f"lowerdir=/,upperdir={self.layers}/upper,workdir={self.layers}/work"
+        _mount("overlay", layers, self.merged)
         self._start_nspawn()
 
     def _prepare_upper(self, upper: Path) -> None:
@@ -179,7 +178,8 @@ class Machine:
 
     def console(self) -> str:
         """The last lines nspawn and the container's boot printed."""
-        lines = (self.base / "console.log").read_text(errors="replace").splitlines()
+        log = self.base / "console.log"
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
         return "\n".join(lines[-30:])
 
     def close(self) -> None:
@@ -203,16 +203,13 @@ class Machine:
             except subprocess.TimeoutExpired:
                 _signal(self.nspawn.pid, signal.SIGKILL)
                 self.nspawn.wait(timeout=15)
-        unmounted = not os.path.ismount(self.merged) or _run("umount", str(self.merged))
-        if not unmounted:
-            _run("umount", "--lazy", str(self.merged))
-        self._remove_base()
-
-    def _remove_base(self) -> None:
-        if os.path.ismount(self.merged):
-            print(f"left {self.base} in place: {self.merged} is still mounted", flush=True)
-            return
-        shutil.rmtree(self.base, ignore_errors=True)
+        for mount in (self.merged, self.layers):
+            if os.path.ismount(mount) and not _run("umount", str(mount)):
+                _run("umount", "--lazy", str(mount))
+        if os.path.ismount(self.merged) or os.path.ismount(self.layers):
+            print(f"left {self.base} in place: it still has a mount", flush=True)
+        else:
+            shutil.rmtree(self.base, ignore_errors=True)
 
     # -- driving -----------------------------------------------------------------------------
 
@@ -280,6 +277,17 @@ class Machine:
 def _signal(pid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signum)
+
+
+def _mount(kind: str, options: str, target: Path) -> None:
+    mounted = subprocess.run(
+        ["mount", "-t", kind, "-o", options, kind, str(target)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        raise Skip(f"cannot mount {kind} here: {mounted.stderr.strip()}")
 
 
 def _run(*argv: str) -> bool:
