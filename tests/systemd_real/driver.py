@@ -98,11 +98,14 @@ class Driver:
     def missing(self, files: list[str], folder: str) -> list[str]:
         return [f for f in files if not self.m.path(f"{folder}/{f}").exists()]
 
-    def puts(self, name: str) -> int:
-        """How many PUTs of this file name the sandbox answered."""
+    def puts(self, file: str) -> int:
+        """How many PUTs of this file (its path in drop/) the sandbox answered: its object key
+        ends in `<type>/<name>`, the type `default` for a file directly in drop/."""
+        kind, _, name = file.rpartition("/")
+        key = f"/{kind or 'default'}/{name}"
         with urllib.request.urlopen(f"{self.sandbox}/_sandbox/requests", timeout=10) as answer:
             recorded = json.load(answer)
-        return sum(1 for r in recorded if r["endpoint"] == "put" and r["path"].endswith(f"/{name}"))
+        return sum(1 for r in recorded if r["endpoint"] == "put" and r["path"].endswith(key))
 
     def inject(self, **fault: object) -> None:
         request = urllib.request.Request(
@@ -132,7 +135,7 @@ class Driver:
             f"{len(retrying)} `retrying` line(s) in the journal of {unit}; the first ones:",
             retrying[:5],
         )
-        counts = {f: self.puts(f.rsplit("/", 1)[-1]) for f in files}
+        counts = {f: self.puts(f) for f in files}
         again = ", ".join(f"{f}: {n}" for f, n in sorted(counts.items()) if n != 1)
         self.report.check(
             f"{label}: each file PUT exactly once",

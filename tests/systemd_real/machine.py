@@ -20,6 +20,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import BinaryIO
 
 LAYERS_SIZE = "4g"  # the most the container may write
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # what sudo would give
@@ -60,22 +61,15 @@ def preflight() -> None:
         raise Skip("needs root (it mounts an overlay and boots systemd-nspawn)")
     if "overlay" not in Path("/proc/filesystems").read_text():
         raise Skip("the kernel has no overlayfs")
-    if not Path("/usr/lib/systemd/systemd").exists():
+    if not any(Path(p, "systemd/systemd").exists() for p in ("/usr/lib", "/lib")):
         raise Skip("systemd is not installed on this host")
     if shutil.which("systemd-nspawn") is None:
         if shutil.which("apt-get") is None:
             raise Skip("systemd-nspawn is missing and there is no apt-get to install it")
         print("installing systemd-container (systemd-nspawn) with apt-get", flush=True)
+        apt = ["apt-get", "-y", "-q", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=120"]
         done = subprocess.run(
-            [
-                "apt-get",
-                "install",
-                "-y",
-                "-q",
-                "-o",
-                "DPkg::Lock::Timeout=120",
-                "systemd-container",
-            ],
+            [*apt, "install", "systemd-container"],
             capture_output=True,
             text=True,
             env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
@@ -83,6 +77,13 @@ def preflight() -> None:
         )
         if done.returncode != 0 or shutil.which("systemd-nspawn") is None:
             raise Skip(f"cannot install systemd-container: {done.stderr.strip()[-400:]}")
+
+
+def nspawn_environment() -> dict[str, str]:
+    """On a cgroup v1 (or hybrid) host, nspawn must be told not to try the unified hierarchy."""
+    if Path("/sys/fs/cgroup/cgroup.controllers").exists():
+        return {"PATH": PATH}  # cgroup v2 only: nspawn's own choice is right
+    return {"PATH": PATH, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "0"}
 
 
 class Machine:
@@ -121,26 +122,8 @@ class Machine:
             (upper / "etc/systemd/system" / unit).symlink_to("/dev/null")
 
     def _start_nspawn(self) -> None:
-        log = (self.base / "console.log").open("wb")
-        self.nspawn = subprocess.Popen(
-            [
-                "systemd-nspawn",
-                f"--directory={self.merged}",
-                f"--machine={self.name}",
-                "--register=no",
-                "--keep-unit",
-                "--console=read-only",
-                f"--bind-ro={self.source}:{self.mount_at}",
-                "--boot",
-            ],
-            # This host mounts cgroup v1 (systemd's own hierarchy included): nspawn must not
-            # try the unified one.
-            env={"PATH": PATH, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "0"},
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C reaches us, not nspawn: we tear it down in order
-        )
+        with (self.base / "console.log").open("wb") as log:
+            self.nspawn = self._nspawn(log)
         self.init_pid = self._find_init()
         # `--wait` returns once the boot is over: "running", or "degraded" (some unit failed).
         state = ""
@@ -152,6 +135,25 @@ class Machine:
                 time.sleep(0.2)  # its manager is not listening yet
         if state not in ("running", "degraded"):
             raise Broken(f"the container did not finish booting: {state!r}\n{self.console()}")
+
+    def _nspawn(self, log: BinaryIO) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [
+                "systemd-nspawn",
+                f"--directory={self.merged}",
+                f"--machine={self.name}",
+                "--register=no",
+                "--keep-unit",
+                "--console=read-only",
+                f"--bind-ro={self.source}:{self.mount_at}",
+                "--boot",
+            ],
+            env=nspawn_environment(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a Ctrl-C reaches us, not nspawn: we tear it down in order
+        )
 
     def _find_init(self) -> int:
         """The container's systemd: nspawn's child, as the host sees its pid."""
@@ -225,9 +227,16 @@ class Machine:
         that user's groups); stdout and stderr are captured as text."""
         if user is not None:
             argv = ("setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--", *argv)
-        done = subprocess.run(
-            self._command(argv, env), capture_output=True, text=True, timeout=timeout, check=False
-        )
+        try:
+            done = subprocess.run(
+                self._command(argv, env),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise Broken(f"`{' '.join(argv)}` did not finish within {timeout} s") from None
         if check and done.returncode != 0:
             raise Broken(
                 f"`{' '.join(argv)}` exited with {done.returncode}\n{done.stdout}{done.stderr}"
@@ -258,7 +267,8 @@ class Machine:
         return self.run("sh", "-ec", script, user=user, check=check).stdout
 
     def path(self, inside: str) -> Path:
-        """Where a path of the container is seen from the host (through the overlay)."""
+        """Where a path of the container is seen from the host, through the overlay: not for the
+        container's own mounts (/run, /tmp, /dev are its tmpfs)."""
         return self.merged / inside.lstrip("/")
 
     def cursor(self) -> str:
@@ -266,12 +276,11 @@ class Machine:
         out = self.run("journalctl", "--lines=0", "--show-cursor", "--no-pager", "--quiet").stdout
         return out.strip().rpartition("-- cursor: ")[2]
 
-    def journal(self, unit: str, after: str) -> list[str]:
-        """The messages of `unit` logged after the cursor."""
-        out = self.run(
-            "journalctl", f"--unit={unit}", f"--after-cursor={after}", "--output=cat", "--no-pager",
-        ).stdout  # fmt: skip
-        return out.splitlines()
+    def journal(self, unit: str, after: str = "") -> list[str]:
+        """The messages of `unit` logged after the cursor (all of them without one)."""
+        since = [f"--after-cursor={after}"] if after else []
+        out = self.run("journalctl", f"--unit={unit}", *since, "--output=cat", "--no-pager")
+        return out.stdout.splitlines()
 
 
 def _signal(pid: int, signum: int) -> None:

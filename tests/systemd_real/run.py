@@ -26,7 +26,7 @@ from pathlib import Path
 from types import FrameType
 
 from machine import Broken, Machine, Skip, preflight
-from scenario import Scenario
+from scenario import SOURCE, Scenario
 
 ROOT = Path(__file__).resolve().parents[2]
 BUDGET_SECONDS = 240  # the limit for the whole run
@@ -103,7 +103,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="productiv-source.", dir="/var/tmp") as scratch:
             with report.step("clone the commit under test"):
                 clone(Path(scratch) / "source")
-            machine = Machine(Path(scratch) / "source", "/usr/src/productiv-watcher")
+            machine = Machine(Path(scratch) / "source", SOURCE)
             try:
                 with report.step("boot systemd in a container on an overlay of /"):
                     machine.boot()

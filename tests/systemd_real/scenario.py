@@ -97,7 +97,7 @@ class Scenario(Driver):
         )  # fmt: skip
         if not wait_until(self._sandbox_answers, 20):
             raise Broken(
-                "the sandbox did not answer:\n" + "\n".join(self.m.journal("productiv-sandbox", ""))
+                "the sandbox did not answer:\n" + "\n".join(self.m.journal("productiv-sandbox"))
             )
         url = self.sandbox
         self.edit_config(**SANDBOX, api_url=url, token_url=f"{url}/oauth2/token", **QUICK,
@@ -321,15 +321,14 @@ class Scenario(Driver):
         """The instance's drop/ has no type folders (install.sh made none for it): the producer
         makes drop/users with umask 0027, so the service can read the files but not move them."""
         base = f"{BASE}/{INSTANCE}"
-        folder, name = f"{base}/drop/users", f"{INSTANCE}-user.csv"
+        folder, file = f"{base}/drop/users", f"users/{INSTANCE}-user.csv"
         if self.show(INSTANCE_UNIT)["ActiveState"] != "active":
             self.report.check("the instance runs", False, "it did not start: see above")
             return
         self.mark()
-        self.drop([f"users/{name}"], base=base, mkdir=("users",))
+        self.drop([file], base=base, mkdir=("users",))
         notice = wait_until(
-            lambda: event_lines(self.log(INSTANCE_UNIT), "folder_not_writable", folder),
-            15,
+            lambda: event_lines(self.log(INSTANCE_UNIT), "folder_not_writable", folder), 15
         )
         self.report.check(
             f"`folder_not_writable` names {folder}",
@@ -338,7 +337,7 @@ class Scenario(Driver):
             tail(self.log(INSTANCE_UNIT)),
         )
         time.sleep(QUICK["rescan_seconds"])  # and the file stays put across a rescan
-        lines, puts = self.log(INSTANCE_UNIT), self.puts(name)
+        lines, puts = self.log(INSTANCE_UNIT), self.puts(file)
         retrying = event_lines(lines, "retrying")
         self.report.check(
             "a file that could not be moved is not uploaded (no PUT, no `retrying` line)",
@@ -348,11 +347,12 @@ class Scenario(Driver):
         )
         self.mark()
         self.m.sh(f"chmod g+w {folder}", user=PRODUCER)  # what the message should tell them
-        arrived = wait_until(lambda: self.m.path(f"{base}/done/users/{name}").exists(), 20)
+        arrived = wait_until(lambda: self.m.path(f"{base}/done/{file}").exists(), 20)
+        puts = self.puts(file)
         self.report.check(
             "made group-writable, the folder's file reaches done/, PUT once in all",
-            arrived and self.puts(name) == 1,
-            f"in done/: {bool(arrived)}, PUTs: {self.puts(name)}",
+            arrived and puts == 1,
+            f"in done/: {bool(arrived)}, PUTs: {puts}",
             tail(self.log(INSTANCE_UNIT)),
         )
 
