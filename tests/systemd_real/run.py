@@ -61,7 +61,7 @@ class Report:
         return False
 
 
-def clone(into: Path) -> str:
+def clone(into: Path) -> None:
     """A fresh clone of the checked-out commit (uncommitted changes are not part of the test)."""
     sha = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
@@ -77,7 +77,6 @@ def clone(into: Path) -> str:
     print(
         f"{'':9} testing commit {sha[:12]}" + (" (uncommitted changes left out)" if dirty else "")
     )
-    return sha
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -114,8 +113,8 @@ def main() -> int:
                 report.failed.append("(the steps after it did not run)")
                 print(f"{'':9} STOPPED: {broken}", flush=True)
             finally:
-                print(f"{report.clock()} tear down", flush=True)
-                machine.close()
+                with report.step("tear down: kill the container by pid, unmount, remove"):
+                    machine.close()
     except Skip as why:
         print(f"SKIP make systemd-test: {why}")
         return 0
