@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint types unit soak bench clean
+.PHONY: demo test lint types unit soak bench systemd-test clean
 
 $(BIN)/productiv-watcher: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ unit: $(BIN)/productiv-watcher
 
 soak: $(BIN)/productiv-watcher
 	$(BIN)/pytest -q -s -m soak tests/soak
+
+# The daemon on a real systemd: this host's / under an overlay, booted by systemd-nspawn, installed
+# with deploy/install.sh from a fresh clone of HEAD (about 2 minutes; needs root and overlayfs,
+# installs systemd-container when missing, else says why it skips). See tests/systemd_real/.
+systemd-test:
+	$(PYTHON) tests/systemd_real/run.py
 
 # rclone serve s3 + boto3 presigned URLs vs the daemon; writes docs/benchmarks.md (10-15 minutes)
 bench: $(BIN)/productiv-watcher

@@ -83,7 +83,12 @@ fi
 run mkdir -p "$opt"
 [ -x "$opt/venv/bin/python" ] || run "$python" -m venv "$opt/venv"
 run "$opt/venv/bin/python" -m pip install --quiet --upgrade pip
-run "$opt/venv/bin/python" -m pip install --quiet --upgrade "$here[metrics]"
+# pip builds in the source folder (it writes egg-info there): build from a copy, so that the
+# checkout (read-only, or someone else's) is left untouched.
+src=$(mktemp -d)
+trap 'rm -rf "$src"' EXIT
+run cp -R "$here/pyproject.toml" "$here/README.md" "$here/watcher" "$src/"
+run "$opt/venv/bin/python" -m pip install --quiet --upgrade "$src[metrics]"
 
 # 3. Settings and secret: created once, never overwritten.
 run mkdir -p "$etc"
