@@ -1,14 +1,16 @@
 """Wiring and lifecycle: build the stages, start their threads, supervise, stop in order.
 
 Data flows one way: Watcher -> Stabiliser -> WorkQueue -> Uploader (dispatcher, workers) -> Mover.
-The main thread owns the lifecycle: signal handlers only call `request_stop`, and the main
-loop rescans, checks that every thread is alive (a dead one ends the process with status 1, so
-systemd restarts it rather than letting it limp on deaf) and shuts down in a fixed order.
+The main thread owns the lifecycle: signal handlers only set a flag (the wake-up pipe of
+wakeup.py wakes the main loop), and the main loop rescans, checks that every thread is alive
+(a dead one ends the process with status 1, so systemd restarts it rather than letting it limp
+on deaf) and shuts down in a fixed order.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +32,7 @@ from .settings import MAX_CONCURRENCY, ConfigError, Settings, require_folders, s
 from .stability import Stabiliser
 from .transfer import Transfer
 from .uploader import Uploader
+from .wakeup import Wakeup
 from .watching import Watcher
 from .workqueue import WorkQueue
 
@@ -37,6 +40,8 @@ log = logging.getLogger(__name__)
 
 Step = Callable[[threading.Event, Heartbeat], None]
 CHECK_SECONDS = 10.0  # how often the drop folder's identity (and the canary) is checked
+UNWAITED = ("finisher", "dispatcher")  # joined after the others
+API_GRACE_SECONDS = 1.0  # an idle dispatcher ends within this at a stop; one in an API call is left
 
 
 class Service:
@@ -55,7 +60,7 @@ class Service:
         self._clock = clock
         self._stop = threading.Event()  # tells every thread to finish
         self._moves_stop = threading.Event()  # the finisher's: set once the uploads are over
-        self._wakeup = threading.Event()  # wakes the main loop (signals, threads that end)
+        self._wakeup = Wakeup()  # wakes the main loop (signals, threads that end, notices)
         self._quiet = False  # nothing waiting or uploading at the main loop's last turn
         self._stop_requests = 0
         self._reload_requested = False
@@ -117,15 +122,35 @@ class Service:
             clock,
         )
 
+    def handle_signals(self) -> None:
+        """Main thread only: SIGTERM/SIGINT stop (a second one abandons the graceful wait),
+        SIGHUP reloads. The handlers set a flag and nothing else: no lock, no logging
+        (PITFALLS 29); the signal itself wakes the main loop through the wake-up pipe."""
+        self._wakeup.route_signals()
+
+        def on_signal(signum: int, frame: object) -> None:
+            if signum == signal.SIGHUP:
+                self._reload_requested = True
+            else:
+                self._stop_requests += 1
+
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, on_signal)
+
     def request_stop(self) -> None:
-        """Signal-handler safe: only flips flags. A second request abandons the graceful wait."""
+        """From another thread (tests, an embedding program): as SIGTERM does."""
         self._stop_requests += 1
         self._wakeup.set()
 
     def request_reload(self) -> None:
-        """Signal-handler safe (SIGHUP): the main loop re-reads the settings."""
+        """From another thread: as SIGHUP does."""
         self._reload_requested = True
         self._wakeup.set()
+
+    def _wait(self, seconds: float) -> None:
+        """The main thread's one way to wait: returns early on a signal, a stop or reload
+        request, a thread that ends, or a notice after a quiet spell."""
+        self._wakeup.wait(seconds)
 
     def run(self) -> int:
         problems = prepare_folders(self.settings)
@@ -227,8 +252,7 @@ class Service:
             # first file after a quiet spell wake it at once.
             self._quiet = not (counts.waiting or counts.uploading)
             turn = CHECK_SECONDS if self._quiet else self.settings.status_seconds
-            self._wakeup.wait(min(turn, interval or turn, next_check - now, next_scan - now))
-            self._wakeup.clear()
+            self._wait(min(turn, interval or turn, next_check - now, next_scan - now))
         return 0
 
     def _noticed(self, spots: list[Spot]) -> None:
@@ -274,7 +298,11 @@ class Service:
         event(log, "reloaded", applied=applied or None, restart_needed=restart or None)
 
     def _shutdown(self) -> None:
-        """Observer first, then let PUTs in flight finish within the timeout, then go."""
+        """Observer first, then let PUTs in flight finish within the timeout, then go.
+
+        The dispatcher is hardly waited for: it holds no bytes in flight, only perhaps an API
+        call (a token, signed URLs) that may hang for request_timeout_seconds; its files stay in
+        the drop folder, and it is a daemon thread that ends with the process."""
         self._notifier.send("STOPPING=1", "STATUS=stopping")
         event(log, "stopping", in_flight=self.uploader.sending)
         self.watcher.stop()
@@ -283,8 +311,10 @@ class Service:
         self.stabiliser.wake()
         self.uploader.close()
         deadline = self._clock() + self.settings.shutdown_timeout_seconds
-        uploads = [thread for name, (thread, _) in self._threads.items() if name != "finisher"]
+        uploads = [thread for name, (thread, _) in self._threads.items() if name not in UNWAITED]
         self._join(uploads, deadline)
+        dispatcher = self._threads["dispatcher"][0]
+        self._join([dispatcher], min(deadline, self._clock() + API_GRACE_SECONDS))
         self._moves_stop.set()  # the uploads are over: move what they finished, then end
         self.finisher.close()
         self._join([self._threads["finisher"][0]], deadline)
@@ -294,6 +324,7 @@ class Service:
         abandoned = sum(
             thread.is_alive() for name, (thread, _) in self._threads.items() if name[:4] == "put-"
         )
+        api_call = dispatcher.is_alive()
         self.api.close()
         event(
             log,
@@ -301,7 +332,9 @@ class Service:
             uploaded=self.finisher.uploaded,
             failed=self.finisher.failed,
             abandoned=abandoned or None,
+            api_call_abandoned=api_call or None,
         )
+        self._wakeup.close()
 
     def _join(self, threads: list[threading.Thread], deadline: float) -> None:
         """Join against one deadline; a second stop request gives up at once."""
