@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 from tests.conftest import Child, Folders, wait_for
 from tests.test_cli import daemon_env
@@ -69,3 +70,68 @@ def test_a_stop_does_not_wait_for_a_hanging_token_call(sandbox, folders):
     finally:
         child.close()
     assert folders.files(folders.drop) == ["a.csv"]
+
+
+def config_child(sandbox: Sandbox, config: Path) -> Child:
+    env = {
+        "PRODUCTIV_CLIENT_SECRET": sandbox.client_secret,
+        "PRODUCTIV_RETRY_INITIAL_SECONDS": "0.05",
+    }
+    child = Child(env, "--config", str(config))
+    wait_for(lambda: " ready " in child.stderr or child.proc.poll() is not None, what="READY")
+    return child
+
+
+def settings_toml(sandbox: Sandbox, folders: Folders | None, extra: str = "") -> str:
+    drop = f'drop_dir = "{folders.drop}"\n' if folders is not None else ""
+    return (
+        f'app_id = "{sandbox.app_id}"\nclient_id = "{sandbox.client_id}"\n'
+        f'api_url = "{sandbox.url}"\ntoken_url = "{sandbox.url}/oauth2/token"\n'
+        f"{drop}settle_seconds = 0.3\nstatus_seconds = 0.3\n{extra}"
+    )
+
+
+def test_a_reload_keeps_settings_that_need_a_restart_everywhere(sandbox, folders):
+    """A new done_dir needs a restart: retention keeps sweeping the done_dir in use."""
+    unused = folders.root / "other-done"
+    write(unused / "not-ours.csv", b"keep me")
+    write(folders.done / "ours.csv", b"old")
+    config = folders.root / "config.toml"
+    config.write_text(settings_toml(sandbox, folders, "done_retention_days = 1\n"))
+    child = config_child(sandbox, config)
+    try:
+        config.write_text(
+            settings_toml(
+                sandbox, folders, f'done_dir = "{unused}"\ndone_retention_days = 2.3e-5\n'
+            )  # two seconds: swept every half second
+        )
+        child.send_signal(signal.SIGHUP)
+        wait_for(lambda: " reloaded " in child.stderr, what="the reload")
+        wait_for(lambda: not (folders.done / "ours.csv").exists(), what="retention in done/")
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(15) == 0
+    finally:
+        child.close()
+    [line] = [line for line in child.lines if " reloaded " in line]
+    assert "applied=done_retention_days" in line and "restart_needed=done_dir" in line
+    assert (unused / "not-ours.csv").read_bytes() == b"keep me"
+
+
+def test_a_reload_without_drop_dir_is_refused_whole(sandbox, folders):
+    config = folders.root / "config.toml"
+    config.write_text(settings_toml(sandbox, folders, "done_retention_days = 2.3e-5\n"))
+    child = config_child(sandbox, config)
+    try:
+        config.write_text(settings_toml(sandbox, None, 'log_level = "DEBUG"\n'))
+        child.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload_failed" in child.stderr, what="the refusal")
+        write(folders.drop / "still.csv", b"x")
+        wait_for(lambda: (folders.done / "still.csv").exists(), what="an upload")
+        wait_for(lambda: " deleted " in child.stderr, what="a retention sweep")
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(15) == 0
+    finally:
+        child.close()
+    [line] = [line for line in child.lines if "reload_failed" in line]
+    assert "drop_dir" in line and "nothing changed" in line
+    assert " reloaded " not in child.stderr and " DEBUG " not in child.stderr

@@ -7,6 +7,7 @@ nothing here moves a file to done/ or failed/.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -61,7 +62,7 @@ class Operations:
         self._next_status = 0.0
         self._last_doc: dict[str, Any] | None = None
         self._last_write = 0.0
-        self._next_sweep = 0.0
+        self._last_sweep = -math.inf
         metrics.gauges(
             {
                 "queue_depth": ("Files settling or queued", lambda: self.counts().waiting),
@@ -89,8 +90,8 @@ class Operations:
             self.write_status("running")
             self._metrics.write_textfile()
         days = self.settings.done_retention_days
-        if days is not None and now >= self._next_sweep:
-            self._next_sweep = now + sweep_interval(days)
+        if days is not None and now >= self._last_sweep + sweep_interval(days):
+            self._last_sweep = now  # from the last sweep: a reload to fewer days sweeps sooner
             self.sweep(time.time() - days * 86400)
 
     def counts(self) -> Counts:

@@ -28,7 +28,7 @@ from .mover import Mover, prepare_folders
 from .notify import Notifier, SystemdNotifier
 from .operations import Operations
 from .receipts import Journal
-from .settings import MAX_CONCURRENCY, ConfigError, Settings, require_folders, split_changes
+from .settings import MAX_CONCURRENCY, ConfigError, Settings, reloaded, require_folders
 from .stability import Stabiliser
 from .transfer import Transfer
 from .uploader import Uploader
@@ -279,14 +279,17 @@ class Service:
             self._notifier.send(f"STATUS={line}")
 
     def _apply_reload(self) -> None:
+        """Apply the live settings of a valid reload; refuse one that is not, whole."""
         if self._reload is None:
             return
         try:
-            new = self._reload()
+            loaded = self._reload()
+            require_folders(loaded)
         except ConfigError as exc:
-            event(log, "reload_failed", str(exc), level=logging.ERROR)
+            reason = "; ".join(str(exc).splitlines())
+            event(log, "reload_failed", f"{reason}: nothing changed", level=logging.ERROR)
             return
-        applied, restart = split_changes(self.settings, new)
+        new, applied, restart = reloaded(self.settings, loaded)
         self.settings = new
         self.uploader.reconfigure(new)
         self.stabiliser.settle_seconds = new.settle_seconds

@@ -301,6 +301,17 @@ def require_folders(settings: Settings) -> tuple[Path, Path, Path]:
     return settings.drop_dir, settings.done_dir, settings.failed_dir
 
 
+def reloaded(running: Settings, new: Settings) -> tuple[Settings, list[str], list[str]]:
+    """(the settings to run with, changes applied, changes that need a restart) after a reload.
+
+    Only the live settings are taken from `new`: one that needs a restart keeps its running
+    value everywhere (retention sweeps the done_dir the finisher fills) until the restart.
+    """
+    applied, restart = split_changes(running, new)
+    effective = running.model_copy(update={name: getattr(new, name) for name in applied})
+    return effective, applied, restart
+
+
 def split_changes(old: Settings, new: Settings) -> tuple[list[str], list[str]]:
     """(changed settings a reload applies live, changed settings that need a restart)."""
     changed = [name for name in Settings.model_fields if getattr(old, name) != getattr(new, name)]
