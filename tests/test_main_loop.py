@@ -6,10 +6,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from tests.conftest import Child, Folders, wait_for
+import pytest
+
+from tests.conftest import Captured, Child, Folders, wait_for
 from tests.test_cli import daemon_env
 from tests.test_pipeline import write
 from watcher.sandbox import Sandbox
@@ -135,3 +140,79 @@ def test_a_reload_without_drop_dir_is_refused_whole(sandbox, folders):
     [line] = [line for line in child.lines if "reload_failed" in line]
     assert "drop_dir" in line and "nothing changed" in line
     assert " reloaded " not in child.stderr and " DEBUG " not in child.stderr
+
+
+@contextmanager
+def tmpfs(where: Path, size: str = "1m") -> Iterator[Path]:
+    where.mkdir(parents=True, exist_ok=True)
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(where)]
+    mounted = subprocess.run(mount, capture_output=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def remount(where: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(where)], check=True)
+
+
+def fill(folder: Path) -> Path:
+    filler = folder / "filler"
+    with pytest.raises(OSError), filler.open("wb") as out:
+        while True:
+            out.write(b"\0" * 4096)
+            out.flush()
+    return filler
+
+
+def journal(folders: Folders) -> list[dict]:
+    path = folders.root / "state" / "receipts.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_retention_on_a_read_only_state_folder_deletes_nothing_unrecorded(
+    daemon, folders, logs_json: Captured
+):
+    with tmpfs(folders.root / "state") as state:
+        write(folders.done / "old.csv", b"old")
+        with daemon(done_retention_days=1 / 86400, status_seconds=0.1):  # swept every 0.25 s
+            remount(state, "ro")
+            wait_for(lambda: logs_json.events("retention_failed"), what="a refused sweep")
+            assert (folders.done / "old.csv").exists()  # not deleted: it could not be receipted
+            remount(state, "rw")
+            wait_for(lambda: not (folders.done / "old.csv").exists(), what="the next sweep")
+        assert [r["outcome"] for r in journal(folders) if r["file"] == "done/old.csv"] == [
+            "deleted"
+        ]
+        [failed] = logs_json.events("retention_failed")[:1]
+        assert (
+            "Read-only file system" in failed["message"] and "nothing deleted" in failed["message"]
+        )
+
+
+def test_retention_of_a_name_that_is_not_utf8(daemon, folders, logs_json: Captured):
+    folders.done.mkdir()
+    name = os.fsencode(folders.done) + b"/bad-\xff.csv"
+    with open(name, "wb") as out:
+        out.write(b"x")
+    with daemon(done_retention_days=1 / 86400):
+        wait_for(lambda: not os.path.exists(name), what="retention")
+    [deleted] = logs_json.events("deleted")
+    assert deleted["file"] == "done/bad-\\xff.csv"
+    assert journal(folders)[-1]["file"] == "done/bad-\\xff.csv"
+
+
+def test_a_full_filesystem_for_metrics_textfile_is_logged_once(
+    daemon, folders, logs_json: Captured
+):
+    with tmpfs(folders.root / "metrics", "256k") as mnt:
+        fill(mnt)
+        with daemon(metrics_textfile=mnt / "productiv.prom", status_seconds=0.1):
+            write(folders.drop / "a.csv", b"a")
+            wait_for(lambda: (folders.done / "a.csv").exists(), what="an upload")
+            wait_for(lambda: logs_json.events("metrics"), what="the warning")
+        [warning] = logs_json.events("metrics")  # one line, not one per turn nor at the stop
+        assert "No space left" in warning["message"] and "metrics_textfile" in warning["message"]

@@ -81,10 +81,10 @@ class Metrics:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
-        self.write_textfile()
 
     def write_textfile(self) -> None:
-        """Rewrite the textfile atomically (prometheus-client writes a temporary, then renames)."""
+        """Rewrite the textfile atomically (prometheus-client writes a temporary, then renames);
+        raises OSError, which the caller logs."""
         if self.enabled and self._textfile is not None:
             Path(self._textfile).parent.mkdir(parents=True, exist_ok=True)
             self._prom.write_to_textfile(str(self._textfile), self.registry)

@@ -323,7 +323,7 @@ class Service:
         self._join([self._threads["finisher"][0]], deadline)
         self.watcher.join(max(0.0, deadline - self._clock()))
         self.metrics.stop()
-        self.operations.write_status("stopped")
+        self.operations.publish("stopped")
         abandoned = sum(
             thread.is_alive() for name, (thread, _) in self._threads.items() if name[:4] == "put-"
         )
