@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Captured, Child, Folders, wait_for
-from tests.test_cli import daemon_env
+from tests.test_cli import cli, daemon_env
 from tests.test_pipeline import write
 from watcher.sandbox import Sandbox
 
@@ -216,3 +217,47 @@ def test_a_full_filesystem_for_metrics_textfile_is_logged_once(
             wait_for(lambda: logs_json.events("metrics"), what="the warning")
         [warning] = logs_json.events("metrics")  # one line, not one per turn nor at the stop
         assert "No space left" in warning["message"] and "metrics_textfile" in warning["message"]
+
+
+def run_78(env: dict[str, str]) -> str:
+    """`run` with these settings must exit 78 at once; its stderr."""
+    result = cli("run", env=env, timeout=20)
+    assert result.returncode == 78, result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("REQUEST_TIMEOUT_SECONDS", "inf"),
+        ("REQUEST_TIMEOUT_SECONDS", "nan"),
+        ("REQUEST_TIMEOUT_SECONDS", "1e300"),
+        ("RETRY_MAX_SECONDS", "inf"),
+        ("CONTENT_TYPE", "text/csv\r\nX-Injected: 1"),
+        ("CONTENT_TYPE", "text/\x1bcsv"),
+    ],
+)
+def test_settings_that_would_crash_at_run_time_are_exit_78(sandbox, folders, name, value):
+    stderr = run_78(daemon_env(sandbox, folders, **{f"PRODUCTIV_{name}": value}))
+    assert f"invalid setting {name.lower()}" in stderr
+
+
+def test_an_unknown_productiv_variable_is_exit_78_naming_it(sandbox, folders):
+    stderr = run_78(daemon_env(sandbox, folders, PRODUCTIV_SETLE_SECONDS="5"))
+    assert "invalid setting PRODUCTIV_SETLE_SECONDS: no such setting" in stderr
+
+
+def test_a_metrics_port_in_use_or_an_unusable_host_is_exit_78(sandbox, folders):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        stderr = run_78(daemon_env(sandbox, folders, PRODUCTIV_METRICS_PORT=port))
+    assert "invalid setting metrics_port" in stderr and "Address already in use" in stderr
+    stderr = run_78(
+        daemon_env(
+            sandbox, folders, PRODUCTIV_METRICS_PORT=port, PRODUCTIV_METRICS_HOST="no-such.invalid"
+        )
+    )
+    assert "invalid setting metrics_host" in stderr

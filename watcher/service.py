@@ -156,6 +156,7 @@ class Service:
         problems = prepare_folders(self.settings)
         if problems:
             raise ConfigError("\n".join(problems))
+        self.metrics.start()  # a port in use is exit 78, before any thread starts
         event(
             log,
             "started",
@@ -168,7 +169,6 @@ class Service:
         self._spawn("dispatcher", self.uploader.dispatch_step)
         self._spawn("finisher", lambda stop, beat: self.finisher.run(self._moves_stop, beat))
         self._spawn_workers()
-        self.metrics.start()
         self.watcher.start()
         waiting = self.watcher.scan()
         self._notifier.send("READY=1", f"STATUS=watching, {waiting} file(s) waiting at start")
