@@ -261,3 +261,28 @@ def test_a_metrics_port_in_use_or_an_unusable_host_is_exit_78(sandbox, folders):
         )
     )
     assert "invalid setting metrics_host" in stderr
+
+
+def test_status_finds_a_file_by_the_name_it_has_in_done(daemon, folders, sandbox):
+    write(folders.done / "users" / "a.csv", b"an older a.csv")
+    with daemon():
+        write(folders.drop / "users" / "a.csv", b"new")
+        wait_for(lambda: len(folders.files(folders.done)) == 2, what="the upload")
+    [renamed] = [f for f in folders.files(folders.done) if f != "users/a.csv"]
+    env = {"PRODUCTIV_DROP_DIR": str(folders.drop)}  # no app_id, no credentials: none needed
+    for name in (f"done/{renamed}", renamed.split("/")[1], str(folders.done / renamed)):
+        found = cli("status", name, env=env)
+        assert found.returncode == 0, found.stdout + found.stderr
+        assert f"uploaded users/a.csv -> done/{renamed}" in found.stdout
+    assert cli("status", str(folders.done / "users" / "a.csv"), env=env).returncode == 1
+
+
+def test_upload_of_a_name_that_is_not_utf8_says_why(sandbox, tmp_path):
+    name = os.fsencode(tmp_path) + b"/bad-\xff.csv"
+    with open(name, "wb") as out:
+        out.write(b"x")
+    result = cli("upload", os.fsdecode(name), env=sandbox.env())
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "FAILED" in result.stdout and "bad-\\xff.csv: the file name is not valid UTF-8" in (
+        result.stdout
+    )
