@@ -14,11 +14,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from tests.conftest import Captured, Child, Folders, wait_for
 from tests.test_cli import cli, daemon_env
 from tests.test_pipeline import write
+from watcher.admin import matches, receipt_key
 from watcher.sandbox import Sandbox
+from watcher.settings import Settings, reloaded, unknown_variables
+from watcher.wakeup import Wakeup
 
 
 def status_stamp(folders: Folders) -> float:
@@ -286,3 +290,96 @@ def test_upload_of_a_name_that_is_not_utf8_says_why(sandbox, tmp_path):
     assert "FAILED" in result.stdout and "bad-\\xff.csv: the file name is not valid UTF-8" in (
         result.stdout
     )
+
+
+# -- the decisions, from tables ------------------------------------------------------------------
+
+
+def test_a_woken_wait_returns_at_once_and_a_quiet_one_after_its_timeout():
+    wakeup = Wakeup()
+    try:
+        for _ in range(100_000):  # far more than the pipe holds: a full pipe is still awake
+            wakeup.set()
+        begun = time.monotonic()
+        wakeup.wait(5.0)
+        assert time.monotonic() - begun < 1.0
+        begun = time.monotonic()
+        wakeup.wait(0.2)  # drained: this one sleeps
+        assert time.monotonic() - begun >= 0.15
+    finally:
+        wakeup.close()
+
+
+BASE = Settings(app_id="a", access_token=SecretStr("t"), drop_dir=Path("/srv/drop"))
+
+
+@pytest.mark.parametrize(
+    ("change", "applied", "restart"),
+    [
+        ({}, [], []),
+        ({"batch_size": 7, "log_level": "DEBUG"}, ["batch_size", "log_level"], []),
+        ({"done_dir": Path("/srv/elsewhere")}, [], ["done_dir"]),
+        (
+            {"done_dir": Path("/srv/elsewhere"), "done_retention_days": 3.0},
+            ["done_retention_days"],
+            ["done_dir"],
+        ),
+        ({"drop_dir": Path("/x/drop"), "settle_seconds": 1.0}, ["settle_seconds"], ["drop_dir"]),
+    ],
+)
+def test_a_reload_takes_only_the_live_settings(change, applied, restart):
+    new = BASE.model_copy(update=change)
+    effective, got_applied, got_restart = reloaded(BASE, new)
+    assert (got_applied, got_restart) == (applied, restart)
+    for name in Settings.model_fields:
+        source = new if name in applied else BASE
+        assert getattr(effective, name) == getattr(source, name), name
+
+
+@pytest.mark.parametrize(
+    ("environ", "unknown"),
+    [
+        ({"PRODUCTIV_SETTLE_SECONDS": "1", "PRODUCTIV_CONFIG": "/etc/x.toml"}, []),
+        ({"PRODUCTIV_SETLE_SECONDS": "1"}, ["PRODUCTIV_SETLE_SECONDS"]),
+        ({"productiv_log_level": "debug", "productiv_nope": ""}, ["productiv_nope"]),
+        ({"PRODUCTIVE_THING": "x", "HOME": "/root"}, []),
+    ],
+)
+def test_unknown_productiv_variables(environ, unknown):
+    assert unknown_variables(environ) == unknown
+
+
+@pytest.mark.parametrize(
+    ("file", "key"),
+    [
+        ("a.csv", "a.csv"),
+        ("done/users/a.20261129T101010Z.csv", "done/users/a.20261129T101010Z.csv"),
+        ("/srv/drop/users/a.csv", "users/a.csv"),
+        ("/srv/done/users/a.20261129T101010Z.csv", "done/users/a.20261129T101010Z.csv"),
+        ("/srv/failed/b.csv", "failed/b.csv"),
+        ("/elsewhere/a.csv", "/elsewhere/a.csv"),
+        (os.fsdecode(b"bad-\xff.csv"), "bad-\\xff.csv"),
+    ],
+)
+def test_status_file_is_looked_up_as_receipts_spell_it(file, key):
+    assert receipt_key(BASE, file) == key
+
+
+RECEIPT = {"file": "users/a.csv", "moved_to": "done/users/a.20261129T101010Z.csv"}
+
+
+@pytest.mark.parametrize(
+    ("wanted", "found"),
+    [
+        ("users/a.csv", True),
+        ("a.csv", True),
+        ("done/users/a.20261129T101010Z.csv", True),
+        ("a.20261129T101010Z.csv", True),
+        ("sa.csv", False),
+        ("", False),
+        ("done/users/a.csv", False),
+    ],
+)
+def test_a_receipt_matches_its_file_and_where_it_went(wanted, found):
+    assert matches(RECEIPT, wanted) is found
+    assert matches({"file": "done/old.csv", "outcome": "deleted"}, "") is False
