@@ -10,7 +10,6 @@ on deaf) and shuts down in a fixed order.
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -60,10 +59,10 @@ class Service:
         self._clock = clock
         self._stop = threading.Event()  # tells every thread to finish
         self._moves_stop = threading.Event()  # the finisher's: set once the uploads are over
-        self._wakeup = Wakeup()  # wakes the main loop (signals, threads that end, notices)
+        self._wakeup = (
+            Wakeup()
+        )  # stop/reload flags; wakes the main loop (signals, threads, notices)
         self._quiet = False  # nothing waiting or uploading at the main loop's last turn
-        self._stop_requests = 0
-        self._reload_requested = False
         self.ready = threading.Event()  # set with READY=1 (tests wait on it)
         self._threads: dict[str, tuple[threading.Thread, Heartbeat]] = {}
         self._stuck: str | None = None
@@ -123,29 +122,16 @@ class Service:
         )
 
     def handle_signals(self) -> None:
-        """Main thread only: SIGTERM/SIGINT stop (a second one abandons the graceful wait),
-        SIGHUP reloads. The handlers set a flag and nothing else: no lock, no logging
-        (PITFALLS 29); the signal itself wakes the main loop through the wake-up pipe."""
-        self._wakeup.route_signals()
-
-        def on_signal(signum: int, frame: object) -> None:
-            if signum == signal.SIGHUP:
-                self._reload_requested = True
-            else:
-                self._stop_requests += 1
-
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, on_signal)
+        """Main thread only: SIGTERM/SIGINT stop, SIGHUP reloads (handlers only set a flag)."""
+        self._wakeup.handle_signals()
 
     def request_stop(self) -> None:
-        """From another thread (tests, an embedding program): as SIGTERM does."""
-        self._stop_requests += 1
-        self._wakeup.set()
+        """From another thread: as SIGTERM does. A second request abandons the graceful wait."""
+        self._wakeup.request_stop()
 
     def request_reload(self) -> None:
         """From another thread: as SIGHUP does."""
-        self._reload_requested = True
-        self._wakeup.set()
+        self._wakeup.request_reload()
 
     def _wait(self, seconds: float) -> None:
         """The main thread's one way to wait: returns early on a signal, a stop or reload
@@ -223,7 +209,7 @@ class Service:
         next_scan = self._clock() + self.settings.rescan_seconds
         next_ping = next_check = self._clock()
         interval = self._notifier.watchdog_seconds
-        while not self._stop_requests:
+        while not self._wakeup.stops:
             now = self._clock()
             dead = self._dead_threads()
             if dead:
@@ -232,8 +218,8 @@ class Service:
             if now >= next_check:  # a stat on a helper thread: not on every turn
                 next_check = now + CHECK_SECONDS
                 self.watcher.check()
-            if self._reload_requested:
-                self._reload_requested = False
+            if self._wakeup.reload:
+                self._wakeup.reload = False
                 self._apply_reload()
             if now >= next_scan:
                 self.watcher.scan()
@@ -342,7 +328,7 @@ class Service:
     def _join(self, threads: list[threading.Thread], deadline: float) -> None:
         """Join against one deadline; a second stop request gives up at once."""
         for thread in threads:
-            while thread.is_alive() and self._stop_requests < 2:
+            while thread.is_alive() and self._wakeup.stops < 2:
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     return

@@ -1,4 +1,4 @@
-"""The main loop's one wake-up: a non-blocking socket pair it waits on with a timeout.
+"""The main loop's requests (stop, reload) and its one wake-up: a non-blocking socket pair.
 
 Signals (through `signal.set_wakeup_fd`, written by the C-level handler) and threads (`set`)
 write a byte; the main loop's `wait` returns at once and drains them. Nothing here takes a
@@ -16,18 +16,40 @@ import threading
 
 
 class Wakeup:
-    """A self-pipe: `set` from anywhere, `wait` on the main loop's thread only."""
+    """Flags for the main loop plus a self-pipe: `set` from anywhere, `wait` on the main loop."""
 
     def __init__(self) -> None:
         self._reader, self._writer = socket.socketpair()
         self._reader.setblocking(False)
         self._writer.setblocking(False)
         self._signals = False
+        self.stops = 0  # stop requests so far: a second one abandons the graceful wait
+        self.reload = False  # re-read the settings at the next turn
 
-    def route_signals(self) -> None:
-        """Main thread only: a signal writes to this pipe, whichever thread it interrupts."""
+    def handle_signals(self) -> None:
+        """Main thread only: SIGTERM and SIGINT request a stop, SIGHUP a reload. The handler
+        sets a flag and nothing else (no lock, no logging); the signal itself wakes the loop,
+        whichever thread it interrupted, through set_wakeup_fd."""
         signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
         self._signals = True
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGHUP:
+            self.reload = True
+        else:
+            self.stops += 1
+
+    def request_stop(self) -> None:
+        """From another thread (tests, the demo's embedding): as SIGTERM does."""
+        self.stops += 1
+        self.set()
+
+    def request_reload(self) -> None:
+        """From another thread: as SIGHUP does."""
+        self.reload = True
+        self.set()
 
     def set(self) -> None:
         """Any thread: wake the loop. A full buffer means a wake-up is pending already."""
