@@ -22,6 +22,8 @@ class Wakeup:
         self._reader, self._writer = socket.socketpair()
         self._reader.setblocking(False)
         self._writer.setblocking(False)
+        self._poll = select.poll()  # not select(): no limit on the descriptor's number
+        self._poll.register(self._reader, select.POLLIN)
         self._signals = False
         self.stops = 0  # stop requests so far: a second one abandons the graceful wait
         self.reload = False  # re-read the settings at the next turn
@@ -58,7 +60,7 @@ class Wakeup:
 
     def wait(self, seconds: float) -> None:
         """Return after `seconds`, or at once if woken since the last `wait`; drain the pipe."""
-        select.select([self._reader], [], [], max(0.0, seconds))
+        self._poll.poll(max(0.0, seconds) * 1000)
         with contextlib.suppress(OSError):
             while self._reader.recv(4096):
                 pass
