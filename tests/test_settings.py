@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -80,6 +82,12 @@ def test_lists_in_the_environment_are_json(env):
         ("retry_initial_seconds = 10\nretry_max_seconds = 5", "retry_max_seconds"),
         ('drop_dir = "/d"\ndone_dir = "/d/done"', "done_dir must be outside drop_dir"),
         ('log_level = "loud"', "invalid setting log_level"),
+        ("request_timeout_seconds = inf", "invalid setting request_timeout_seconds"),
+        ("rescan_seconds = nan", "invalid setting rescan_seconds"),
+        ("shutdown_timeout_seconds = 1e12", "invalid setting shutdown_timeout_seconds"),
+        ("done_retention_days = inf", "invalid setting done_retention_days"),
+        ('content_type = "text/csv\\r\\nX-Injected: 1"', "invalid setting content_type"),
+        ('content_type = "text/csv; charset=\u00e9"', "invalid setting content_type"),
     ],
 )
 def test_each_bad_setting_is_named(env, tmp_path, text, message):
@@ -100,6 +108,30 @@ def test_several_bad_settings_give_one_line_each(env, tmp_path):
     assert any(line.startswith("invalid setting app_id") for line in lines)
     assert any(line.startswith("invalid setting batch_size") for line in lines)
     assert any(line.startswith("invalid setting upload_concurrency") for line in lines)
+
+
+def test_an_unknown_productiv_variable_is_named_like_a_misspelt_key(env):
+    env.setenv("PRODUCTIV_CLIENT_SECRET", "x")
+    env.setenv("PRODUCTIV_SETLE_SECONDS", "5")
+    env.setenv("productiv_bacth_size", "5")
+    with pytest.raises(ConfigError) as caught:
+        load()
+    assert str(caught.value).splitlines() == [
+        "invalid setting PRODUCTIV_SETLE_SECONDS: no such setting",
+        "invalid setting productiv_bacth_size: no such setting",
+    ]
+    env.delenv("PRODUCTIV_SETLE_SECONDS")
+    env.delenv("productiv_bacth_size")
+    env.setenv("PRODUCTIV_CONFIG", str(toml(Path.cwd(), "batch_size = 3")))
+    assert load().batch_size == 3  # PRODUCTIV_CONFIG is no setting, yet known
+
+
+def test_commands_without_the_api_need_neither_credentials_nor_app_id(env):
+    env.delenv("PRODUCTIV_APP_ID")
+    env.setenv("PRODUCTIV_DROP_DIR", "/srv/drop")
+    assert load(credentials=False).drop_dir == Path("/srv/drop")
+    with pytest.raises(ConfigError, match="app_id"):
+        load()
 
 
 def test_credentials_are_required_unless_a_token_is_given(env):
@@ -173,6 +205,10 @@ def test_relative_paths_become_absolute_against_the_working_directory(env, tmp_p
                 "client_auth",
                 "api_url",
                 "log_format",
+                "request_timeout_seconds",
+                "rescan_seconds",
+                "done_retention_days",
+                "content_type",
                 "nonsense",
             ]
         ),
@@ -191,9 +227,13 @@ def test_fuzzed_settings_give_a_config_error_or_settings_never_a_traceback(env, 
     for name, value in values.items():
         env.setenv(f"PRODUCTIV_{name.upper()}", str(value) if value is not None else "")
     try:
-        load()
+        loaded = load()
     except ConfigError as exc:
         assert str(exc).startswith("invalid setting")
+    else:  # what loads is usable: no timeout that overflows, no header that breaks a request
+        numbers = [v for v in loaded.model_dump().values() if isinstance(v, float)]
+        assert all(math.isfinite(v) and v <= threading.TIMEOUT_MAX for v in numbers)
+        assert loaded.content_type.isascii() and loaded.content_type.isprintable()
 
 
 def test_a_secret_file_readable_by_others_is_warned_about(env, tmp_path, caplog):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import calendar
 import json
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -100,22 +99,35 @@ def _receipt_line(r: dict[str, Any]) -> str:
 
 def _file_status(settings: Settings, journal: Journal, file: str, as_json: bool) -> int:
     """Was this file uploaded, when, under which name, with which checksum? 1 if unknown."""
-    wanted = file
-    drop = settings.drop_dir
-    if drop is not None and os.path.isabs(file) and Path(file).is_relative_to(drop):
-        wanted = str(Path(file).relative_to(drop))
-    found = [
-        r
-        for r in journal.newest_first()
-        if r.get("file") == wanted or str(r.get("file", "")).endswith("/" + wanted)
-    ]
+    wanted = receipt_key(settings, file)
+    found = [r for r in journal.newest_first() if matches(r, wanted)]
     if as_json:
         print(json.dumps(found, indent=1))
     elif not found:
-        print(f"no receipt for {file}")
+        print(f"no receipt for {display(file)}")
     for receipt in [] if as_json else found:
         print(_receipt_line(receipt))
     return 0 if found else 1
+
+
+def receipt_key(settings: Settings, file: str) -> str:
+    """FILE as receipts spell it: relative to the drop folder, `done/...` or `failed/...` for
+    a path in those (the name it was moved to), bytes that are not UTF-8 escaped."""
+    path, drop = Path(file), settings.drop_dir
+    if not path.is_absolute():
+        return display(file)
+    if drop is not None and path.is_relative_to(drop):
+        return display(str(path.relative_to(drop)))
+    for root in (settings.done_dir, settings.failed_dir):
+        if root is not None and path.is_relative_to(root):
+            return display(f"{root.name}/{path.relative_to(root)}")
+    return display(file)
+
+
+def matches(receipt: dict[str, Any], wanted: str) -> bool:
+    """The file a receipt is about, or the name it was moved to, is `wanted` or ends in it."""
+    names = [str(receipt.get("file") or ""), str(receipt.get("moved_to") or "")]
+    return any(name and (name == wanted or name.endswith("/" + wanted)) for name in names)
 
 
 def failed_files(failed_dir: Path) -> Iterator[tuple[Path, dict[str, Any]]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -54,9 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .service import Service
 
     service = Service(_settings(args), reload=lambda: load(args.config))
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: service.request_stop())
-    signal.signal(signal.SIGHUP, lambda *_: service.request_reload())
+    service.handle_signals()
     return service.run()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -39,8 +38,7 @@ def run_demo(base: Path) -> int:
             rescan_seconds=10.0,
         )
         service = Service(settings)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: service.request_stop())
+        service.handle_signals()
         for rel, text in SAMPLES.items():
             (base / "drop" / rel).write_text(text)
         print(  # noqa: T201 - the demo talks to the person who started it

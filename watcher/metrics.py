@@ -6,11 +6,14 @@ is a no-op and prometheus-client is not even imported.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .settings import ConfigError, Settings
+
+PORT_ERRORS = (errno.EADDRINUSE, errno.EACCES)  # the port's fault; anything else: the host's
 
 
 class Metrics:
@@ -72,19 +75,29 @@ class Metrics:
             ).set_function(read)
 
     def start(self) -> None:
-        if self.enabled and self._port is not None:
+        """Listen on metrics_host:metrics_port; ConfigError (exit 78) naming the setting if not."""
+        if not self.enabled or self._port is None:
+            return
+        try:
             self._server, _ = self._prom.start_http_server(
                 self._port, addr=self._host, registry=self.registry
             )
+        except (OSError, ValueError, UnicodeError) as exc:
+            name = "metrics_port" if getattr(exc, "errno", None) in PORT_ERRORS else "metrics_host"
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise ConfigError(
+                f"invalid setting {name}: cannot serve metrics on {self._host} port {self._port}"
+                f" ({reason})"
+            ) from None
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
-        self.write_textfile()
 
     def write_textfile(self) -> None:
-        """Rewrite the textfile atomically (prometheus-client writes a temporary, then renames)."""
+        """Rewrite the textfile atomically (prometheus-client writes a temporary, then renames);
+        raises OSError, which the caller logs."""
         if self.enabled and self._textfile is not None:
             Path(self._textfile).parent.mkdir(parents=True, exist_ok=True)
             self._prom.write_to_textfile(str(self._textfile), self.registry)

@@ -17,6 +17,7 @@ from .items import Item, Snapshot, Spot, display
 from .network import Network
 from .settings import Settings
 from .transfer import FileChanged, FileGone, NotRegular, Transfer
+from .uploader import refusal
 
 
 def upload_files(settings: Settings, paths: list[Path], file_type: str | None) -> int:
@@ -65,8 +66,9 @@ def _try(
 ) -> bool:
     """One try for one file; True when its result is final (uploaded or failed for good)."""
     rel = item.spot.rel
-    if item.snapshot.size > settings.max_file_size:
-        results[item.path] = f"FAILED {rel}: larger than max_file_size ({settings.max_file_size})"
+    reason = refusal(item, settings.max_file_size)  # the daemon's rules, before any API call
+    if reason is not None:
+        results[item.path] = f"FAILED {rel}: {reason}"
         return True
     try:
         answer = api.upload_urls([item.spot.name], item.spot.file_type).get(item.spot.name)

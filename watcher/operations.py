@@ -6,7 +6,9 @@ nothing here moves a file to done/ or failed/.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -17,6 +19,7 @@ from . import __version__, statusfile
 from .finisher import Finisher
 from .gate import Gates
 from .health import Counts
+from .items import display
 from .logs import event
 from .metrics import Metrics
 from .receipts import Journal, receipt_time
@@ -30,6 +33,26 @@ from .workqueue import WorkQueue
 log = logging.getLogger(__name__)
 
 IDLE_REFRESH_SECONDS = 15.0  # an unchanged status is rewritten this often (a liveness stamp)
+
+
+class Trouble:
+    """A chore repeated every few seconds that fails logs one line when it starts failing (or
+    fails another way) and one when it works again, never a line per turn."""
+
+    def __init__(self, name: str, what: str) -> None:
+        self._name = name
+        self._what = what
+        self._reason: str | None = None
+
+    def failed(self, reason: str) -> None:
+        if reason != self._reason:
+            self._reason = reason
+            event(log, self._name, f"cannot write {self._what}: {reason}", level=logging.WARNING)
+
+    def fine(self) -> None:
+        if self._reason is not None:
+            self._reason = None
+            event(log, self._name, f"{self._what} written again")
 
 
 class Operations:
@@ -62,7 +85,9 @@ class Operations:
         self._next_status = 0.0
         self._last_doc: dict[str, Any] | None = None
         self._last_write = 0.0
-        self._next_sweep = 0.0
+        self._last_sweep = -math.inf
+        self._status_trouble = Trouble("status", "the status file")
+        self._textfile_trouble = Trouble("metrics", f"metrics_textfile {settings.metrics_textfile}")
         metrics.gauges(
             {
                 "queue_depth": ("Files settling or queued", lambda: self.counts().waiting),
@@ -91,11 +116,10 @@ class Operations:
         now = self._clock()
         if now >= self._next_status:
             self._next_status = now + self.settings.status_seconds
-            self.write_status("running")
-            self._metrics.write_textfile()
+            self.publish("running")
         days = self.settings.done_retention_days
-        if days is not None and now >= self._next_sweep:
-            self._next_sweep = now + sweep_interval(days)
+        if days is not None and now >= self._last_sweep + sweep_interval(days):
+            self._last_sweep = now  # from the last sweep: a reload to fewer days sweeps sooner
             self.sweep(time.time() - days * 86400)
 
     def counts(self) -> Counts:
@@ -112,6 +136,16 @@ class Operations:
             failing=outage.label if outage else None,
             folders=tuple(self._finisher.folders.texts()),
         )
+
+    def publish(self, state: str, **extra: str) -> None:
+        """The status file and the metrics textfile; a write that fails is logged, not raised."""
+        self.write_status(state, **extra)
+        try:
+            self._metrics.write_textfile()
+        except OSError as exc:
+            self._textfile_trouble.failed(exc.strerror or str(exc))
+        else:
+            self._textfile_trouble.fine()
 
     def write_status(self, state: str, **extra: str) -> None:
         """The document `productiv-watcher status` shows; rewritten atomically."""
@@ -147,33 +181,42 @@ class Operations:
         try:
             statusfile.write(self._journal.folder, {**doc, **stamps})
         except OSError as exc:
-            log.warning("cannot write the status file: %s", exc.strerror, extra={"event": "status"})
+            self._status_trouble.failed(exc.strerror or str(exc))
+        else:
+            self._status_trouble.fine()
 
     def sweep(self, cutoff: float) -> None:
-        """Delete done/ files that arrived before `cutoff`; each is logged and receipted."""
-        assert self.settings.done_dir is not None
-        receipts = []
-        for path in expired(self.settings.done_dir, cutoff):
-            rel = f"{self.settings.done_dir.name}/{path.relative_to(self.settings.done_dir)}"
+        """Delete done/ files that arrived before `cutoff`, each receipted before it goes.
+
+        A journal that cannot be written deletes nothing (the next sweep tries again), so no
+        deletion is ever unrecorded; a file that then cannot be deleted gets a `kept` receipt.
+        """
+        done = self.settings.done_dir
+        assert done is not None  # require_folders: a reload without drop_dir is refused
+        reason = f"older than done_retention_days ({self.settings.done_retention_days})"
+        rels = {p: display(f"{done.name}/{p.relative_to(done)}") for p in expired(done, cutoff)}
+        try:
+            self._journal.append([_receipt(rel, "deleted", reason) for rel in rels.values()])
+        except OSError as exc:
+            why = f"cannot write the receipts journal ({exc.strerror}): nothing deleted"
+            event(log, "retention_failed", why, level=logging.WARNING, files=len(rels))
+            return
+        kept = []
+        for path, rel in rels.items():
             try:
                 path.unlink()
             except FileNotFoundError:
-                continue
+                pass  # gone already, as the receipt says
             except OSError as exc:
-                log.warning("cannot delete %s: %s", rel, exc.strerror, extra={"event": "deleted"})
+                kept.append(_receipt(rel, "kept", f"cannot delete it: {exc.strerror}"))
                 continue
             self._metrics.deleted()
-            reason = f"older than done_retention_days ({self.settings.done_retention_days})"
             event(log, "deleted", file=rel, reason=reason)
-            receipts.append(
-                {
-                    "time": receipt_time(time.time()),
-                    "file": rel,
-                    "outcome": "deleted",
-                    "reason": reason,
-                }
-            )
-        self._journal.append(receipts)
+        if kept:
+            first = f"{kept[0]['file']}: {kept[0]['reason']}"
+            event(log, "retention_failed", level=logging.WARNING, files=len(kept), first=first)
+            with contextlib.suppress(OSError):
+                self._journal.append(kept)
 
     def _oldest_age(self) -> float:
         times = [t for t in (self._stabiliser.oldest(), self._work.oldest()) if t is not None]
@@ -182,3 +225,7 @@ class Operations:
     def _since_last_upload(self) -> float:
         last = self._finisher.last_upload
         return -1.0 if last is None else time.time() - last
+
+
+def _receipt(rel: str, outcome: str, reason: str) -> dict[str, Any]:
+    return {"time": receipt_time(time.time()), "file": rel, "outcome": outcome, "reason": reason}

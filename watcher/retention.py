@@ -19,7 +19,7 @@ def expired(done_dir: Path, cutoff: float) -> Iterator[Path]:
             path = Path(folder) / name
             try:
                 st = os.lstat(path)
-            except FileNotFoundError:
+            except OSError:  # gone, or unreadable: not this sweep's to judge
                 continue
             if stat.S_ISREG(st.st_mode) and st.st_ctime < cutoff:
                 yield path

@@ -1,9 +1,10 @@
 """Wiring and lifecycle: build the stages, start their threads, supervise, stop in order.
 
 Data flows one way: Watcher -> Stabiliser -> WorkQueue -> Uploader (dispatcher, workers) -> Mover.
-The main thread owns the lifecycle: signal handlers only call `request_stop`, and the main
-loop rescans, checks that every thread is alive (a dead one ends the process with status 1, so
-systemd restarts it rather than letting it limp on deaf) and shuts down in a fixed order.
+The main thread owns the lifecycle: signal handlers only set a flag (the wake-up pipe of
+wakeup.py wakes the main loop), and the main loop rescans, checks that every thread is alive
+(a dead one ends the process with status 1, so systemd restarts it rather than letting it limp
+on deaf) and shuts down in a fixed order.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ from .network import Network
 from .notify import Notifier, SystemdNotifier
 from .operations import Operations
 from .receipts import Journal
-from .settings import MAX_CONCURRENCY, ConfigError, Settings, require_folders, split_changes
+from .settings import MAX_CONCURRENCY, ConfigError, Settings, reloaded, require_folders
 from .stability import Stabiliser
 from .transfer import Transfer
 from .uploader import Uploader
+from .wakeup import Wakeup
 from .watching import Watcher
 from .workqueue import WorkQueue
 
@@ -43,6 +45,8 @@ log = logging.getLogger(__name__)
 
 Step = Callable[[threading.Event, Heartbeat], None]
 CHECK_SECONDS = 10.0  # how often the drop folder's identity (and the canary) is checked
+UNWAITED = ("finisher", "dispatcher")  # joined after the others
+API_GRACE_SECONDS = 1.0  # an idle dispatcher ends within this at a stop; one in an API call is left
 
 
 class Service:
@@ -61,10 +65,9 @@ class Service:
         self._clock = clock
         self._stop = threading.Event()  # tells every thread to finish
         self._moves_stop = threading.Event()  # the finisher's: set once the uploads are over
-        self._wakeup = threading.Event()  # wakes the main loop (signals, threads that end)
+        # The stop and reload flags; wakes the main loop (signals, threads, notices).
+        self._wakeup = Wakeup()
         self._quiet = False  # nothing waiting or uploading at the main loop's last turn
-        self._stop_requests = 0
-        self._reload_requested = False
         self.ready = threading.Event()  # set with READY=1 (tests wait on it)
         self.standing_by = threading.Event()  # set while another instance holds the drop folder
         self._lock_deferred = False  # the lock file could not be made yet (a full disk)
@@ -138,20 +141,28 @@ class Service:
             clock,
         )
 
+    def handle_signals(self) -> None:
+        """Main thread only: SIGTERM/SIGINT stop, SIGHUP reloads (handlers only set a flag)."""
+        self._wakeup.handle_signals()
+
     def request_stop(self) -> None:
-        """Signal-handler safe: only flips flags. A second request abandons the graceful wait."""
-        self._stop_requests += 1
-        self._wakeup.set()
+        """From another thread: as SIGTERM does. A second request abandons the graceful wait."""
+        self._wakeup.request_stop()
 
     def request_reload(self) -> None:
-        """Signal-handler safe (SIGHUP): the main loop re-reads the settings."""
-        self._reload_requested = True
-        self._wakeup.set()
+        """From another thread: as SIGHUP does."""
+        self._wakeup.request_reload()
+
+    def _wait(self, seconds: float) -> None:
+        """The main thread's one way to wait: returns early on a signal, a stop or reload
+        request, a thread that ends, or a notice after a quiet spell."""
+        self._wakeup.wait(seconds)
 
     def run(self) -> int:
         problems = prepare_folders(self.settings)
         if problems:
             raise ConfigError("\n".join(problems))
+        self.metrics.start()  # a port in use is exit 78, before any thread starts
         event(
             log,
             "started",
@@ -173,7 +184,6 @@ class Service:
         self._spawn("dispatcher", self.uploader.dispatch_step)
         self._spawn("finisher", lambda stop, beat: self.finisher.run(self._moves_stop, beat))
         self._spawn_workers()
-        self.metrics.start()
         self.watcher.start()
         waiting = self.watcher.scan()
         self._notifier.send("READY=1", f"STATUS=watching, {waiting} file(s) waiting at start")
@@ -191,7 +201,7 @@ class Service:
         when a stop came first. A reload asked for meanwhile is applied after the takeover."""
         standby = Standby(self._try_lock, self._notifier, self._wait, self.standing_by)
         return standby.hold(
-            lambda: self._stop_requests > 0,
+            lambda: self._wakeup.stops > 0,
             lambda holder: self._own_status("standby", active=holder.describe()),
         )
 
@@ -259,12 +269,6 @@ class Service:
         )
         return False
 
-    def _wait(self, seconds: float) -> None:
-        """The main thread's one way to wait: until `seconds` pass, or a signal or a thread
-        that ends wakes it."""
-        self._wakeup.wait(seconds)
-        self._wakeup.clear()
-
     # -- threads ---------------------------------------------------------------------------
 
     def _spawn(self, name: str, step: Step, keep: Callable[[], bool] = lambda: True) -> None:
@@ -309,7 +313,7 @@ class Service:
         next_scan = self._clock() + self.settings.rescan_seconds
         next_ping = next_check = self._clock()
         interval = self._notifier.watchdog_seconds
-        while not self._stop_requests:
+        while not self._wakeup.stops:
             now = self._clock()
             dead = self._dead_threads()
             if dead:
@@ -320,8 +324,8 @@ class Service:
                 self.watcher.check()
                 if not self._keep_lock():
                     return 1
-            if self._reload_requested:
-                self._reload_requested = False
+            if self._wakeup.reload:
+                self._wakeup.reload = False
                 self._apply_reload()
             if now >= next_scan or self.watcher.rescan_due():
                 self.watcher.scan()
@@ -340,8 +344,7 @@ class Service:
             # first file after a quiet spell wake it at once.
             self._quiet = not (counts.waiting or counts.uploading)
             turn = CHECK_SECONDS if self._quiet else self.settings.status_seconds
-            self._wakeup.wait(min(turn, interval or turn, next_check - now, next_scan - now))
-            self._wakeup.clear()
+            self._wait(min(turn, interval or turn, next_check - now, next_scan - now))
         return 0
 
     def _noticed(self, spots: list[Spot]) -> None:
@@ -368,14 +371,17 @@ class Service:
             self._notifier.send(f"STATUS={line}")
 
     def _apply_reload(self) -> None:
+        """Apply the live settings of a valid reload; refuse one that is not, whole."""
         if self._reload is None:
             return
         try:
-            new = self._reload()
+            loaded = self._reload()
+            require_folders(loaded)
         except ConfigError as exc:
-            event(log, "reload_failed", str(exc), level=logging.ERROR)
+            reason = "; ".join(str(exc).splitlines())
+            event(log, "reload_failed", f"{reason}: nothing changed", level=logging.ERROR)
             return
-        applied, restart = split_changes(self.settings, new)
+        new, applied, restart = reloaded(self.settings, loaded)
         self.settings = new
         self.uploader.reconfigure(new)
         self.stabiliser.settle_seconds = new.settle_seconds
@@ -387,7 +393,11 @@ class Service:
         event(log, "reloaded", applied=applied or None, restart_needed=restart or None)
 
     def _shutdown(self) -> None:
-        """Observer first, then let PUTs in flight finish within the timeout, then go."""
+        """Observer first, then let PUTs in flight finish within the timeout, then go.
+
+        The dispatcher is hardly waited for: it holds no bytes in flight, only perhaps an API
+        call (a token, signed URLs) that may hang for request_timeout_seconds; its files stay in
+        the drop folder, and it is a daemon thread that ends with the process."""
         self._notifier.send("STOPPING=1", "STATUS=stopping")
         event(log, "stopping", in_flight=self.uploader.sending)
         self.watcher.stop()
@@ -396,8 +406,10 @@ class Service:
         self.stabiliser.wake()
         self.uploader.close()
         deadline = self._clock() + self.settings.shutdown_timeout_seconds
-        uploads = [thread for name, (thread, _) in self._threads.items() if name != "finisher"]
+        uploads = [thread for name, (thread, _) in self._threads.items() if name not in UNWAITED]
         self._join(uploads, deadline)
+        dispatcher = self._threads["dispatcher"][0]
+        self._join([dispatcher], min(deadline, self._clock() + API_GRACE_SECONDS))
         self._moves_stop.set()  # the uploads are over: move what they finished, then end
         self.finisher.close()
         self._join([self._threads["finisher"][0]], deadline)
@@ -405,10 +417,11 @@ class Service:
         self.mover.close()
         self.drop.close()
         self.metrics.stop()
-        self.operations.write_status("stopped")
+        self.operations.publish("stopped")
         abandoned = sum(
             thread.is_alive() for name, (thread, _) in self._threads.items() if name[:4] == "put-"
         )
+        api_call = dispatcher.is_alive()
         self.api.close()
         event(
             log,
@@ -416,12 +429,14 @@ class Service:
             uploaded=self.finisher.uploaded,
             failed=self.finisher.failed,
             abandoned=abandoned or None,
+            api_call_abandoned=api_call or None,
         )
+        self._wakeup.close()
 
     def _join(self, threads: list[threading.Thread], deadline: float) -> None:
         """Join against one deadline; a second stop request gives up at once."""
         for thread in threads:
-            while thread.is_alive() and self._stop_requests < 2:
+            while thread.is_alive() and self._wakeup.stops < 2:
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     return

@@ -44,6 +44,8 @@ ESSENTIAL_FIELDS = ("app_id", "api_url", "drop_dir", "done_dir", "failed_dir")
 CREDENTIAL_FIELDS = ("client_id", *SECRET_FIELDS)
 MAX_PUT_BYTES = 5 * 1024**3  # S3's limit for a single PUT
 MAX_CONCURRENCY = 64
+DAY_SECONDS = 86400.0  # the bound of every *_seconds setting: larger ones overflow OS timeouts
+KNOWN_VARIABLES = frozenset({"PRODUCTIV_CONFIG"})  # PRODUCTIV_* that are not settings
 # What SIGHUP can change in a running daemon; anything else needs a restart.
 LIVE_SETTINGS = frozenset(
     {
@@ -123,6 +125,7 @@ class Settings(BaseSettings):
         hide_input_in_errors=True,
         env_ignore_empty=True,
         case_sensitive=False,
+        allow_inf_nan=False,  # inf and nan overflow or poison every timeout and comparison
     )
 
     app_id: str = Field(min_length=1)
@@ -142,18 +145,18 @@ class Settings(BaseSettings):
     file_type: FileType | None = None
 
     settle_seconds: float = Field(default=2.0, gt=0, le=3600)
-    shutdown_timeout_seconds: float = Field(default=20.0, ge=0)
+    shutdown_timeout_seconds: float = Field(default=20.0, ge=0, le=DAY_SECONDS)
     batch_size: int = Field(default=50, ge=1, le=1000)
     upload_concurrency: int = Field(default=4, ge=1, le=MAX_CONCURRENCY)
     max_attempts: int = Field(default=5, ge=1)
-    retry_initial_seconds: float = Field(default=1.0, gt=0)
-    retry_max_seconds: float = Field(default=300.0, gt=0)
-    request_timeout_seconds: float = Field(default=30.0, gt=0)
+    retry_initial_seconds: float = Field(default=1.0, gt=0, le=DAY_SECONDS)
+    retry_max_seconds: float = Field(default=300.0, gt=0, le=DAY_SECONDS)
+    request_timeout_seconds: float = Field(default=30.0, gt=0, le=DAY_SECONDS)
     max_file_size: ByteSize = Field(default=ByteSize(MAX_PUT_BYTES), ge=0, le=MAX_PUT_BYTES)
     ignore_patterns: tuple[str, ...] = DEFAULT_IGNORE
     polling: bool = False
-    poll_interval_seconds: float = Field(default=2.0, gt=0)
-    rescan_seconds: float = Field(default=60.0, gt=0)
+    poll_interval_seconds: float = Field(default=2.0, gt=0, le=DAY_SECONDS)
+    rescan_seconds: float = Field(default=60.0, gt=0, le=DAY_SECONDS)
     content_type: str = ""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
@@ -161,12 +164,12 @@ class Settings(BaseSettings):
     state_dir: Path | None = None
     receipts_max_bytes: ByteSize = Field(default=ByteSize(10 * 1024**2), ge=4096)
     receipts_keep: int = Field(default=5, ge=0, le=1000)
-    status_seconds: float = Field(default=2.0, gt=0)
+    status_seconds: float = Field(default=2.0, gt=0, le=DAY_SECONDS)
     done_retention_days: float | None = Field(default=None, gt=0)
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     metrics_host: str = "127.0.0.1"
     metrics_textfile: Path | None = None
-    canary_seconds: float | None = Field(default=None, gt=0)
+    canary_seconds: float | None = Field(default=None, gt=0, le=DAY_SECONDS)
 
     @field_validator("api_url", "token_url")
     @classmethod
@@ -198,6 +201,13 @@ class Settings(BaseSettings):
         if problem:
             raise ValueError(problem)
         return path
+
+    @field_validator("content_type")
+    @classmethod
+    def _header_value(cls, value: str) -> str:
+        if any(not " " <= char <= "~" for char in value):
+            raise ValueError("must be printable ASCII on one line (a media type, e.g. text/csv)")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -283,19 +293,34 @@ def load(config: Path | None = None, credentials: bool = True) -> Settings:
     """Build the settings; any problem raises ConfigError naming each bad setting.
 
     `credentials=False` is for the commands that never call the API (`status`,
-    `retry-failed`): an operator may run them without being able to read the secret.
+    `retry-failed`): an operator may run them without the secret, and without app_id.
     """
+    unknown = unknown_variables(os.environ)
+    if unknown:
+        raise ConfigError("\n".join(f"invalid setting {name}: no such setting" for name in unknown))
     if config is None and os.environ.get("PRODUCTIV_CONFIG"):
         config = Path(os.environ["PRODUCTIV_CONFIG"])
     table = read_toml(config) if config is not None else {}
     if not credentials:
         table.setdefault("access_token", "not-used-by-this-command")
+        table.setdefault("app_id", "not-used-by-this-command")
     try:
         return Settings(**table)
     except ValidationError as exc:
         raise ConfigError(describe(exc)) from None
     except SettingsError as exc:  # e.g. a list setting in the environment that is not JSON
         raise ConfigError(f"invalid settings: {exc}") from None
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """`PRODUCTIV_*` variables that name no setting: a misspelt one is an error, as a misspelt
+    key in the config file is, never silently ignored."""
+    known = KNOWN_VARIABLES | {f"PRODUCTIV_{name.upper()}" for name in Settings.model_fields}
+    return sorted(
+        name
+        for name in environ
+        if name.upper().startswith("PRODUCTIV_") and name.upper() not in known
+    )
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -343,6 +368,17 @@ def require_folders(settings: Settings) -> tuple[Path, Path, Path]:
     if settings.drop_dir is None or settings.done_dir is None or settings.failed_dir is None:
         raise ConfigError("invalid setting drop_dir: Field required")
     return settings.drop_dir, settings.done_dir, settings.failed_dir
+
+
+def reloaded(running: Settings, new: Settings) -> tuple[Settings, list[str], list[str]]:
+    """(the settings to run with, changes applied, changes that need a restart) after a reload.
+
+    Only the live settings are taken from `new`: one that needs a restart keeps its running
+    value everywhere (retention sweeps the done_dir the finisher fills) until the restart.
+    """
+    applied, restart = split_changes(running, new)
+    effective = running.model_copy(update={name: getattr(new, name) for name in applied})
+    return effective, applied, restart
 
 
 def split_changes(old: Settings, new: Settings) -> tuple[list[str], list[str]]:
