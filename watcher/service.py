@@ -163,6 +163,7 @@ class Service:
         if problems:
             raise ConfigError("\n".join(problems))
         self.metrics.start()  # a port in use is exit 78, before any thread starts
+        network = self.network.describe()
         event(
             log,
             "started",
@@ -170,7 +171,7 @@ class Service:
             notify_socket="set" if self._notifier.enabled else "unset",
             watchdog_seconds=self._notifier.watchdog_seconds,
             settings=Detail(self.settings.public_view(), self.settings.brief_view()),
-            network=self.network.describe(),
+            network=Detail(network, network),  # text: ca=... https_proxy=...
         )
         if not self._hold_drop_folder():
             return self._stop_standing_by()
