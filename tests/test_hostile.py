@@ -296,6 +296,21 @@ def test_http_431_from_the_url_endpoint_splits_the_batch(daemon, folders, sandbo
     assert sandbox.count("urls", 431) >= 1
 
 
+def test_http_431_for_a_single_name_is_the_apis_trouble_not_the_files(
+    daemon, folders, sandbox, logs_json
+):
+    """A 431 that splitting cannot cure (a front end with small header buffers and a large
+    token): every file waits for the API, none goes to failed/."""
+    sandbox.inject("urls", count=12, status=431)
+    names = [f"{n}.csv" for n in range(3)]
+    for name in names:
+        write(folders.drop / name)
+    with daemon():
+        wait_for(lambda: all((folders.done / n).exists() for n in names), timeout=30)
+    assert not folders.failed.exists() or not list(folders.failed.rglob("*"))
+    assert any(e.get("what") == "api" and e["status"] == 431 for e in logs_json.events("retrying"))
+
+
 def test_signed_url_requests_stay_within_8_kib_whatever_batch_size(daemon, folders, sandbox):
     sandbox.max_request_line = MAX_REQUEST_LINE_BYTES
     names = [f"{n:03d}-{'y' * 120}.csv" for n in range(120)]  # about 16 KiB of names

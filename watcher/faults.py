@@ -90,6 +90,17 @@ def classify_api_status(status: int, endpoint: str) -> Kind | None:
     return Kind.SERVICE
 
 
+def names_fault(status: int | None) -> bool:
+    """Is a refused signed-URL request that named one file only that name's fault?
+
+    400 (the API refused something in it) and 414 (the URL is too long for that server): yes,
+    the file fails. 413 and 431 are about the request's size and its header fields (the access
+    token), never a name that fits the request line's budget: the API's problem, and failing
+    the file for it would send every file of the drop folder to failed/, one by one.
+    """
+    return status not in (413, 431)
+
+
 _XML_CODE = re.compile(r"<Code>\s*([^<]*?)\s*</Code>")
 _XML_MESSAGE = re.compile(r"<Message>\s*([^<]*?)\s*</Message>")
 

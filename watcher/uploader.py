@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from .api import ApiClient, SignedUrl, name_cost, packed
 from .fates import Blocked, Next, after_fault
-from .faults import Fault, Kind, backoff_seconds
+from .faults import Fault, Kind, backoff_seconds, names_fault
 from .finisher import Finisher
 from .gate import Gates
 from .health import IDLE_WAKE_SECONDS, Heartbeat
@@ -161,6 +161,9 @@ class Uploader:
                 self._request(items[:middle], stop, beat)
                 self._request(items[middle:], stop, beat)
                 return
+            if fault.kind is Kind.REFUSED and not names_fault(fault.status):
+                status, wait = fault.status, fault.retry_after
+                fault = Fault(Kind.SERVICE, fault.reason, status, wait, where=fault.where)
             for item in items:
                 self._settle(item, fault)
             return
