@@ -5,10 +5,14 @@ reason, never a dead thread, and no credential in any text that leaves the proce
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import re
 import socket
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +40,7 @@ from watcher.network import Network, ca_file
 from watcher.notify import SystemdNotifier
 from watcher.sandbox import CLIENT_ID, CLIENT_SECRET, Sandbox
 from watcher.settings import FILE_TYPES, Settings
-from watcher.transfer import FileChanged, Transfer
+from watcher.transfer import FileChanged, Sent, Transfer
 
 DEEP = "[" * 200_000  # json's C parser raises RecursionError, not ValueError
 DIRECT = Network(None, {}, ca_file(None), None)  # no proxy, certifi's CAs
@@ -188,6 +192,85 @@ def test_any_answer_from_the_api_or_storage_is_a_classified_fault(sandbox, tmp_p
         pass  # the storage accepted it and the file is the same: cannot happen, but is fine
     finally:
         api.close()
+
+
+# -- answers without end: read bounded (answers.py) ------------------------------------------
+
+
+@contextlib.contextmanager
+def endless_server(trickle: bool) -> Iterator[int]:
+    """A server that reads one request and answers 200 with a body that never ends: 1 MiB
+    pieces as fast as it can, or one byte every 0.2 s (each within any read timeout)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            with conn:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += conn.recv(65536)
+                head, _, body = head.partition(b"\r\n\r\n")
+                length = re.search(rb"(?i)content-length:\s*(\d+)", head)
+                while length and len(body) < int(length.group(1)):
+                    body += conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n[")
+                while not stop.is_set():
+                    conn.sendall(b"1," if trickle else b"1," * (1 << 19))
+                    if trickle:
+                        stop.wait(0.2)
+
+    thread = threading.Thread(target=serve, name="endless", daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(5)
+
+
+def finishes(call: Callable[[], Any], seconds: float) -> Any:
+    """The call's result (or exception) when it ends within `seconds`; fails the test if not."""
+    result: list[Any] = []
+
+    def run() -> None:
+        try:
+            result.append(call())
+        except Exception as exc:  # handed to the test
+            result.append(exc)
+
+    thread = threading.Thread(target=run, name="bounded-call", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still reading the answer after {seconds} s"
+    return result[0]
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["flood", "trickle"])
+def test_an_endless_put_answer_is_read_bounded_and_the_put_judged_on_its_status(tmp_path, trickle):
+    transfer = Transfer(1.0, 1, network=DIRECT)
+    item = item_for(write(tmp_path / "a.csv", b"data"))
+    with endless_server(trickle) as port:
+        url = SignedUrl(f"http://127.0.0.1:{port}/b/a.csv?Signature=x", None)
+        sent = finishes(lambda: transfer.put(url, item), 10)
+    assert isinstance(sent, Sent) and sent.status == 200, sent
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["flood", "trickle"])
+def test_an_endless_api_answer_is_a_service_fault(sandbox, trickle):
+    with endless_server(trickle) as port:
+        token_url = f"http://127.0.0.1:{port}/oauth2/token"
+        api = ApiClient(
+            make_settings(sandbox, None, token_url=token_url, request_timeout_seconds=1)
+        )
+        try:
+            fault = finishes(api.token, 10)
+        finally:
+            api.close()
+    assert isinstance(fault, Fault) and fault.kind is Kind.SERVICE, fault
+    assert "did not end within" in fault.reason
 
 
 # -- item 14: a token with a trailing newline ------------------------------------------------

@@ -10,12 +10,13 @@ from __future__ import annotations
 import calendar
 import email.utils
 import ipaddress
+import json
 import logging
 import math
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote, quote_plus, urlsplit
@@ -24,6 +25,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from . import __version__
+from .answers import bounded
 from .faults import Fault, Kind, classify_api_status, retry_after_seconds, tidy, transport_retry
 from .logs import REDACT
 from .network import Network, explain
@@ -36,6 +38,7 @@ URL_PATH = "/services/push/v1/customer/apps/{app_id}/upload"
 # `GET <path>?<query> HTTP/1.1` stays within this: common front ends (nginx's 8k header
 # buffers, many load balancers) answer 414 or 431 beyond it, whatever batch_size says.
 MAX_REQUEST_LINE_BYTES = 8 * 1024
+ANSWER_BYTES = 4 * 1024 * 1024  # a URL map for 8 KiB of names is some hundred KiB at most
 _SENDABLE = re.compile(r"[\x21-\x7e]+")  # what may go in a request line or a header value
 T = TypeVar("T")
 
@@ -44,6 +47,17 @@ T = TypeVar("T")
 class SignedUrl:
     url: str  # exactly as received: never re-encoded, never logged whole
     expires_at: float | None  # local epoch seconds, corrected for the API's clock
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An API answer, its body read bounded (answers.py): never more than ANSWER_BYTES, nor
+    longer than the request timeout, whatever the server sends."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    cut: bool = False  # the body was longer or slower than that
 
 
 def token_needs_refresh(obtained_at: float, lifetime: float, now: float) -> bool:
@@ -218,7 +232,7 @@ class ApiClient:
             token = self.token()
             headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
             response = self._call("urls", "GET", url, params=params, headers=headers)
-            if response.status_code != 401:
+            if response.status != 401:
                 break
             if not (first_try and self._forget_token(token)):  # one fresh token, one retry
                 reason = _api_reason("signed-URL endpoint", response)
@@ -226,27 +240,35 @@ class ApiClient:
         body = _json(response, "signed-URL endpoint")
         return parse_urls(body, names, _clock_skew(response, self._clock()))
 
-    def _call(self, endpoint: str, method: str, url: str, **kwargs: Any) -> requests.Response:
+    def _call(self, endpoint: str, method: str, url: str, **kwargs: Any) -> Answer:
         """One HTTP call; raises Fault unless the answer is 2xx (or a 401 the caller handles)."""
         where = "token endpoint" if endpoint == "token" else "signed-URL endpoint"
         parts = urlsplit(url)
         proxy = self._network.proxy_for(parts.scheme, parts.hostname or "", parts.port)
         proxies = {parts.scheme: proxy} if proxy else {}
         try:
-            response = self._session.request(
-                method, url, timeout=self._timeout, allow_redirects=False, proxies=proxies, **kwargs
+            raw = self._session.request(
+                method,
+                url,
+                timeout=self._timeout,
+                allow_redirects=False,
+                proxies=proxies,
+                stream=True,  # the body is read bounded, below
+                **kwargs,
             )
         except requests.RequestException as exc:
             why = explain(exc, parts.hostname or "", proxy) or type(exc).__name__
             reason = f"cannot reach the {where}: {why}"
             raise Fault(Kind.SERVICE, reason, where=endpoint) from None
-        if response.status_code == 401 and endpoint == "urls":
+        body = bounded(raw.raw, ANSWER_BYTES, self._settings.request_timeout_seconds)
+        response = Answer(raw.status_code, raw.headers, body.data, cut=not body.whole)
+        if response.status == 401 and endpoint == "urls":
             return response
-        kind = classify_api_status(response.status_code, endpoint)
+        kind = classify_api_status(response.status, endpoint)
         if kind is not None:
             retry_after = retry_after_seconds(response.headers.get("Retry-After"), self._clock())
             reason = _api_reason(where, response)
-            raise Fault(kind, reason, response.status_code, retry_after, where=endpoint)
+            raise Fault(kind, reason, response.status, retry_after, where=endpoint)
         return response
 
 
@@ -294,23 +316,29 @@ def parse_urls(body: Any, names: list[str], skew: float) -> dict[str, SignedUrl 
 _NOT_JSON = object()
 
 
-def _parsed(response: requests.Response) -> Any:
+def _parsed(response: Answer) -> Any:
     """The body as JSON, or _NOT_JSON: a body nested too deep for the parser (200,000 '[')
     raises RecursionError, which is no more the caller's problem than a syntax error."""
     try:
-        return response.json()
+        return json.loads(response.body)
     except (ValueError, RecursionError):
         return _NOT_JSON
 
 
-def _json(response: requests.Response, where: str) -> Any:
+def _json(response: Answer, where: str) -> Any:
+    if response.cut:
+        reason = (
+            f"the {where} answered with a body that did not end within {ANSWER_BYTES} bytes"
+            " and the request timeout"
+        )
+        raise Fault(Kind.SERVICE, reason)
     body = _parsed(response)
     if body is _NOT_JSON:
         raise Fault(Kind.SERVICE, f"the {where} answered with a body that is not JSON")
     return body
 
 
-def _api_reason(where: str, response: requests.Response) -> str:
+def _api_reason(where: str, response: Answer) -> str:
     """`<where> answered HTTP 400 (error: message)`, using the API's own words when it has any."""
     detail = ""
     body = _parsed(response)
@@ -318,15 +346,15 @@ def _api_reason(where: str, response: requests.Response) -> str:
         keys = ("error", "error_description", "message")
         words = [str(body[k]) for k in keys if isinstance(body.get(k), (str, int, float))]
         detail = tidy(": ".join(words))
-    if response.status_code == 401 and where == "signed-URL endpoint":
+    if response.status == 401 and where == "signed-URL endpoint":
         detail = detail or "token refused even after a fresh one"
     if "invalid_client" in detail:
         detail += "; check client_id and client_secret"
-    reason = f"the {where} answered HTTP {response.status_code}"
+    reason = f"the {where} answered HTTP {response.status}"
     return reason + (f" ({detail})" if detail else "")
 
 
-def _clock_skew(response: requests.Response, now: float) -> float:
+def _clock_skew(response: Answer, now: float) -> float:
     """How far our clock is ahead of the API's (seconds), from its Date header; 0 without one."""
     date = response.headers.get("Date")
     if not date:

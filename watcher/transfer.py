@@ -25,6 +25,7 @@ from urllib.parse import unquote, urlsplit
 import urllib3
 from urllib3.exceptions import HTTPError
 
+from .answers import bounded
 from .api import SignedUrl
 from .faults import Fault, Kind, classify_put, put_reason, retry_after_seconds, transport_retry
 from .items import Item, Snapshot
@@ -32,6 +33,7 @@ from .network import Network, explain
 
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 SEND_BLOCK_BYTES = 1024 * 1024  # fewer, larger writes for big bodies; bounds memory per PUT
+ANSWER_BYTES = 64 * 1024  # of a PUT's answer: S3's error XML is under 1 KiB, a success empty
 
 
 class FileGone(Exception):
@@ -144,6 +146,7 @@ class Transfer:
         opener: Opener = os.open,
     ) -> None:
         self._content_type = content_type
+        self._timeout_seconds = timeout_seconds
         self._network = network
         self._opener = opener
         self._pool_kw: dict[str, Any] = {
@@ -206,7 +209,7 @@ class Transfer:
                     headers=headers,
                     redirect=False,
                     assert_same_host=False,
-                    preload_content=True,
+                    preload_content=False,  # read bounded: see answers.py
                 )
             except HTTPError as exc:
                 reason = f"PUT to storage failed: {explain(exc, host, proxy) or _why(exc)}"
@@ -214,12 +217,13 @@ class Transfer:
             except ValueError as exc:  # a URL that url_problem let through but cannot be sent
                 reason = f"the signed URL cannot be used: {type(exc).__name__}"
                 raise Fault(Kind.FINAL, reason, where="put") from None
+            answer = bounded(response, ANSWER_BYTES, self._timeout_seconds).data
             seconds = time.monotonic() - started
             expired = signed.expires_at is not None and time.time() >= signed.expires_at
-            kind = classify_put(response.status, response.data, expired)
+            kind = classify_put(response.status, answer, expired)
             if kind is not None:
                 wait = retry_after_seconds(response.headers.get("Retry-After"), time.time())
-                reason = put_reason(response.status, response.data)
+                reason = put_reason(response.status, answer)
                 raise Fault(kind, reason, response.status, wait, where="put")
             if Snapshot.of(os.fstat(fd)) != expected:  # the path: the finisher checks it
                 raise FileChanged("the file changed while it was being sent")
