@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -56,7 +58,7 @@ def test_one_holder_at_a_time_and_others_see_who(tmp_path):
     assert active_holder(tmp_path) is None  # no lock file yet: nothing created by looking
     assert not (tmp_path / LOCK_NAME).exists()
     assert first.acquire() is None and first.held
-    assert oct((tmp_path / LOCK_NAME).stat().st_mode & 0o777) == "0o660"  # whatever the umask
+    assert oct((tmp_path / LOCK_NAME).stat().st_mode & 0o777) == "0o600"  # no producer opens it
     assert second.acquire() == Holder(os.getpid(), HOST, first.holder().since)
     assert active_holder(tmp_path) == first.holder()
     first.release()
@@ -77,6 +79,66 @@ def test_a_removed_lock_file_is_taken_back_or_lost(sandbox: Sandbox, folders: Fo
         assert other.acquire() is None  # a standby locked the new file first
         assert not service._keep_lock()  # the main loop ends with status 1
         other.release()
+    finally:
+        service.lock.release()
+        service.api.close()
+
+
+def plant(path: Path, kind: str, elsewhere: Path) -> int | None:
+    """What a producer (uid 65534) can put at the lock file's name; the descriptor of a file it
+    holds a flock on (naming a made-up holder), else None."""
+    if kind == "symlink":
+        path.symlink_to(elsewhere)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+        (path / "x.csv").write_bytes(b"x")
+    else:
+        path.write_text('{"pid": 1, "host": "ghost"}\n')
+        os.chown(path, 65534, 65534)
+        fd = os.open(path, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+    return None
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "folder", "locked file of another user"])
+def test_what_a_producer_puts_at_the_lock_files_name_is_removed_not_obeyed(
+    tmp_path, kind, logs_json
+):
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("keep")
+    fd = plant(drop / LOCK_NAME, kind, elsewhere)
+    lock = DropLock(drop)
+    try:
+        assert lock.acquire() is None  # not a standby behind a producer, not exit 78
+        st = (drop / LOCK_NAME).lstat()
+        assert stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+        assert st.st_mode & 0o777 == 0o600 and lock.still_ours()
+        assert active_holder(drop) == Holder(os.getpid(), HOST, lock.holder().since)
+    finally:
+        lock.release()
+        if fd is not None:
+            os.close(fd)
+    assert elsewhere.read_text() == "keep"
+    assert [e["lock"] for e in logs_json.events("lock_planted")] == [str(drop / LOCK_NAME)]
+
+
+def test_a_running_daemon_takes_its_lock_back_from_a_producers_replacement(
+    sandbox: Sandbox, folders: Folders
+):
+    service = Service(make_settings(sandbox, folders))
+    path = folders.drop / LOCK_NAME
+    try:
+        assert service.lock.acquire() is None
+        path.unlink()
+        fd = plant(path, "locked file of another user", path)
+        assert fd is not None
+        assert service._keep_lock() and service.lock.still_ours()  # lock_restored, not lost
+        os.close(fd)
     finally:
         service.lock.release()
         service.api.close()

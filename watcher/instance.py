@@ -1,7 +1,13 @@
 """One daemon per drop folder: an exclusive lock on a hidden file in the drop folder.
 
 The lock is `fcntl.flock(LOCK_EX | LOCK_NB)` on `.productiv-watcher.lock`, opened O_RDWR|O_CREAT
-and held on that one descriptor for the daemon's life. flock, not lockf: a flock belongs to the
+and held on that one descriptor for the daemon's life. The file is the daemon's own (mode 0600,
+owned by the daemon's user): producers write in the drop folder, and one who could open the
+file could flock it and stand every daemon by forever, naming any holder it likes. Whatever
+else is found at its name (a symlink, FIFO or folder, a file of another user) was put there by
+a producer: it is removed, said, and the lock file made anew.
+
+flock, not lockf: a flock belongs to the
 open file description, so nothing else in the process can drop it by opening and closing the
 same file (a POSIX lock is dropped by the first close of any descriptor of the file), and two
 daemons in one process (the tests) exclude each other. On NFS the Linux client turns a flock
@@ -21,19 +27,25 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .folders import kind_of
 from .logs import event
 from .notify import Notifier
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".productiv-watcher.lock"
+LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# A symlink, a folder, a socket; a file this user may not open (perhaps a producer's).
+LOOK_AGAIN = (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EACCES)
 RETRY_SECONDS = 2.0  # how often a standby tries again: a takeover within 10 s with room to spare
 
 
@@ -47,6 +59,16 @@ class Holder:
 
     def describe(self) -> str:
         return "another instance" if self.pid is None else f"pid {self.pid} on {self.host}"
+
+
+def planted(st: os.stat_result, owners: set[int]) -> str | None:
+    """Why what is at the lock file's name is not a daemon's lock file, or None when it is: a
+    regular file owned by one of `owners` (this user, root, the drop folder's owner)."""
+    if not stat.S_ISREG(st.st_mode):
+        return f"a {kind_of(st.st_mode)}"
+    if st.st_uid not in owners:
+        return f"a file of uid {st.st_uid}"
+    return None
 
 
 def parse_holder(text: str) -> Holder:
@@ -77,10 +99,7 @@ class DropLock:
         problem, not a lock held by another."""
         if self._fd is not None:
             return None
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(self.path, flags, 0o660)
-        with contextlib.suppress(OSError):  # not ours to change: fine
-            os.fchmod(fd, 0o660)  # whoever made it (root, by hand), the unit's user may lock it
+        fd = self._open()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -94,6 +113,43 @@ class DropLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
         return None
+
+    def _open(self) -> int:
+        """The lock file, the daemon's own (0600, this user's): what a producer put at its name
+        is removed first. Made by root, it goes to the drop folder's owner (the unit's user)."""
+        owner = os.stat(self.path.parent).st_uid
+        owners = {os.geteuid(), 0, owner}
+        for _ in range(3):  # a producer racing the removal: the third time, give up
+            try:
+                fd = os.open(self.path, LOCK_FLAGS, 0o600)
+                st = os.fstat(fd)
+            except OSError as exc:
+                if exc.errno not in LOOK_AGAIN:
+                    raise
+                st, fd = os.lstat(self.path), -1
+                if planted(st, owners) is None:
+                    raise  # a daemon's, this user cannot open: the operator's to fix
+            why = planted(st, owners)
+            if why is None:
+                with contextlib.suppress(OSError):  # an older version made it 0660
+                    os.fchmod(fd, 0o600)
+                    if os.geteuid() == 0 and st.st_uid == 0:
+                        os.fchown(fd, owner, -1)
+                return fd
+            if fd >= 0:
+                os.close(fd)
+            self._remove(st, why)
+        raise OSError(errno.EAGAIN, "something keeps taking its name", str(self.path))
+
+    def _remove(self, st: os.stat_result, why: str) -> None:
+        """Remove what a producer put at the lock file's name (it is reserved)."""
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(self.path)
+            else:
+                os.unlink(self.path)
+        reason = f"{self.path} was {why}, not this daemon's lock file: removed"
+        event(log, "lock_planted", reason, level=logging.WARNING, lock=str(self.path))
 
     def holder(self) -> Holder:
         """Who wrote the lock file last (read without locking: for messages only). Never
