@@ -30,6 +30,7 @@ from pathlib import Path
 
 from .logs import event
 from .notify import Notifier
+from .owners import adopt_open
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class DropLock:
         fd = os.open(self.path, flags, 0o660)
         with contextlib.suppress(OSError):  # not ours to change: fine
             os.fchmod(fd, 0o660)  # whoever made it (root, by hand), the unit's user may lock it
+        adopt_open(fd, self.path.parent)  # and its group is the drop folder's
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
