@@ -63,6 +63,8 @@ class Scenario(Driver):
             (f"a template instance, productiv-watcher@{INSTANCE}", self.template_instance),
             ("a type folder the producer made with umask 0027", self.producer_folder),
             ("a second `productiv-watcher run` by hand on the same config", self.second_daemon),
+            ("upgrade: deploy/install.sh again, with both units running", self.upgrade),
+            ("deploy/install.sh --uninstall", self.uninstall),
         ]
 
     def install(self) -> None:
@@ -393,3 +395,53 @@ class Scenario(Driver):
             except subprocess.TimeoutExpired:
                 by_hand.kill()
                 by_hand.wait()
+
+    def upgrade(self) -> None:
+        """The README: run install.sh again to upgrade. The units that run must go on with the
+        new program, not the old one from files pip replaced under them."""
+        units = (UNIT, INSTANCE_UNIT)
+        before = {unit: self.show(unit)["MainPID"] for unit in units}
+        self.install_again()
+        restarted = wait_until(
+            lambda: all(
+                (s := self.show(unit))["ActiveState"] == "active" and s["MainPID"] != before[unit]
+                for unit in units
+            ),
+            20,
+        )
+        self.report.check(
+            "both units were restarted onto the new program, and run",
+            bool(restarted),
+            f"MainPID before {before}; now "
+            + str({unit: self.show(unit)["MainPID"] for unit in units}),
+        )
+        self.mark()
+        self.drop(["users/after-upgrade.csv"])
+        self.all_done("after the upgrade", ["users/after-upgrade.csv"], BASE, UNIT)
+
+    def install_again(self) -> None:
+        done = self.m.run(
+            "sh", "-c", f"cd {SOURCE} && deploy/install.sh", check=False, timeout=120
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise Broken(
+                f"deploy/install.sh (again) exited with {done.returncode}:\n"
+                + "\n".join((done.stdout + done.stderr).splitlines()[-20:])
+            )
+
+    def uninstall(self) -> None:
+        """Nothing of the program may be left running or enabled: the template's instance
+        included (without its program it would restart in a loop)."""
+        self.m.run("sh", "-c", f"cd {SOURCE} && deploy/install.sh --uninstall", check=False)
+        states = {unit: self.show(unit)["ActiveState"] for unit in (UNIT, INSTANCE_UNIT)}
+        links = self.m.sh(
+            "find /etc/systemd/system -name 'productiv-watcher*.service' ! -type d 2>/dev/null || true"
+        )
+        self.report.check(
+            "--uninstall stops both units and leaves no unit file or enablement link",
+            set(states.values()) <= {"inactive"} and not links.strip(),
+            f"ActiveState {states}; left in /etc/systemd/system:",
+            links.splitlines(),
+        )
+        kept = self.m.path(f"{BASE}/done/users/after-upgrade.csv").exists()
+        self.report.check("--uninstall keeps the files in the folders", kept, "done/ lost a file")
