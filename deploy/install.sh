@@ -65,7 +65,8 @@ if [ "$uninstall" = 1 ]; then
         # restart in a loop without their program, and their links would point at nothing.
         instances=$( (systemctl list-units --all --plain --no-legend 'productiv-watcher@*.service'
                       cd "$units" && ls -- */productiv-watcher@?*.service) 2>/dev/null \
-                    | awk '{ sub(".*/", "", $1); print $1 }' | sort -u)
+                    | awk '{ for (i = 1; i <= NF; i++) { n = $i; sub(".*/", "", n)
+                             if (n ~ /^productiv-watcher@.+[.]service$/) print n } }' | sort -u)
         # shellcheck disable=SC2086  # one word per instance
         run systemctl disable --now productiv-watcher.service $instances || true
     fi
