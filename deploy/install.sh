@@ -1,6 +1,7 @@
 #!/bin/sh
 # Install productiv-watcher as a systemd service on a Debian/Ubuntu/RHEL-like host. Idempotent:
-# run it again to upgrade; it never overwrites a config or secret that is already there.
+# run it again to upgrade (the units that run are restarted); it never overwrites a config or
+# secret that is already there.
 #
 #   sudo deploy/install.sh [--secret-file FILE] [--base DIR] [--group NAME] [--dry-run]
 #   sudo deploy/install.sh --uninstall [--dry-run]
@@ -11,7 +12,8 @@
 #   --python PATH       the Python that builds the virtual environment (default python3)
 #   --root DIR          install below DIR instead of / (packaging, tests): no users, no systemctl
 #   --dry-run           print what would be done, change nothing
-#   --uninstall         remove the program and units; keep config, secret and every folder's files
+#   --uninstall         stop and disable the service and its @instances, remove the program and
+#                       units; keep config, secret and every folder's files
 set -eu
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -59,7 +61,14 @@ fi
 
 if [ "$uninstall" = 1 ]; then
     if systemd_running; then
-        run systemctl disable --now productiv-watcher.service || true
+        # The template's instances too (running, or only enabled): left behind, they would
+        # restart in a loop without their program, and their links would point at nothing.
+        instances=$( (systemctl list-units --all --plain --no-legend 'productiv-watcher@*.service'
+                      cd "$units" && ls -- */productiv-watcher@?*.service) 2>/dev/null \
+                    | awk '{ for (i = 1; i <= NF; i++) { n = $i; sub(".*/", "", n)
+                             if (n ~ /^productiv-watcher@.+[.]service$/) print n } }' | sort -u)
+        # shellcheck disable=SC2086  # one word per instance
+        run systemctl disable --now productiv-watcher.service $instances || true
     fi
     run rm -f "$units/productiv-watcher.service" "$units/productiv-watcher@.service"
     run rm -rf "$opt"
@@ -136,6 +145,9 @@ if [ "$group" != productiv-drop ]; then
 fi
 if systemd_running; then
     run systemctl daemon-reload
+    # An upgrade: the units that run go on with the new program (a restart loses nothing: what
+    # was not moved yet stays in drop/ and goes again). Units that do not run stay stopped.
+    run systemctl try-restart productiv-watcher.service 'productiv-watcher@*.service'
 elif system; then
     say "systemd is not running here: run 'systemctl daemon-reload' on the real host"
 fi

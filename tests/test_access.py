@@ -139,3 +139,47 @@ def test_check_lists_the_folders_the_service_user_cannot_work_in_and_how_to_fix_
     assert second.returncode == 0 and "all good" in second.stdout, second.stdout
     real = as_nobody("sh", "-c", f"touch {drop}/users/x && mv {drop}/users/x {open_tmp}/done/")
     assert real.returncode == 0, real.stderr
+
+
+@pytest.mark.parametrize(
+    ("mode", "owner", "blocks"),
+    [
+        (0o3770, 0, True),  # a shared folder kept sticky by root: producers' files stay put
+        (0o1777, ALICE, True),
+        (0o3770, 999, False),  # the service's own folder: it may move anyone's files
+        (0o2770, 0, False),
+    ],
+)
+def test_a_sticky_folder_blocks_moving_other_users_files_unless_the_service_owns_it(
+    mode, owner, blocks
+):
+    from watcher.access import sticky_blocks
+
+    assert sticky_blocks(seen(mode, owner), SERVICE) is blocks
+    assert not sticky_blocks(seen(mode, owner), User("root", 0, frozenset({0}), ""))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give folders to other users")
+def test_check_names_a_sticky_drop_folder_and_its_fix_lets_the_service_move_files_out(
+    open_tmp, sandbox
+):
+    drop = open_tmp / "drop"
+    drop.mkdir()
+    os.chown(drop, 0, NOGROUP)  # an existing shared folder, sticky so that users keep theirs
+    drop.chmod(0o3770)
+    for folder in (open_tmp / "done", open_tmp / "failed", open_tmp / "state"):
+        folder.mkdir()
+        os.chown(folder, NOBODY, NOGROUP)
+    env = {**sandbox.env(), "PRODUCTIV_DROP_DIR": str(drop)}
+    first = cli("check", "--as-user", "nobody", env=env)
+    assert first.returncode == 1, first.stdout + first.stderr
+    [line] = [s for s in first.stdout.splitlines() if "FAIL" in s]
+    assert line.startswith(f"folders: FAIL drop_dir {drop}: nobody cannot move other users'")
+    assert "root:nogroup drwxrws--T" in line and line.endswith(f"fix: chmod -t {drop}")
+
+    subprocess.run(line.split("fix: ", 1)[1], shell=True, check=True)  # the advice, as given
+    second = cli("check", "--as-user", "nobody", env=env)
+    assert second.returncode == 0 and "all good" in second.stdout, second.stdout
+    (drop / "theirs.csv").write_text("a producer's")  # root's: another user's file
+    real = as_nobody("mv", str(drop / "theirs.csv"), str(open_tmp / "done"))
+    assert real.returncode == 0, real.stderr

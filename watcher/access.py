@@ -69,6 +69,12 @@ def blocker(chain: list[Seen], user: User, need: str = WORK) -> tuple[Seen, str]
     return None if permits(chain[-1], user, need) else (chain[-1], need)
 
 
+def sticky_blocks(seen: Seen, user: User) -> bool:
+    """A sticky folder lets only a file's owner or the folder's owner move the file out: the
+    service could move none of the producers' files (rename(2), EPERM)."""
+    return bool(seen.mode & stat.S_ISVTX) and user.uid not in (0, seen.owner)
+
+
 def fix(seen: Seen, user: User, need: str, group_name: str) -> str:
     """The smallest command that gives `user` what it lacks on the folder."""
     if user.uid == seen.owner:
@@ -118,22 +124,33 @@ def look(path: Path) -> Seen:
     return Seen(path, st.st_mode, st.st_uid, st.st_gid)
 
 
-def problem(name: str, wanted: Path, user: User, group: str) -> str | None:
+def problem(name: str, wanted: Path, user: User, group: str, moves_out: bool = False) -> str | None:
     """One sentence, with its fix, when `user` cannot work in `wanted` (or, when it does not
-    exist yet, create it in its nearest existing folder); None when it can."""
+    exist yet, create it in its nearest existing folder); None when it can. `moves_out`: a
+    folder of the drop side, whose files (the producers') the user must move out."""
     existing = _nearest(wanted)
     chain = [look(p) for p in [*reversed(existing.parents), existing]]
     found = blocker(chain, user)
+    if found is None and moves_out and existing == wanted and sticky_blocks(chain[-1], user):
+        seen = chain[-1]
+        return (
+            f"{name} {wanted}: {user.name} cannot move other users' files out of it"
+            f" ({_describe(seen)}: the sticky bit); fix: chmod -t {wanted}"
+        )
     if found is None:
         return None
     seen, need = found
-    text = f"{_user_name(seen.owner)}:{_group_name(seen.group)} {stat.filemode(seen.mode)}"
+    text = _describe(seen)
     where = text if seen.path == existing else f"{seen.path} is {text}"
     what = "work in it" if existing == wanted else "create it"
     return (
         f"{name} {wanted}: {user.name} cannot {what} ({where}, no {need} for {user.name});"
         f" fix: {fix(seen, user, need, group)}"
     )
+
+
+def _describe(seen: Seen) -> str:
+    return f"{_user_name(seen.owner)}:{_group_name(seen.group)} {stat.filemode(seen.mode)}"
 
 
 def type_folder_problems(roots: list[tuple[str, Path]], user: User, group_name: str) -> list[str]:
@@ -144,7 +161,7 @@ def type_folder_problems(roots: list[tuple[str, Path]], user: User, group_name: 
         for file_type in FILE_TYPES:
             folder = root / file_type
             if folder.is_dir() and not folder.is_symlink():
-                text = problem(f"{name}/{file_type}", folder, user, group_name)
+                text = problem(f"{name}/{file_type}", folder, user, group_name, name == "drop_dir")
                 found += [text] if text else []
     return found
 
@@ -172,7 +189,7 @@ def folder_report(settings: Settings, user: User) -> tuple[list[str], list[str]]
     problems: list[str] = []
     notes: list[str] = []
     for name, wanted in [*roots, ("state_dir", settings.state_dir)]:
-        text = problem(name, wanted, user, group)
+        text = problem(name, wanted, user, group, name == "drop_dir")
         if text is not None:
             problems.append(text)
             continue

@@ -18,6 +18,7 @@ from . import statusfile
 from .instance import active_holder
 from .items import display
 from .mover import SIDECAR_SUFFIX, candidate_names, rename_noreplace
+from .owners import make_folders
 from .receipts import Journal
 from .settings import FILE_TYPES, ConfigError, Settings, require_folders
 
@@ -169,7 +170,7 @@ def retry_failed(
                     break
                 continue
             try:
-                target_dir.mkdir(parents=True, exist_ok=True)
+                make_folders(target_dir)
                 rename_noreplace(path, target)
             except FileExistsError:
                 continue

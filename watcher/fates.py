@@ -91,15 +91,23 @@ class Blocked:
         )
 
 
-def fix_for(folder: str, st: os.stat_result, uid: int, gids: Collection[int], reason: str) -> str:
-    """What to do about a folder that refuses moves: one command where there is one."""
+def fix_for(
+    folder: str,
+    st: os.stat_result,
+    uid: int,
+    gids: Collection[int],
+    reason: str,
+    bits: str = "wx",
+) -> str:
+    """What to do about a folder that refuses moves (`bits`: what it lacks; "rwx" for one that
+    cannot even be listed): one command where there is one."""
     if reason.startswith("the sticky bit"):
         return f"chmod -t {folder}"
     if uid == st.st_uid:
-        return f"chmod u+wx {folder}"
+        return f"chmod u+{bits} {folder}"
     if st.st_gid in gids:
-        return f"chmod g+wx {folder} (producers: umask 0007 keeps new folders group-writable)"
-    return f"chgrp to a group of this user, then chmod g+wx {folder}"
+        return f"chmod g+{bits} {folder} (producers: umask 0007 keeps new folders group-writable)"
+    return f"chgrp to a group of this user, then chmod g+{bits} {folder}"
 
 
 def fix_for_error(number: int | None) -> str:
@@ -114,7 +122,7 @@ def fix_for_error(number: int | None) -> str:
 
 
 def blocked(
-    folder: Path, st: os.stat_result | None, reason: str, fix: str | None = None
+    folder: Path, st: os.stat_result | None, reason: str, fix: str | None = None, bits: str = "wx"
 ) -> Blocked:
     """Name the daemon's user and the folder's owner (numbers when they have no name); `st` is
     None for a folder that could not be looked at."""
@@ -127,7 +135,7 @@ def blocked(
         f"{_user(st.st_uid)}:{_group(st.st_gid)}",
         stat.filemode(st.st_mode),
         reason,
-        fix or fix_for(str(folder), st, uid, gids, reason),
+        fix or fix_for(str(folder), st, uid, gids, reason, bits),
     )
 
 
@@ -155,6 +163,7 @@ class FolderTrouble:
         self._clock = clock
         self._lock = threading.Lock()
         self._open: dict[str, tuple[Blocked, float]] = {}
+        self._unlisted: set[str] = set()  # reported by `listing`: the main thread's
 
     def report(self, problem: Blocked) -> None:
         with self._lock:
@@ -179,6 +188,23 @@ class FolderTrouble:
             ended = self._open.pop(folder, None)
         if ended is not None:
             event(log, "folder_writable", folder=folder, seconds=round(self._clock() - ended[1], 2))
+
+    def listing(self, folder: Path, error: OSError | None) -> None:
+        """A scan's word on a type folder of drop/: one it cannot list (a producer's umask 0077)
+        hides its files, so it is reported like one that refuses moves, once, with its fix; the
+        episode ends when a scan lists it again."""
+        if error is None:
+            if str(folder) in self._unlisted:
+                self._unlisted.discard(str(folder))
+                self.fixed(str(folder))
+            return
+        try:
+            st: os.stat_result | None = os.stat(folder)
+        except OSError:
+            st = None
+        self._unlisted.add(str(folder))
+        reason = f"cannot list it ({error.strerror}): its files are not seen"
+        self.report(blocked(folder, st, reason, bits="rwx"))
 
     def __len__(self) -> int:
         return len(self._open)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .logs import event
+from .owners import adopt, make_folders
 from .settings import FILE_TYPES
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,7 @@ class Folders:
                 raise
             with suppress(FileExistsError):  # FileNotFoundError: the root went
                 os.mkdir(sub, dir_fd=root.fd)
+                adopt(sub, root.fd)
             st = os.stat(sub, dir_fd=root.fd, follow_symlinks=False)
         if not stat.S_ISDIR(st.st_mode):
             self._retire(sub)
@@ -243,7 +245,7 @@ class Folders:
         except FileNotFoundError:
             if not self._create:
                 raise
-            self.root.mkdir(parents=True, exist_ok=True)
+            make_folders(self.root)
             st = os.stat(self.root)
         if entry is None or entry.identity != (st.st_dev, st.st_ino):
             for sub in list(self._open):  # the type folders' names were relative to the old root

@@ -39,6 +39,7 @@ from pathlib import Path
 from .folders import kind_of
 from .logs import event
 from .notify import Notifier
+from .owners import adopt_open
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class DropLock:
         if self._fd is not None:
             return None
         fd = self._open()
+        adopt_open(fd, self.path.parent)  # made by root: the drop folder's owner and group
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -25,6 +25,7 @@ from .folders import Folders
 from .items import display
 from .logs import REDACT
 from .overlap import overlapping, place
+from .owners import make_folders
 from .settings import Settings, require_folders
 
 NAME_MAX_BYTES = 255
@@ -331,7 +332,7 @@ def prepare_folders(settings: Settings, create: bool = True) -> list[str]:
     for name, wanted in [*folders, ("state_dir", settings.state_dir)]:
         if not wanted.exists() and create:
             try:
-                wanted.mkdir(parents=True)
+                make_folders(wanted)
             except OSError as exc:
                 problems.append(f"{name} {wanted} cannot be created: {exc.strerror}")
                 continue

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .logs import REDACT
+from .owners import adopt_open, make_folders
 
 NAME = "receipts.jsonl"
 
@@ -40,10 +41,11 @@ class Journal:
             return
         lines = "".join(json.dumps(REDACT.doc(d), ensure_ascii=False) + "\n" for d in docs)
         with self._lock:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            make_folders(self.folder)
             self._rotate_if_full(len(lines))
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             try:
+                adopt_open(fd, self.folder)
                 os.write(fd, lines.encode())
                 os.fsync(fd)
             finally:

@@ -127,6 +127,7 @@ class Service:
             settings.canary_seconds,
             folders=self.drop,
             wake=self._wakeup.set,
+            listing=self.finisher.folders.listing,
         )
         self.operations = Operations(
             settings,

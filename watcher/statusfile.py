@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .logs import REDACT
+from .owners import adopt, make_folders
 
 NAME = "status.json"
 
@@ -22,10 +23,11 @@ NAME = "status.json"
 def write(folder: Path, doc: dict[str, Any]) -> None:
     """Whole or not at all: a temporary file in the same folder, then a rename. Scrubbed:
     `last_error` carries the API's own words, which may echo a credential."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folders(folder)
     tmp = folder / f".{NAME}.{os.getpid()}"
     text = json.dumps(REDACT.doc(doc), indent=1, ensure_ascii=False)
     tmp.write_text(text + "\n", encoding="utf-8")
+    adopt(tmp)
     os.replace(tmp, folder / NAME)
 
 

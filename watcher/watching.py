@@ -134,8 +134,11 @@ class Watcher:
         stat_timeout: float = 5.0,
         folders: Folders | None = None,
         wake: Callable[[], None] = lambda: None,
+        listing: Callable[[Path, OSError | None], None] = lambda folder, error: None,
     ) -> None:
+        """`listing`: told after each scan of a folder whether it could be listed."""
         self.drop_dir = drop_dir
+        self.listing = listing
         self.folders = folders or Folders(drop_dir)  # scanned through descriptors, like the rest
         self._wake = wake  # the main loop, which scans when `rescan_due` says so
         self._rescan_reason: str | None = None
@@ -291,6 +294,9 @@ class Watcher:
                         "drop folder %s is missing", self.drop_dir, extra={"event": "scan_failed"}
                     )
                 continue  # a type folder that does not exist (or is refused: said once)
+            except PermissionError as exc:
+                self.listing(self.drop_dir / sub, exc)  # said once, with its fix
+                continue
             except OSError as exc:
                 folder = self.drop_dir / sub
                 log.warning(
@@ -298,6 +304,7 @@ class Watcher:
                 )
                 continue
             folder = self.drop_dir / sub
+            self.listing(folder, None)
             noticed.extend(spot for name in names if (spot := self.to_spot(str(folder / name))))
         self._sink(noticed)  # at once, so files that settle together share a batch
         return len(noticed)

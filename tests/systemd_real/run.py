@@ -5,7 +5,8 @@ A fresh clone of the commit under test is bound read-only into a container boote
 host's own `/` (see machine.py); inside it the README's install steps run unchanged against the
 sandbox, a producer account drops files, and each promise the unit makes is checked: upload
 without retry loops, the STATUS line, reload, the watchdog, a stop during an upload, invalid
-settings, a template instance, and a second daemon by hand that stays standby. Each check prints
+settings, a template instance, a second daemon by hand that stays standby, an upgrade (install.sh
+again) and the uninstall. Each check prints
 one line, and on failure the journal lines that show why; the run goes on to the next check
 unless the rest depends on it. Exit 0: all passed or skipped (the reason is printed); 1: a check
 failed.

@@ -20,7 +20,6 @@ from driver import (
     UNIT,
     Driver,
     event_lines,
-    set_options,
     tail,
     wait_until,
 )
@@ -63,6 +62,8 @@ class Scenario(Driver):
             (f"a template instance, productiv-watcher@{INSTANCE}", self.template_instance),
             ("a type folder the producer made with umask 0027", self.producer_folder),
             ("a second `productiv-watcher run` by hand on the same config", self.second_daemon),
+            ("upgrade: deploy/install.sh again, with both units running", self.upgrade),
+            ("deploy/install.sh --uninstall", self.uninstall),
         ]
 
     def install(self) -> None:
@@ -289,20 +290,39 @@ class Scenario(Driver):
             raise Broken(f"{UNIT} did not start again with valid settings: {self.show()}")
 
     def template_instance(self) -> None:
-        """Set up as the README says: its own config, secret and folders below /srv/productiv/NAME."""
+        """Set up with the README's commands (Several apps on one host): its folders (all but
+        drop/users, which the next step has a producer make), a copy of config.toml, then its
+        own drop_dir and state_dir, its secret, and `check` with the secret from the shell."""
         base = f"{BASE}/{INSTANCE}"
-        config = set_options(
-            self.m.path(CONFIG).read_text(),
-            drop_dir=f"{base}/drop",
-            # Its own StateDirectory=: the main one's state_dir is read-only to an instance.
-            state_dir=f"/var/lib/productiv-watcher/{INSTANCE}/state",
-        )
-        self.m.path(f"/root/{INSTANCE}.toml").write_text(config)
+        config = f"{ETC}/{INSTANCE}.toml"
         self.m.sh(
-            f"install -d -m 0755 {base}\n"
-            f"install -d -m 2770 -o productiv-watcher -g {GROUP} {base}/drop {base}/done {base}/failed\n"
-            f"install -m 0640 -g productiv-watcher /root/{INSTANCE}.toml {ETC}/{INSTANCE}.toml\n"
+            f"install -d -m 2770 -o productiv-watcher -g {GROUP} {base}/drop"
+            f" {base}/drop/contracts {base}/drop/other {base}/done {base}/failed\n"
+            f"install -m 0640 -g productiv-watcher {CONFIG} {config}\n"
             f"install -m 0600 /root/client_secret {ETC}/{INSTANCE}.client_secret\n"
+        )
+        self.edit_config(config, drop_dir=f"{base}/drop")
+        self.mark()  # a copy keeps the main unit's state_dir: the README says it stops with 78
+        self.m.run("systemctl", "start", INSTANCE_UNIT, check=False)
+        first = self.show(INSTANCE_UNIT)
+        self.report.check(
+            "with the main unit's state_dir, the instance stops with exit 78 (as the README says)",
+            first["ActiveState"] == "failed" and first["ExecMainStatus"] == "78",
+            f"{first}",
+            tail(self.log(INSTANCE_UNIT)),
+        )
+        self.m.run("systemctl", "reset-failed", INSTANCE_UNIT, check=False)
+        self.edit_config(config, state_dir=f"/var/lib/productiv-watcher/{INSTANCE}/state")
+        secret = f"{ETC}/{INSTANCE}.client_secret"
+        done = self.m.run(
+            "sh", "-c", f"PRODUCTIV_CLIENT_SECRET=$(cat {secret}) exec {PROGRAM} check --config {config}",
+            check=False,
+        )  # fmt: skip
+        self.report.check(
+            f"the README's `check` for {INSTANCE} passes before its first start",
+            done.returncode == 0,
+            f"exit {done.returncode}:",
+            (done.stdout + done.stderr).splitlines(),
         )
         self.mark()
         self.m.run("systemctl", "enable", "--now", INSTANCE_UNIT, check=False)
@@ -393,3 +413,53 @@ class Scenario(Driver):
             except subprocess.TimeoutExpired:
                 by_hand.kill()
                 by_hand.wait()
+
+    def upgrade(self) -> None:
+        """The README: run install.sh again to upgrade. The units that run must go on with the
+        new program, not the old one from files pip replaced under them."""
+        units = (UNIT, INSTANCE_UNIT)
+        before = {unit: self.show(unit)["MainPID"] for unit in units}
+        self.install_again()
+        restarted = wait_until(
+            lambda: all(
+                (s := self.show(unit))["ActiveState"] == "active" and s["MainPID"] != before[unit]
+                for unit in units
+            ),
+            20,
+        )
+        self.report.check(
+            "both units were restarted onto the new program, and run",
+            bool(restarted),
+            f"MainPID before {before}; now "
+            + str({unit: self.show(unit)["MainPID"] for unit in units}),
+        )
+        self.mark()
+        self.drop(["users/after-upgrade.csv"])
+        self.all_done("after the upgrade", ["users/after-upgrade.csv"], BASE, UNIT)
+
+    def install_again(self) -> None:
+        done = self.m.run(
+            "sh", "-c", f"cd {SOURCE} && deploy/install.sh", check=False, timeout=120
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise Broken(
+                f"deploy/install.sh (again) exited with {done.returncode}:\n"
+                + "\n".join((done.stdout + done.stderr).splitlines()[-20:])
+            )
+
+    def uninstall(self) -> None:
+        """Nothing of the program may be left running or enabled: the template's instance
+        included (without its program it would restart in a loop)."""
+        self.m.run("sh", "-c", f"cd {SOURCE} && deploy/install.sh --uninstall", check=False)
+        states = {unit: self.show(unit)["ActiveState"] for unit in (UNIT, INSTANCE_UNIT)}
+        links = self.m.sh(
+            "find /etc/systemd/system -name 'productiv-watcher*.service' ! -type d 2>/dev/null || true"
+        )
+        self.report.check(
+            "--uninstall stops both units and leaves no unit file or enablement link",
+            set(states.values()) <= {"inactive"} and not links.strip(),
+            f"ActiveState {states}; left in /etc/systemd/system:",
+            links.splitlines(),
+        )
+        kept = self.m.path(f"{BASE}/done/users/after-upgrade.csv").exists()
+        self.report.check("--uninstall keeps the files in the folders", kept, "done/ lost a file")
