@@ -26,8 +26,9 @@ from watcher.curlerrors import Failure, curl_fault, openssl_words
 from watcher.faults import Fault, Kind
 from watcher.items import Item, Snapshot, Spot
 from watcher.network import Network
+from watcher.pacing import RateLimit, stall_rate, stalled
 from watcher.service import Service
-from watcher.transfer import FileChanged, RateLimit, Transfer
+from watcher.transfer import FileChanged, Transfer
 
 DIRECT = Network(None, {}, certifi.where(), None)
 QUERY = "X-Amz-Credential=AKIA%2F20250101%2Fus-east-1&X-Amz-Signature=5ecret+sig%3D&a=b%20c"
@@ -479,7 +480,7 @@ def test_an_etag_that_is_not_the_md5_sent_is_retried_then_receipted_verified(
     write(folders.drop / "a.csv", b"payload")
     with daemon():
         done_soon(folders, "a.csv")
-        wait_for(lambda: receipts(folders))
+        wait_for(lambda: (folders.root / "state" / "receipts.jsonl").exists())
     (retry,) = logs_json.events("retrying")
     assert "is not the MD5 of the bytes sent" in retry["reason"]
     assert sandbox.stored("a.csv") == b"payload"
@@ -494,7 +495,7 @@ def test_an_etag_that_is_no_md5_proves_nothing(daemon, folders, sandbox):
     write(folders.drop / "a.csv", b"payload")
     with daemon():
         done_soon(folders, "a.csv")
-        wait_for(lambda: receipts(folders))
+        wait_for(lambda: (folders.root / "state" / "receipts.jsonl").exists())
     assert receipts(folders)[0]["etag_verified"] is None
 
 
@@ -519,3 +520,26 @@ def test_the_bandwidth_limit_changes_on_reload(sandbox, folders, logs_json):
         thread.join(30)
     (line,) = logs_json.events("reloaded")
     assert line["applied"] == ["upload_rate_limit"]
+
+
+@pytest.mark.parametrize(
+    ("min_rate", "limit", "concurrency", "expected"),
+    [
+        (1024, 0, 4, 1024),  # no limit: the setting
+        (1024, 10 * 1024 * 1024, 4, 1024),  # a generous limit changes nothing
+        (1024, 4096, 4, 512),  # 1 KiB/s a transfer at most: half of it counts as moving
+        (1024, 1, 64, 1),  # never 0: a transfer that moves nothing is still a stall
+    ],
+)
+def test_the_stall_rate_never_makes_a_limit_look_like_a_stall(
+    min_rate, limit, concurrency, expected
+):
+    assert stall_rate(min_rate, limit, concurrency) == expected
+
+
+@pytest.mark.parametrize(
+    ("acknowledged", "at_start", "expected"),
+    [(0, 0, True), (10_239, 0, True), (10_240, 0, False), (50_000, 45_000, True)],
+)
+def test_a_window_with_fewer_bytes_than_the_rate_is_a_stall(acknowledged, at_start, expected):
+    assert stalled(acknowledged, at_start, 1024, 10.0) is expected

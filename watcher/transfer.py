@@ -5,9 +5,10 @@ received, with an exact Content-Length (also 0: UPLOAD with INFILESIZE_LARGE, ne
 empty `Expect:` (no 100-continue stall), no Content-Type unless configured, NOSIGNAL (threads),
 the proxy `Network` chose for the URL (`""`: none, so libcurl never reads the environment) and
 the CA file both clients trust. A slow link is not a failure: only a stall is, fewer than
-`min_rate` bytes/s for `timeout_seconds` (LOW_SPEED_*), or no answer within `timeout_seconds`
-after the last byte. `rate_limit` (bytes/s) is for all transfers together: a token bucket in
-the READFUNCTION that pauses a transfer until its bytes are due.
+`min_rate` bytes/s reaching the server for `timeout_seconds`, or no answer within
+`timeout_seconds` after the last byte arrived. `rate_limit` (bytes/s) is for all transfers
+together: a token bucket in the READFUNCTION pauses a transfer until its bytes are due
+(pacing.py). Each transfer runs in a slot: a reused handle with its heartbeat (slots.py).
 
 The owner calls `start` and then `perform` in a loop on one thread (the uploader's transfer
 thread); `put` does both for one file (the `upload` command and tests).
@@ -15,133 +16,26 @@ thread); `put` does both for one file (the `upload` command and tests).
 
 from __future__ import annotations
 
-import fcntl
 import os
-import sys
-import termios
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from urllib.parse import SplitResult, urlsplit
 
 import pycurl
 
-from . import __version__
 from .api import SignedUrl
 from .body import Body, FileChanged, FileGone, NotRegular, Opener, Sent, etag_matches, open_version
 from .curlerrors import Failure, curl_fault
 from .faults import Fault, Kind, classify_put, put_reason, retry_after_seconds
 from .health import Heartbeat
 from .items import Item
-from .network import DEFAULT_PORTS, Network
+from .network import Network, host_port
+from .pacing import RateLimit, acknowledged, stall_rate, stalled, unacknowledged
+from .slots import Done, Job, Slot
 
-__all__ = ["Done", "FileChanged", "FileGone", "NotRegular", "RateLimit", "Sent", "Transfer"]
+__all__ = ["Done", "FileChanged", "FileGone", "NotRegular", "Sent", "Transfer"]
 
-ANSWER_LIMIT = 64 * 1024  # of an error body kept for its S3 code and message
-BURST_SECONDS = 0.25  # the bandwidth limit's bucket holds this much of a second's bytes
 MAX_TURN_SECONDS = 1.0  # `perform` looks at its deadlines at least this often
-
-
-class RateLimit:
-    """A token bucket: `rate` bytes per second for every PUT together (0: no limit)."""
-
-    def __init__(self, rate: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._at = clock()
-        self.rate = rate
-        self._tokens = self._capacity()
-
-    def _capacity(self) -> float:
-        return max(1.0, self.rate * BURST_SECONDS)
-
-    def set_rate(self, rate: int) -> None:
-        self.rate = rate
-        self._tokens = min(self._tokens, self._capacity())
-
-    def take(self, want: int) -> int:
-        """How many of `want` bytes may be sent now (taken from the bucket)."""
-        if not self.rate:
-            return want
-        now = self._clock()
-        self._tokens = min(self._capacity(), self._tokens + (now - self._at) * self.rate)
-        self._at = now
-        got = min(want, int(self._tokens))
-        self._tokens -= got
-        return got
-
-    def wait(self, want: int) -> float:
-        """Seconds until `want` bytes (at most a bucketful) may go."""
-        if not self.rate:
-            return 0.0
-        missing = min(want, self._capacity()) - self._tokens
-        return max(0.0, missing / self.rate - (self._clock() - self._at))
-
-
-@dataclass(slots=True)
-class Job:
-    """One transfer in flight."""
-
-    tag: object  # the owner's (the uploader's ticket)
-    signed: SignedUrl
-    item: Item
-    body: Body
-    host: str
-    proxy: str  # "" when direct
-    started: float
-    window_end: float = 0.0  # the stall rule's window: min_rate x timeout bytes must go in it
-    window_bytes: int = 0  # acknowledged by the server when the window began
-    unacknowledged: int = 0  # in the socket's buffer, at the last look
-    answer_due: float | None = None  # every byte arrived: the answer must come by then
-    answered: bool = False
-    etag: str = ""
-    retry_after: str | None = None
-    answer: bytes = b""
-
-
-@dataclass(frozen=True, slots=True)
-class Done:
-    tag: object
-    item: Item
-    sent: Sent | None
-    error: Exception | None  # Fault, FileGone, FileChanged or NotRegular
-
-
-class Slot:
-    """One reusable libcurl handle (its connection stays in the multi's cache) and the heartbeat
-    the watchdog reads for it (put-1, put-2...): a hung transfer shows as its slot falling silent.
-    """
-
-    def __init__(self, number: int, clock: Callable[[], float]) -> None:
-        self.curl = pycurl.Curl()
-        self.beat = Heartbeat(f"put-{number}", clock)
-        self.job: Job | None = None
-        self.proxy: str | None = None  # as last set on the handle
-
-    def read(self, n: int) -> bytes | int:
-        assert self.job is not None
-        self.beat.progress()
-        return self.job.body.read(n)
-
-    def header(self, line: bytes) -> None:
-        job = self.job
-        if job is None:
-            return
-        self.beat.progress()
-        if line.startswith(b"HTTP/"):  # a new answer (a proxy's to CONNECT comes first)
-            job.etag, job.retry_after = "", None
-            job.answered = job.body.pos == job.body.size
-            return
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name == b"etag":
-            job.etag = value.strip().decode("latin-1")
-        elif name == b"retry-after":
-            job.retry_after = value.strip().decode("latin-1")
-
-    def write(self, data: bytes) -> None:
-        job = self.job
-        if job is not None and len(job.answer) < ANSWER_LIMIT:
-            job.answer += data[: ANSWER_LIMIT - len(job.answer)]
 
 
 class Transfer:
@@ -202,7 +96,9 @@ class Transfer:
         fd = open_version(item.path, item.snapshot, self._opener)
         slot = self._free_slot()
         body = Body(fd, item.snapshot.size, self.limit.take, on_progress)
-        slot.job = Job(tag, signed, item, body, host, proxy and f"{_host_port(proxy)}", 0.0)
+        now = self._clock()
+        proxy_at = host_port(proxy) if proxy else ""
+        slot.job = Job(tag, signed, item, body, host, proxy_at, now, now + self._timeout)
         curl = slot.curl
         try:
             curl.setopt(pycurl.URL, url)
@@ -217,8 +113,6 @@ class Transfer:
             os.close(fd)
             raise Fault(Kind.FINAL, "the signed URL cannot be used", where="put") from None
         slot.beat.busy()
-        slot.job.started = self._clock()
-        slot.job.window_end = slot.job.started + self._timeout
 
     def perform(self, wait: float) -> list[Done]:
         """Wait up to `wait` seconds for sockets or deadlines, let libcurl work, and return the
@@ -263,35 +157,10 @@ class Transfer:
             if slot.job is None:
                 return slot
         slot = Slot(len(self._slots) + 1, self._clock)
-        self._setup(slot)
+        slot.setup(self._network.ca_file, self._headers, self._timeout)
         self._slots.append(slot)
         self._by_handle[slot.curl] = slot
         return slot
-
-    def _setup(self, slot: Slot) -> None:
-        """The options every PUT of this handle shares, set once."""
-        c, ca = slot.curl, self._network.ca_file
-        c.setopt(pycurl.NOSIGNAL, 1)
-        c.setopt(pycurl.UPLOAD, 1)
-        c.setopt(pycurl.PATH_AS_IS, 1)
-        c.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
-        c.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)  # a socket per transfer
-        c.setopt(pycurl.HTTPHEADER, self._headers)
-        c.setopt(pycurl.USERAGENT, f"productiv-watcher/{__version__}")
-        c.setopt(pycurl.CAINFO, ca)
-        c.setopt(pycurl.PROXY_CAINFO, ca)
-        c.setopt(pycurl.CONNECTTIMEOUT_MS, max(1, int(self._timeout * 1000)))
-        c.setopt(pycurl.READFUNCTION, slot.read)
-        c.setopt(pycurl.SEEKFUNCTION, lambda offset, origin: _seek(slot, offset, origin))
-        c.setopt(pycurl.HEADERFUNCTION, slot.header)
-        c.setopt(pycurl.WRITEFUNCTION, slot.write)
-
-    def _stall_rate(self) -> int:
-        """min_rate, or less when the bandwidth limit's share per transfer is lower: a limit
-        that the operator set must never look like a stall."""
-        if not self.limit.rate:
-            return self.min_rate
-        return max(1, min(self.min_rate, self.limit.rate // (2 * max(1, self.concurrency))))
 
     def _next_deadline(self) -> float:
         now, wait = self._clock(), MAX_TURN_SECONDS
@@ -302,32 +171,31 @@ class Transfer:
             if not job.answered:
                 wait = min(wait, (job.answer_due or job.window_end) - now)
             if job.body.paused:
-                wait = min(wait, self.limit.wait(job.body.size - job.body.pos))
+                wait = min(wait, self.limit.resume_wait(job.body.size - job.body.pos))
         return max(0.0, wait)
 
     def _resume(self) -> None:
         """Unpause the transfers that the bandwidth limit held, once their bytes are due."""
         for slot in self._slots:
             job = slot.job
-            if job is not None and job.body.paused and self.limit.wait(1) <= 0:
+            left = job.body.size - job.body.pos if job is not None else 0
+            if job is not None and job.body.paused and self.limit.resume_wait(left) <= 0:
                 job.body.paused = False
                 slot.curl.pause(pycurl.PAUSE_CONT)
 
     def _check_progress(self) -> None:
-        """The stall rule and the answer's deadline, counted in bytes the server acknowledged:
-        libcurl's own low-speed rule counts bytes written to the socket, and a slow link drains
-        a send buffer of megabytes long after libcurl's last write (a stall to libcurl)."""
+        """The stall rule and the answer's deadline, in bytes the server acknowledged."""
         now = self._clock()
         for slot in self._slots:
             job = slot.job
             if job is None or job.answered:
                 continue
             if job.body.pos == job.body.size:  # all read: in the socket, or at the server
-                unacknowledged = _unacknowledged(slot.curl)
-                if unacknowledged < job.unacknowledged:
+                queued = unacknowledged(slot.curl)
+                if queued < job.unacknowledged:
                     slot.beat.progress()  # the buffer drains: the link is alive
-                job.unacknowledged = unacknowledged
-                if not unacknowledged:
+                job.unacknowledged = queued
+                if not queued:
                     job.answer_due = job.answer_due or now + self._timeout
                     if now >= job.answer_due:
                         self._abort(slot, f"no answer from {job.host} within {self._timeout:g} s")
@@ -338,10 +206,10 @@ class Transfer:
     def _check_window(self, slot: Slot, job: Job, now: float) -> None:
         """At the end of each window of `timeout` seconds: fewer than `min_rate` bytes/s went
         in it (connecting aside: CONNECTTIMEOUT covers that) is a stall."""
-        acked = slot.curl.getinfo(pycurl.SIZE_UPLOAD_T) - _unacknowledged(slot.curl)
+        acked = acknowledged(slot.curl)
         connected = slot.curl.getinfo(pycurl.PRETRANSFER_TIME) > 0
-        rate = self._stall_rate()
-        if connected and acked - job.window_bytes < rate * self._timeout:
+        rate = stall_rate(self.min_rate, self.limit.rate, self.concurrency)
+        if connected and stalled(acked, job.window_bytes, rate, self._timeout):
             self._abort(
                 slot,
                 f"fewer than {rate} bytes/s went to {job.host} for {self._timeout:g} s"
@@ -413,27 +281,6 @@ class Transfer:
         self._done.append(Done(job.tag, job.item, sent, error))
 
 
-def _unacknowledged(curl: pycurl.Curl) -> int:
-    """Bytes of the transfer's socket that the peer has not acknowledged yet (Linux)."""
-    fd = curl.getinfo(pycurl.ACTIVESOCKET)
-    if fd < 0:
-        return 0
-    try:
-        queued = fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0")
-    except OSError:
-        return 0
-    return int.from_bytes(queued, sys.byteorder, signed=True)
-
-
-def _seek(slot: Slot, offset: int, origin: int) -> int:
-    return slot.job.body.seek(offset, origin) if slot.job else pycurl.SEEKFUNC_FAIL
-
-
 def _target(parts: SplitResult) -> str:
     """The request target as the URL spells it (urlsplit keeps every escape as written)."""
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-
-
-def _host_port(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.hostname}:{parts.port or DEFAULT_PORTS.get(parts.scheme, 80)}"
