@@ -1,9 +1,10 @@
 """What went wrong, whose problem it is, and how long to wait: the retry policy in one place.
 
 Two layers retry, each declared once here:
-- the transport (`transport_retry`): urllib3 retries a connection blip or a 500/502/504 a couple of
-  times within one call. PUT and GET are idempotent and the token grant is safe to repeat, so all
-  three may be retried; urllib3 rewinds a seekable request body before it sends it again.
+- the transport (`transport_retry`, the API calls): urllib3 retries a connection blip or a
+  500/502/504 a couple of times within one call. GET is idempotent and the token grant is safe to
+  repeat. The PUTs (libcurl) are retried in-call only when a reused connection turns out dead
+  (libcurl rewinds the body); every other PUT failure goes to the pipeline, and the storage's gate.
 - the pipeline (`Fault` + `backoff_seconds`): what still fails is classified into a `Kind`, and the
   uploader branches on that kind alone. 429 and 503 are left to this layer so that a Retry-After
   of minutes is waited out interruptibly (urllib3 would sleep on it, deaf to SIGTERM).

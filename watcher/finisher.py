@@ -1,8 +1,8 @@
 """Stage 5, finish: move each uploaded file to done/ and each refused one to failed/, then log it.
 
-Runs on its own thread so that PUT workers never wait on the disk: it takes whatever outcomes
-are waiting, renames them all, fsyncs each folder it touched once for the whole batch, and only
-then logs `uploaded` / `failed`: a logged file is durably where the line says.
+Runs on its own thread so that the transfer thread never waits on the disk: it takes whatever
+outcomes are waiting, renames them all, fsyncs each folder it touched once for the whole batch,
+and only then logs `uploaded` / `failed`: a logged file is durably where the line says.
 
 A move that fails (a folder not writable, read-only or full) is not an outage and never sends
 the file again: the outcome is kept and the move tried again after a backoff of its own per
@@ -273,6 +273,7 @@ class Finisher:
             "type": item.spot.file_type,
             "bytes": item.snapshot.size,
             "sha256": sent.sha256 if sent else None,
+            "etag_verified": sent.etag_verified if sent else None,
             "object": outcome.object_path or None,
             "status": outcome.status,
             "attempts": item.puts,

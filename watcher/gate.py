@@ -67,6 +67,12 @@ class ServiceGate:
             stop.wait(remaining)
         return False
 
+    def remaining(self) -> float:
+        """Seconds left of the current backoff step (0 when calls may go): for a thread that
+        must not block on the gate."""
+        with self._lock:
+            return max(0.0, self._open_at - self._clock())
+
     def trouble(self, fault: Fault) -> float:
         """Record a service-side fault; returns the wait. Repeats within a step are folded."""
         if self._metrics is not None:

@@ -154,7 +154,7 @@ def explain(exc: BaseException, host: str, proxy: str | None) -> str | None:
     from the exceptions' text, which carries the URL and its signed query."""
     chain = list(_causes(exc))
     through_proxy = proxy is not None and any(isinstance(c, ProxyError) for c in chain)
-    where = f"the proxy {_host_port(proxy)}" if through_proxy and proxy else host
+    where = f"the proxy {host_port(proxy)}" if through_proxy and proxy else host
     for cause in chain:
         if isinstance(cause, ssl.SSLCertVerificationError):
             untrusted = cause.verify_code in UNTRUSTED_CODES
@@ -163,7 +163,7 @@ def explain(exc: BaseException, host: str, proxy: str | None) -> str | None:
         detail = _detail(chain)
         if "407" in detail:
             detail += ": check the user name and password in the proxy setting"
-        return f"cannot connect to {host} through the proxy {_host_port(proxy)}: {detail}"
+        return f"cannot connect to {host} through the proxy {host_port(proxy)}: {detail}"
     return None
 
 
@@ -198,7 +198,7 @@ def _detail(chain: list[BaseException]) -> str:
     return type(chain[-1]).__name__
 
 
-def _host_port(url: str) -> str:
+def host_port(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.hostname}:{parts.port or DEFAULT_PORTS.get(parts.scheme, 80)}"
 

@@ -23,7 +23,14 @@ from .uploader import refusal
 def upload_files(settings: Settings, paths: list[Path], file_type: str | None) -> int:
     network = Network.from_settings(settings)
     api = ApiClient(settings, network=network)
-    transfer = Transfer(settings.request_timeout_seconds, 1, settings.content_type, network=network)
+    transfer = Transfer(
+        settings.request_timeout_seconds,
+        1,
+        settings.content_type,
+        network=network,
+        min_rate=int(settings.min_upload_rate),
+        rate_limit=int(settings.upload_rate_limit),
+    )
     results: dict[Path, str] = {}
     pending: list[Item] = []
     for path in paths:

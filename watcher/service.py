@@ -16,7 +16,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from functools import partial
 
 from . import __version__, logs, statusfile
 from .api import ApiClient
@@ -33,7 +32,7 @@ from .network import Network
 from .notify import Notifier, SystemdNotifier
 from .operations import Operations
 from .receipts import Journal
-from .settings import MAX_CONCURRENCY, ConfigError, Settings, reloaded, require_folders
+from .settings import ConfigError, Settings, reloaded, require_folders
 from .stability import Stabiliser
 from .transfer import Transfer
 from .uploader import Uploader
@@ -106,10 +105,11 @@ class Service:
             self.api,
             Transfer(
                 settings.request_timeout_seconds,
-                MAX_CONCURRENCY,
+                settings.upload_concurrency,
                 settings.content_type,
                 network=self.network,
                 opener=self.drop.open,
+                clock=clock,
             ),
             self.finisher,
             self.work,
@@ -185,7 +185,7 @@ class Service:
         self._spawn("stabiliser", lambda stop, beat: self.stabiliser.run(stop))
         self._spawn("dispatcher", self.uploader.dispatch_step)
         self._spawn("finisher", lambda stop, beat: self.finisher.run(self._moves_stop, beat))
-        self._spawn_workers()
+        self._spawn("transfers", self.uploader.run_puts)
         self.watcher.start()
         waiting = self.watcher.scan()
         self._notifier.send("READY=1", f"STATUS=watching, {waiting} file(s) waiting at start")
@@ -287,26 +287,8 @@ class Service:
         self._threads[name] = (thread, beat)
         thread.start()
 
-    def _spawn_workers(self) -> None:
-        """Start PUT workers up to upload_concurrency; those above it retire by themselves."""
-        for n in range(1, self.settings.upload_concurrency + 1):
-            name = f"put-{n}"
-            if name not in self._threads or not self._threads[name][0].is_alive():
-                self._spawn(name, self.uploader.put_step, partial(self._wanted, n))
-
-    def _wanted(self, n: int) -> bool:
-        return n <= self.settings.upload_concurrency
-
     def _dead_threads(self) -> list[str]:
-        dead = []
-        for name, (thread, _) in list(self._threads.items()):
-            if thread.is_alive():
-                continue
-            if name.startswith("put-") and not self._wanted(int(name[4:])):
-                del self._threads[name]  # retired after a reload lowered the concurrency
-            else:
-                dead.append(name)
-        return dead
+        return [name for name, (thread, _) in self._threads.items() if not thread.is_alive()]
 
     # -- the main loop -----------------------------------------------------------------------
 
@@ -359,6 +341,7 @@ class Service:
     def _ping(self, now: float, period: float) -> None:
         """WATCHDOG=1 only while the upload threads show life; say once when they do not."""
         beats = [beat for name, (_, beat) in self._threads.items() if name != "stabiliser"]
+        beats += self.uploader.transfer_beats()  # put-1, put-2...: one per transfer slot
         reason = stuck(beats, now, period)
         if reason is None:
             self._notifier.send("WATCHDOG=1")
@@ -391,7 +374,6 @@ class Service:
         self.gates.initial_seconds = new.retry_initial_seconds
         self.gates.max_seconds = new.retry_max_seconds
         logs.set_level(new.log_level)
-        self._spawn_workers()
         event(log, "reloaded", applied=applied or None, restart_needed=restart or None)
 
     def _shutdown(self) -> None:
@@ -420,9 +402,7 @@ class Service:
         self.drop.close()
         self.metrics.stop()
         self.operations.publish("stopped")
-        abandoned = sum(
-            thread.is_alive() for name, (thread, _) in self._threads.items() if name[:4] == "put-"
-        )
+        abandoned = self.uploader.sending if self._threads["transfers"][0].is_alive() else 0
         api_call = dispatcher.is_alive()
         self.api.close()
         event(

@@ -53,6 +53,8 @@ LIVE_SETTINGS = frozenset(
         "settle_seconds",
         "batch_size",
         "upload_concurrency",
+        "upload_rate_limit",
+        "min_upload_rate",
         "max_attempts",
         "retry_initial_seconds",
         "retry_max_seconds",
@@ -152,6 +154,9 @@ class Settings(BaseSettings):
     retry_initial_seconds: float = Field(default=1.0, gt=0, le=DAY_SECONDS)
     retry_max_seconds: float = Field(default=300.0, gt=0, le=DAY_SECONDS)
     request_timeout_seconds: float = Field(default=30.0, gt=0, le=DAY_SECONDS)
+    # A PUT is a stall, aborted and retried, only below this rate for request_timeout_seconds.
+    min_upload_rate: ByteSize = Field(default=ByteSize(1024), ge=1, le=1024**3)
+    upload_rate_limit: ByteSize = Field(default=ByteSize(0), ge=0)  # bytes/s for all PUTs; 0: none
     max_file_size: ByteSize = Field(default=ByteSize(MAX_PUT_BYTES), ge=0, le=MAX_PUT_BYTES)
     ignore_patterns: tuple[str, ...] = DEFAULT_IGNORE
     polling: bool = False
@@ -201,6 +206,12 @@ class Settings(BaseSettings):
         if problem:
             raise ValueError(problem)
         return path
+
+    @field_validator("upload_rate_limit", mode="before")
+    @classmethod
+    def _no_limit(cls, value: Any) -> Any:
+        """An empty value (`upload_rate_limit = ""` in TOML) means no limit, as 0 does."""
+        return 0 if isinstance(value, str) and not value.strip() else value
 
     @field_validator("content_type")
     @classmethod

@@ -1,140 +1,45 @@
-"""Stage 4b, the PUT: send exactly one stable version of a file to its signed URL.
+"""Stage 4b, the PUT engine: libcurl's multi interface, on one thread, many transfers at once.
 
-The file is opened without following links or blocking, checked to be the very version that
-settled, streamed from that descriptor with an exact `Content-Length` (S3 refuses chunked bodies),
-and its descriptor checked again afterwards (the finisher checks the path before the move); if it
-changed, the upload does not count. The PUT goes through urllib3's pool directly: requests adds
-per-request overhead that decides small-file throughput (see the README), and the body, headers
-and URL need nothing requests offers.
+Each transfer sends one checked version of a file (body.py) to its signed URL, used exactly as
+received, with an exact Content-Length (also 0: UPLOAD with INFILESIZE_LARGE, never chunked), an
+empty `Expect:` (no 100-continue stall), no Content-Type unless configured, NOSIGNAL (threads),
+the proxy `Network` chose for the URL (`""`: none, so libcurl never reads the environment) and
+the CA file both clients trust. A slow link is not a failure: only a stall is, fewer than
+`min_rate` bytes/s reaching the server for `timeout_seconds`, or no answer within
+`timeout_seconds` after the last byte arrived. `rate_limit` (bytes/s) is for all transfers
+together: a token bucket in the READFUNCTION pauses a transfer until its bytes are due
+(pacing.py). Each transfer runs in a slot: a reused handle with its heartbeat (slots.py).
+
+The owner calls `start` and then `perform` in a loop on one thread (the uploader's transfer
+thread); `put` does both for one file (the `upload` command and tests).
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import os
-import stat
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, Any, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, urlsplit
 
-import urllib3
-from urllib3.exceptions import HTTPError
+import pycurl
 
-from .answers import bounded
 from .api import SignedUrl
-from .faults import Fault, Kind, classify_put, put_reason, retry_after_seconds, transport_retry
-from .items import Item, Snapshot
-from .network import Network, explain
+from .body import Body, FileChanged, FileGone, NotRegular, Opener, Sent, etag_matches, open_version
+from .curlerrors import Failure, curl_fault
+from .faults import Fault, Kind, classify_put, put_reason, retry_after_seconds
+from .health import Heartbeat
+from .items import Item
+from .network import Network, host_port
+from .pacing import RateLimit, acknowledged, stall_rate, stalled, unacknowledged
+from .slots import Done, Job, Slot
 
-OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-SEND_BLOCK_BYTES = 1024 * 1024  # fewer, larger writes for big bodies; bounds memory per PUT
-ANSWER_BYTES = 64 * 1024  # of a PUT's answer: S3's error XML is under 1 KiB, a success empty
+__all__ = ["Done", "FileChanged", "FileGone", "NotRegular", "Sent", "Transfer"]
 
-
-class FileGone(Exception):
-    """The producer removed the file: forget it."""
-
-
-class FileChanged(Exception):
-    """The file is not the version that settled: let it settle again."""
-
-
-class NotRegular(Exception):
-    """The path is now a link, FIFO, folder...: never opened for reading."""
-
-
-@dataclass(frozen=True, slots=True)
-class Sent:
-    status: int
-    seconds: float
-    etag: str
-    sha256: str  # of the bytes sent, computed while streaming
-
-
-class BoundedReader:
-    """Reads exactly `size` bytes of a descriptor; seekable so urllib3 can rewind for a retry.
-
-    A file that grows is cut at `size` (the rest is another version); one that shrinks raises
-    FileChanged instead of letting the server wait for bytes that never come. It hashes what it
-    reads (SHA-256, for the receipt) without a second read; urllib3 is given the length itself,
-    so the body still goes with Content-Length, never chunked.
-    """
-
-    def __init__(self, fd: int, size: int, on_read: Callable[[int], None]) -> None:
-        self._fd = fd
-        self._size = size
-        self._pos = 0
-        self._on_read = on_read
-        self.sha256 = hashlib.sha256()
-        # One buffer, reused: a fresh 1 MiB bytes object per block costs page faults that
-        # showed up as a third of the large-file throughput. No larger than the file: a 1 MiB
-        # buffer for a 16 KiB file was 7 % of the daemon's CPU in the small-file burst.
-        self._buffer = memoryview(bytearray(max(1, min(size, SEND_BLOCK_BYTES))))
-
-    def read(self, n: int = -1) -> memoryview:
-        """The next block, as a view valid until the next read (urllib3 sends it at once)."""
-        want = min(self._size - self._pos, len(self._buffer) if n < 0 else n, len(self._buffer))
-        if want <= 0:
-            return self._buffer[:0]
-        got = os.readv(self._fd, [self._buffer[:want]])
-        if not got:
-            raise FileChanged("the file shrank while it was being sent")
-        block = self._buffer[:got]
-        self._pos += got
-        self.sha256.update(block)
-        self._on_read(self._pos)
-        return block
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        """urllib3 rewinds to the start for a retry: the hash starts again too."""
-        self._pos = os.lseek(self._fd, offset, whence)
-        if self._pos == 0:
-            self.sha256 = hashlib.sha256()
-        return self._pos
-
-
-Opener = Callable[[Path, int], int]  # (path, flags) -> descriptor, as `os.open`
-
-
-def open_version(path: Path, expected: Snapshot, opener: Opener = os.open) -> int:
-    """A descriptor on the file, provided it is still the regular file that settled.
-
-    The daemon's opener works relative to a descriptor of the file's folder (`Folders.open`),
-    so that a type folder swapped for a symlink is refused rather than followed."""
-    try:
-        fd = opener(path, OPEN_FLAGS)
-    except FileNotFoundError:
-        raise FileGone from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise NotRegular("a symlink") from None
-        raise Fault(Kind.FINAL, f"cannot read the file: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise NotRegular("not a regular file")
-        if Snapshot.of(st) != expected:
-            raise FileChanged("the file changed after it settled")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+MAX_TURN_SECONDS = 1.0  # `perform` looks at its deadlines at least this often
 
 
 class Transfer:
-    """Shared by the PUT worker threads: urllib3's pool managers are thread-safe.
-
-    One manager for direct PUTs and one per proxy URL (made on first use), all trusting the
-    network's CA file; which one a URL takes is `Network`'s cached decision. Files are opened
-    through `opener` (the drop folder's descriptors: see folders.py)."""
+    """The PUT engine; all its methods are called from one thread."""
 
     def __init__(
         self,
@@ -144,110 +49,238 @@ class Transfer:
         *,
         network: Network,
         opener: Opener = os.open,
+        min_rate: int = 1024,
+        rate_limit: int = 0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._content_type = content_type
-        self._timeout_seconds = timeout_seconds
+        self._timeout = timeout_seconds
         self._network = network
         self._opener = opener
-        self._pool_kw: dict[str, Any] = {
-            "num_pools": 4,
-            "maxsize": concurrency,  # the setting's bound: a reload may add workers
-            "retries": transport_retry(),
-            "timeout": urllib3.Timeout(connect=timeout_seconds, read=timeout_seconds),
-            "blocksize": SEND_BLOCK_BYTES,
-            "ca_certs": network.ca_file,
-        }
-        self._pool = urllib3.PoolManager(**self._pool_kw)
-        self._proxied: dict[str, urllib3.ProxyManager] = {}
-        self._lock = threading.Lock()
+        self._clock = clock
+        self._headers = ["Expect:"] + ([f"Content-Type: {content_type}"] if content_type else [])
+        self._multi = pycurl.CurlMulti()
+        self._slots: list[Slot] = []
+        self._by_handle: dict[pycurl.Curl, Slot] = {}
+        self._done: list[Done] = []
+        self.limit = RateLimit(rate_limit, clock)
+        self.concurrency = concurrency
+        self.min_rate = min_rate
 
-    def _manager(self, proxy: str | None) -> urllib3.PoolManager:
-        if proxy is None:
-            return self._pool
-        manager = self._proxied.get(proxy)
-        if manager is None:
-            with self._lock:
-                manager = self._proxied.get(proxy)
-                if manager is None:
-                    manager = self._proxied[proxy] = proxy_manager(proxy, self._pool_kw)
-        return manager
+    def reconfigure(self, concurrency: int, min_rate: int, rate_limit: int) -> None:
+        """A reload: applies to transfers started from now on (the rate limit at once)."""
+        self.concurrency, self.min_rate = concurrency, min_rate
+        self.limit.set_rate(rate_limit)
+
+    @property
+    def running(self) -> int:
+        return sum(slot.job is not None for slot in self._slots)
+
+    def beats(self) -> list[Heartbeat]:
+        return [slot.beat for slot in self._slots]
+
+    def start(
+        self, signed: SignedUrl, item: Item, on_progress: Callable[[int], None], tag: object = None
+    ) -> None:
+        """Begin a PUT of the item's file; its outcome comes out of `perform`. Raises Fault,
+        FileGone, FileChanged or NotRegular for a PUT that cannot even begin."""
+        try:
+            parts = urlsplit(signed.url)
+            host, port = parts.hostname or "", parts.port
+            url = signed.url.encode("ascii")
+        except (ValueError, UnicodeEncodeError) as exc:
+            reason = f"the signed URL cannot be used: {type(exc).__name__}"
+            raise Fault(Kind.FINAL, reason, where="put") from None
+        proxy = self._network.proxy_for(parts.scheme, host, port) or ""
+        # The request line exactly as received: libcurl would upper-case %2f, say.
+        target = signed.url if proxy and parts.scheme == "http" else _target(parts)
+        fd = open_version(item.path, item.snapshot, self._opener)
+        slot = self._free_slot()
+        body = Body(fd, item.snapshot.size, self.limit.take, on_progress)
+        now = self._clock()
+        proxy_at = host_port(proxy) if proxy else ""
+        slot.job = Job(tag, signed, item, body, host, proxy_at, now, now + self._timeout)
+        curl = slot.curl
+        try:
+            curl.setopt(pycurl.URL, url)
+            curl.setopt(pycurl.REQUEST_TARGET, target.encode("ascii"))
+            curl.setopt(pycurl.INFILESIZE_LARGE, item.snapshot.size)
+            if slot.proxy != proxy:
+                curl.setopt(pycurl.PROXY, proxy)
+                slot.proxy = proxy
+            self._multi.add_handle(curl)
+        except pycurl.error:  # a NUL in the URL, say: nothing was sent
+            slot.job = None
+            os.close(fd)
+            raise Fault(Kind.FINAL, "the signed URL cannot be used", where="put") from None
+        slot.beat.busy()
+
+    def perform(self, wait: float) -> list[Done]:
+        """Wait up to `wait` seconds for sockets or deadlines, let libcurl work, and return the
+        transfers that ended."""
+        wait = min(wait, MAX_TURN_SECONDS, self._next_deadline())
+        suggested = self._multi.timeout()
+        if suggested >= 0:
+            wait = min(wait, suggested / 1000)
+        if wait > 0 and self.running:
+            self._multi.select(wait)
+        self._resume()
+        while self._multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
+            pass
+        while True:
+            queued, ok, failed = self._multi.info_read()
+            for curl in ok:
+                self._end(self._by_handle[curl], 0, "")
+            for curl, code, message in failed:
+                self._end(self._by_handle[curl], code, message)
+            if not queued:
+                break
+        self._check_progress()
+        done, self._done = self._done, []
+        return done
 
     def put(
         self, signed: SignedUrl, item: Item, on_progress: Callable[[int], None] = lambda _: None
     ) -> Sent:
-        """PUT the item's file to the signed URL; raises Fault, FileGone, FileChanged or
-        NotRegular, never anything else, whatever the URL or the storage's answer.
+        """One PUT, start to end: raises Fault, FileGone, FileChanged or NotRegular."""
+        self.start(signed, item, on_progress)
+        while True:
+            for done in self.perform(MAX_TURN_SECONDS):
+                if done.error is not None:
+                    raise done.error
+                assert done.sent is not None
+                return done.sent
 
-        `on_progress(bytes sent)` is called for every block (status, and the watchdog's sign
-        of life)."""
-        url = signed.url
-        expected = item.snapshot
-        fd = open_version(item.path, expected, self._opener)
+    # -- inside ---------------------------------------------------------------------------
+
+    def _free_slot(self) -> Slot:
+        for slot in self._slots:
+            if slot.job is None:
+                return slot
+        slot = Slot(len(self._slots) + 1, self._clock)
+        slot.setup(self._network.ca_file, self._headers, self._timeout)
+        self._slots.append(slot)
+        self._by_handle[slot.curl] = slot
+        return slot
+
+    def _next_deadline(self) -> float:
+        now, wait = self._clock(), MAX_TURN_SECONDS
+        for slot in self._slots:
+            job = slot.job
+            if job is None:
+                continue
+            if not job.answered:
+                wait = min(wait, (job.answer_due or job.window_end) - now)
+            if job.body.paused:
+                wait = min(wait, self.limit.resume_wait(job.body.size - job.body.pos))
+        return max(0.0, wait)
+
+    def _resume(self) -> None:
+        """Unpause the transfers that the bandwidth limit held, once their bytes are due."""
+        for slot in self._slots:
+            job = slot.job
+            left = job.body.size - job.body.pos if job is not None else 0
+            if job is not None and job.body.paused and self.limit.resume_wait(left) <= 0:
+                job.body.paused = False
+                slot.curl.pause(pycurl.PAUSE_CONT)
+
+    def _check_progress(self) -> None:
+        """The stall rule and the answer's deadline, in bytes the server acknowledged."""
+        now = self._clock()
+        for slot in self._slots:
+            job = slot.job
+            if job is None or job.answered:
+                continue
+            if job.body.pos == job.body.size:  # all read: in the socket, or at the server
+                queued = unacknowledged(slot.curl)
+                if queued < job.unacknowledged:
+                    slot.beat.progress()  # the buffer drains: the link is alive
+                job.unacknowledged = queued
+                if not queued:
+                    job.answer_due = job.answer_due or now + self._timeout
+                    if now >= job.answer_due:
+                        self._abort(slot, f"no answer from {job.host} within {self._timeout:g} s")
+                    continue
+            if now >= job.window_end:
+                self._check_window(slot, job, now)
+
+    def _check_window(self, slot: Slot, job: Job, now: float) -> None:
+        """At the end of each window of `timeout` seconds: fewer than `min_rate` bytes/s went
+        in it (connecting aside: CONNECTTIMEOUT covers that) is a stall."""
+        acked = acknowledged(slot.curl)
+        connected = slot.curl.getinfo(pycurl.PRETRANSFER_TIME) > 0
+        rate = stall_rate(self.min_rate, self.limit.rate, self.concurrency)
+        if connected and stalled(acked, job.window_bytes, rate, self._timeout):
+            self._abort(
+                slot,
+                f"fewer than {rate} bytes/s went to {job.host} for {self._timeout:g} s"
+                " (min_upload_rate, request_timeout_seconds)",
+            )
+            return
+        job.window_end, job.window_bytes = now + self._timeout, acked
+
+    def _abort(self, slot: Slot, why: str) -> None:
+        self._multi.remove_handle(slot.curl)
+        fault = Fault(Kind.SERVICE, f"PUT to storage failed: {why}", where="put")
+        self._finish(slot, None, fault)
+
+    def _end(self, slot: Slot, code: int, message: str) -> None:
+        job = slot.job
+        assert job is not None
+        self._multi.remove_handle(slot.curl)
         try:
-            headers = {"Content-Length": str(expected.size)}
-            if self._content_type:
-                headers["Content-Type"] = self._content_type
-            reader = BoundedReader(fd, expected.size, on_progress)
-            # File-like enough for urllib3 (read, tell, seek), though not an io class.
-            body = cast("IO[bytes]", reader) if expected.size else b""
-            # The connection pool directly, not the PoolManager: it would parse the long signed
-            # URL once more, with urllib3's slower parser, for every file.
-            host, proxy = "", None
-            started = time.monotonic()
-            try:
-                parts = urlsplit(url)
-                host, port = parts.hostname or "", parts.port
-                proxy = self._network.proxy_for(parts.scheme, host, port)
-                target = f"{parts.path}?{parts.query}" if parts.query else parts.path
-                if proxy is not None and parts.scheme == "http":
-                    target = url  # no tunnel: the proxy's pool is asked for the absolute URL
-                pool = self._manager(proxy).connection_from_host(host, port, parts.scheme)
-                response = pool.urlopen(
-                    "PUT",
-                    target or "/",
-                    body=body,
-                    headers=headers,
-                    redirect=False,
-                    assert_same_host=False,
-                    preload_content=False,  # read bounded: see answers.py
-                )
-            except HTTPError as exc:
-                reason = f"PUT to storage failed: {explain(exc, host, proxy) or _why(exc)}"
-                raise Fault(Kind.SERVICE, reason, where="put") from None
-            except ValueError as exc:  # a URL that url_problem let through but cannot be sent
-                reason = f"the signed URL cannot be used: {type(exc).__name__}"
-                raise Fault(Kind.FINAL, reason, where="put") from None
-            answer = bounded(response, ANSWER_BYTES, self._timeout_seconds).data
-            seconds = time.monotonic() - started
-            expired = signed.expires_at is not None and time.time() >= signed.expires_at
-            kind = classify_put(response.status, answer, expired)
-            if kind is not None:
-                wait = retry_after_seconds(response.headers.get("Retry-After"), time.time())
-                reason = put_reason(response.status, answer)
-                raise Fault(kind, reason, response.status, wait, where="put")
-            if Snapshot.of(os.fstat(fd)) != expected:  # the path: the finisher checks it
-                raise FileChanged("the file changed while it was being sent")
-            etag = response.headers.get("ETag", "").strip('"')
-            return Sent(response.status, seconds, etag, reader.sha256.hexdigest())
-        finally:
-            os.close(fd)
+            sent = self._outcome(slot, job, code, message)
+        except (Fault, FileChanged) as exc:
+            self._finish(slot, None, exc)
+        else:
+            self._finish(slot, sent, None)
+
+    def _outcome(self, slot: Slot, job: Job, code: int, message: str) -> Sent:
+        curl, body = slot.curl, job.body
+        if body.failure is not None:
+            raise body.failure
+        if code:
+            raise curl_fault(self._failure(curl, job, code, message))
+        seconds = self._clock() - job.started
+        status = curl.getinfo(pycurl.RESPONSE_CODE)
+        expired = job.signed.expires_at is not None and time.time() >= job.signed.expires_at
+        kind = classify_put(status, job.answer, expired)
+        if kind is not None:
+            wait = retry_after_seconds(job.retry_after, time.time())
+            raise Fault(kind, put_reason(status, job.answer), status, wait, where="put")
+        if body.changed(job.item.snapshot):
+            raise FileChanged("the file changed while it was being sent")
+        md5 = body.md5.hexdigest()
+        verified = etag_matches(job.etag, md5)
+        if verified is False:
+            reason = (
+                f"the storage's ETag {job.etag.strip(chr(34))} is not the MD5 of the bytes sent"
+                f" ({md5}): the stored object may be corrupt"
+            )
+            raise Fault(Kind.FILE, reason, status, where="put")
+        return Sent(status, seconds, job.etag.strip('"'), body.sha256.hexdigest(), verified)
+
+    def _failure(self, curl: pycurl.Curl, job: Job, code: int, message: str) -> Failure:
+        return Failure(
+            code,
+            message,
+            job.host,
+            job.proxy,
+            connect_code=curl.getinfo(pycurl.HTTP_CONNECTCODE),
+            os_errno=curl.getinfo(pycurl.OS_ERRNO),
+            verify_result=curl.getinfo(pycurl.SSL_VERIFYRESULT),
+            proxy_verify_result=curl.getinfo(pycurl.PROXY_SSL_VERIFYRESULT) if job.proxy else 0,
+            timeout_seconds=self._timeout,
+        )
+
+    def _finish(self, slot: Slot, sent: Sent | None, error: Exception | None) -> None:
+        job = slot.job
+        assert job is not None
+        slot.job = None
+        slot.beat.idle()
+        os.close(job.body.fd)
+        self._done.append(Done(job.tag, job.item, sent, error))
 
 
-def proxy_manager(proxy: str, pool_kw: dict[str, Any]) -> urllib3.ProxyManager:
-    """A manager that tunnels through `proxy` (CONNECT for https), with its credentials as a
-    Proxy-Authorization header: urllib3 does not take them from the URL itself."""
-    parts = urlsplit(proxy)
-    headers = None
-    if parts.username is not None:
-        login = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-        headers = urllib3.make_headers(proxy_basic_auth=login)
-    return urllib3.ProxyManager(proxy, proxy_headers=headers, **pool_kw)
-
-
-def _why(exc: HTTPError) -> str:
-    """A short cause for a network failure, without the URL (its query is a credential)."""
-    reason = getattr(exc, "reason", None) or exc
-    text = type(reason).__name__
-    if isinstance(reason, OSError) and reason.strerror:
-        text += f" ({reason.strerror})"
-    return text
+def _target(parts: SplitResult) -> str:
+    """The request target as the URL spells it (urlsplit keeps every escape as written)."""
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")

@@ -1,11 +1,11 @@
-"""Stage 4, upload: batches of queued files get signed URLs, then PUT workers send them.
+"""Stage 4, upload: batches of queued files get signed URLs, then the transfer thread sends them.
 
 One dispatcher thread takes up to `batch_size` queued files of one type, asks the API for their
-URLs and hands each (file, URL) to a ready queue; `upload_concurrency` worker threads PUT from
-it. The ready queue holds one batch: the next batch's URLs are asked for while the workers still
-send the current one, instead of every worker waiting out each API call, and never for a whole
-backlog. Every failure arrives as a `Fault`; `fates.after_fault` decides what happens to the
-file and `_settle` does it.
+URLs and hands each (file, URL) to a ready queue; one transfer thread takes them from it and
+drives up to `upload_concurrency` PUTs at once through libcurl (transfer.py). The ready queue
+holds one batch: the next batch's URLs are asked for while the current one is sent, instead of
+every PUT waiting out each API call, and never for a whole backlog. Every failure arrives as a
+`Fault`; `fates.after_fault` decides what happens to the file and `_settle` does it.
 
 Before a file's URL is asked for, the dispatcher checks that the file could be moved afterwards
 (its folder's permissions, and done/'s and failed/'s): a file that could not is never sent. It
@@ -36,14 +36,16 @@ from .items import Item, Spot
 from .logs import event
 from .metrics import Metrics
 from .mover import Looked
-from .settings import MAX_CONCURRENCY, Settings
-from .transfer import FileChanged, FileGone, NotRegular, Transfer
+from .settings import Settings
+from .transfer import Done, FileChanged, FileGone, NotRegular, Transfer
 from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
 URL_MARGIN_SECONDS = 5.0  # ask again when a URL has less left than this (S3 checks at the start)
 FOLDER_RECHECK_SECONDS = 1.0  # a folder that holds files back is looked at this often (a stat)
+# While transfers run with slots free, the transfer thread looks for new tickets this often.
+FILL_SECONDS = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +106,7 @@ class Uploader:
         self.sending = 0
         self.progress: dict[str, tuple[int, int]] = {}  # file -> (bytes sent, bytes), for status
         self._held: dict[str, list[Item]] = {}  # folder -> files it would not let move
+        self._reconfigured = True  # the engine takes the settings at the first turn
         self._recheck_at = 0.0
 
     # -- the dispatcher thread -------------------------------------------------------------
@@ -186,39 +189,82 @@ class Uploader:
             except queue.Full:
                 continue
 
-    # -- the PUT worker threads ------------------------------------------------------------
+    # -- the transfer thread ---------------------------------------------------------------
 
     def reconfigure(self, settings: Settings) -> None:
         """A reload: batch size, attempts, backoff and size limit apply from the next file on;
-        workers above a lowered concurrency are woken to retire."""
-        fewer = self._settings.upload_concurrency - settings.upload_concurrency
+        the concurrency at the transfer thread's next turn, the bandwidth limit at once."""
         self._settings = settings
-        self._wake_workers(fewer)
+        self._reconfigured = True
+        self._wake()
 
     def close(self) -> None:
-        """Wake idle workers at a stop: a None ticket ends a worker's wait."""
-        self._wake_workers(MAX_CONCURRENCY)
+        """Wake the transfer thread at a stop, if it waits for a ticket."""
+        self._wake()
 
-    def _wake_workers(self, count: int) -> None:
-        for _ in range(count):
-            with contextlib.suppress(queue.Full):  # a full queue: no worker is waiting
-                self._ready.put_nowait(None)
+    def _wake(self) -> None:
+        with contextlib.suppress(queue.Full):  # a full queue: the thread is not waiting
+            self._ready.put_nowait(None)
+
+    def transfer_beats(self) -> list[Heartbeat]:
+        """The transfer slots' heartbeats, for the watchdog (read from the main thread)."""
+        return self._transfer.beats()
+
+    def run_puts(self, stop: threading.Event, beat: Heartbeat) -> None:
+        """The transfer thread: turns until a stop, then until the PUTs in flight have ended
+        (the service waits for them up to shutdown_timeout_seconds)."""
+        while not stop.is_set() or self._transfer.running:
+            self.put_step(stop, beat)
 
     def put_step(self, stop: threading.Event, beat: Heartbeat) -> None:
-        beat.idle()
+        """One turn: start what may start, let libcurl work, settle what ended."""
+        if self._reconfigured:
+            self._reconfigured = False
+            s = self._settings
+            self._transfer.reconfigure(
+                s.upload_concurrency, int(s.min_upload_rate), int(s.upload_rate_limit)
+            )
+        if not self._transfer.running:
+            beat.idle()  # nothing in flight: wait for a ticket, then for the storage's gate
+            if not self._first(stop):
+                return
+        beat.busy()
+        self._start_more(stop)
+        free = self._transfer.running < self._settings.upload_concurrency
+        for done in self._transfer.perform(FILL_SECONDS if free else IDLE_WAKE_SECONDS):
+            self._ended(done)
+        beat.progress()
+
+    def _first(self, stop: threading.Event) -> bool:
         try:
-            ticket = self._ready.get(timeout=IDLE_WAKE_SECONDS)  # `close` wakes them at a stop
+            ticket = self._ready.get(timeout=IDLE_WAKE_SECONDS)
         except queue.Empty:
-            return
+            return False
         if ticket is None or stop.is_set():
-            return  # stopping: the file stays in the drop folder
+            return False  # stopping: the file stays in the drop folder
+        if not self._gates.storage.wait(stop):
+            return False
+        self._start(ticket)
+        return True
+
+    def _start_more(self, stop: threading.Event) -> None:
+        """Tickets up to the concurrency, while the storage's gate is open (it is waited for
+        only when nothing is in flight: transfers running must keep running)."""
+        while not stop.is_set() and self._transfer.running < self._settings.upload_concurrency:
+            if self._gates.storage.remaining() > 0:
+                return
+            try:
+                ticket = self._ready.get_nowait()
+            except queue.Empty:
+                return
+            if ticket is not None:
+                self._start(ticket)
+
+    def _start(self, ticket: Ticket) -> None:
         item = ticket.item
         if url_is_stale(ticket.url, ticket.received_at, time.time()):
             self._work.put_back(item)  # a fresh URL, no attempt used
             return
-        if not self._gates.storage.wait(stop):
-            return  # stopping: the file stays in the drop folder
-        beat.busy()
         item = item.sending()
         rel, size = item.spot.rel, item.snapshot.size
         with self._lock:
@@ -226,28 +272,35 @@ class Uploader:
             self.progress[rel] = (0, size)
 
         def progress(sent: int) -> None:
-            beat.progress()
             self.progress[rel] = (sent, size)
 
         try:
-            sent = self._transfer.put(ticket.url, item, progress)
-        except Fault as fault:
-            self._settle(item, fault)
-        except FileGone:
-            self._forget(item, "vanished", "removed before it was uploaded")
-        except NotRegular as exc:
-            self._forget(item, "skipped", f"{exc}, not a regular file")
-        except FileChanged as exc:
-            self._work.release(item.path)
-            event(log, "changed", file=item.spot.rel, reason=str(exc))
-            self._hand_back([item.spot])
-        else:
-            self._gates.storage.fine()
-            self._finish.done(item, sent, urlsplit(ticket.url.url).path)
+            self._transfer.start(ticket.url, item, progress, ticket)
+        except (Fault, FileGone, NotRegular, FileChanged) as exc:
+            self._ended(Done(ticket, item, None, exc))
+
+    def _ended(self, done: Done) -> None:
+        """Settle one PUT's outcome, as `after_fault` and the finisher decide."""
+        item, error = done.item, done.error
+        try:
+            if isinstance(error, Fault):
+                self._settle(item, error)
+            elif isinstance(error, FileGone):
+                self._forget(item, "vanished", "removed before it was uploaded")
+            elif isinstance(error, NotRegular):
+                self._forget(item, "skipped", f"{error}, not a regular file")
+            elif isinstance(error, FileChanged):
+                self._work.release(item.path)
+                event(log, "changed", file=item.spot.rel, reason=str(error))
+                self._hand_back([item.spot])
+            elif done.sent is not None:
+                self._gates.storage.fine()
+                assert isinstance(done.tag, Ticket)
+                self._finish.done(item, done.sent, urlsplit(done.tag.url.url).path)
         finally:
             with self._lock:
                 self.sending -= 1
-                self.progress.pop(rel, None)
+                self.progress.pop(item.spot.rel, None)
 
     # -- outcomes --------------------------------------------------------------------------
 
