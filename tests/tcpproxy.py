@@ -86,6 +86,11 @@ class Record:
             raise ValueError(f"only {self.total} bytes were delivered, not {size}")
         return self.times[index]
 
+    def at(self, moment: float) -> int:
+        """The running total at `moment` (monotonic clock)."""
+        index = bisect.bisect_right(self.times, moment)
+        return self.totals[index - 1] if index else 0
+
     def rate(self, start: int, end: int) -> float:
         """Bytes/s delivered between the moments the total reached `start` and `end` bytes."""
         return (end - start) / (self.when(end) - self.when(start))

@@ -108,11 +108,12 @@ def test_a_link_takes_bytes_only_a_little_ahead_of_its_queue(rate, free_at, now,
     assert link.read_size() == read
 
 
-def test_a_record_finds_when_a_total_was_reached():
+def test_a_record_finds_when_a_total_was_reached_and_the_total_at_a_moment():
     record = Record()
     for when, size in [(1.0, 100), (2.0, 100), (3.0, 300)]:
         record.add(when, size)
     assert [record.when(n) for n in (1, 100, 101, 500)] == [1.0, 1.0, 2.0, 3.0]
+    assert [record.at(t) for t in (0.5, 1.0, 2.5, 9.0)] == [0, 100, 200, 500]
     assert record.rate(100, 500) == pytest.approx(200.0)
     with pytest.raises(ValueError, match="only 500 bytes"):
         record.when(501)
