@@ -156,8 +156,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 class Daemon:
     """The service running in-process on a thread of the test."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.service = Service(settings)
+    def __init__(self, settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
+        """`reload` is what the daemon reads again on `service.request_reload()` (its SIGHUP)."""
+        self.service = Service(settings, reload=reload)
         self.status: int | None = None
         self._thread = threading.Thread(target=self._run, name="test-daemon")
 

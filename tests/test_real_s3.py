@@ -3,6 +3,7 @@ for real (signature, expiry, Content-Length). boto3 mints the URLs the sandbox h
 
 from __future__ import annotations
 
+import json
 import time
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -105,3 +106,14 @@ def test_an_expired_url_is_answered_by_a_fresh_one(tmp_path, rclone, folders: Fo
     assert stored(bucket, sandbox, "late.csv") == b"late"
     assert folders.files(folders.failed) == []
     assert not logs_json.events("failed")
+
+
+def test_a_real_s3_servers_etag_is_checked_and_verified(s3_sandbox, folders: Folders, logs_json):
+    """rclone's ETag for a single PUT is the body's MD5, as S3's is: the receipts say verified."""
+    sandbox, _ = s3_sandbox
+    (folders.drop / "some.bin").write_bytes(bytes(range(256)) * 4096)
+    (folders.drop / "empty.csv").write_bytes(b"")
+    with Daemon(make_settings(sandbox, folders)):
+        wait_for(lambda: all((folders.done / n).exists() for n in ("some.bin", "empty.csv")))
+    journal = (folders.root / "state" / "receipts.jsonl").read_text().splitlines()
+    assert [json.loads(line)["etag_verified"] for line in journal] == [True, True]

@@ -3,9 +3,10 @@
 It behaves as `productiv-api.md` describes: OAuth client credentials (body or Basic), signed
 URLs for repeated `filenames`, and PUTs to SigV2-signed URLs checked by S3's rules (signature
 over method, Content-MD5, Content-Type, Expires and path; expiry; Content-Length required;
-chunked refused; S3-style XML errors; ETag = MD5). Or, given `presign`, it hands out URLs of a
-real S3 server (rclone `serve s3`) signed by boto3. Faults are injected per endpoint, in
-process (`Sandbox.inject`) or over HTTP (`POST /_sandbox/faults`), and every request is recorded.
+chunked refused; S3-style XML errors; ETag = MD5 unless injected). Or, given `presign`, it hands
+out URLs of a real S3 server (rclone `serve s3`) signed by boto3. Faults are injected per
+endpoint, in process (`Sandbox.inject`) or over HTTP (`POST /_sandbox/faults`), and every request
+is recorded.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Injected:
     partial: bool = False  # signed URLs: answer for every other name only, plus an unasked one
     echo_auth: bool = False  # the error message repeats the request's Authorization header
     headers: dict[str, str] | None = None  # extra answer headers (an odd Date replaces ours)
+    etag: str | None = None  # PUT: store the body, answer this ETag ("": none); a corrupting proxy
 
 
 def object_key(app_id: str, file_type: str | None, name: str) -> str:

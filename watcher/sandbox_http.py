@@ -158,6 +158,9 @@ class SandboxHandler(BaseHTTPRequestHandler):
         if fault.partial and endpoint == "urls":
             self._urls(self._path(), partial=True)
             return True
+        if fault.etag is not None and endpoint == "put":
+            self._put(fault.etag)
+            return True
         if fault.status is None and fault.body is None:
             return False  # only a delay
         status = fault.status or 200
@@ -284,7 +287,8 @@ class SandboxHandler(BaseHTTPRequestHandler):
         sandbox._record(Recorded("GET", "urls", path, status, names=names))
         self._json(status, doc)
 
-    def _put(self) -> None:
+    def _put(self, etag: str | None = None) -> None:
+        """Store the body as S3 does; answer its MD5 as ETag, or `etag` when injected ("": none)."""
         sandbox = self.server.sandbox
         raw_path, _, query = self.path.partition("?")
         headers = {k: v for k, v in self.headers.items() if k.lower() in _RECORDED_HEADERS}
@@ -320,8 +324,8 @@ class SandboxHandler(BaseHTTPRequestHandler):
             tmp.unlink(missing_ok=True)  # S3 never keeps a partial object
             self.close_connection = True
             return
-        etag = f'"{md5.hexdigest()}"'
-        self._answer(200, b"", "application/xml", {"ETag": etag})
+        etag = f'"{md5.hexdigest()}"' if etag is None else etag
+        self._answer(200, b"", "application/xml", {"ETag": etag} if etag else {})
         sandbox._record(Recorded("PUT", "put", raw_path, 200, headers))
 
 
