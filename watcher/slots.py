@@ -39,6 +39,8 @@ class Job:
     unacknowledged: int = 0  # in the socket's buffer, at the last look
     answer_due: float | None = None  # every byte arrived: the answer must come by then
     answered: bool = False
+    answered_at: float = 0.0  # when the answer's status line came
+    cut: bool = False  # the answer's body was cut short (too long, or too slow): judged without it
     etag: str = ""
     retry_after: str | None = None
     answer: bytes = b""
@@ -57,6 +59,7 @@ class Slot:
 
     def __init__(self, number: int, clock: Callable[[], float]) -> None:
         self.curl = pycurl.Curl()
+        self._clock = clock
         self.beat = Heartbeat(f"put-{number}", clock)
         self.job: Job | None = None
         self.proxy: str | None = None  # as last set on the handle
@@ -96,6 +99,7 @@ class Slot:
         if line.startswith(b"HTTP/"):  # a new answer (a proxy's to CONNECT comes first)
             job.etag, job.retry_after = "", None
             job.answered = job.body.pos == job.body.size
+            job.answered_at = self._clock()
             return
         name, _, value = line.partition(b":")
         name = name.strip().lower()
@@ -104,7 +108,15 @@ class Slot:
         elif name == b"retry-after":
             job.retry_after = value.strip().decode("latin-1")
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> int | None:
+        """Keep the answer's first ANSWER_LIMIT bytes; beyond them the transfer ends (a
+        storage that answers an endless body is judged on its status and what came)."""
         job = self.job
-        if job is not None and len(job.answer) < ANSWER_LIMIT:
-            job.answer += data[: ANSWER_LIMIT - len(job.answer)]
+        if job is None:
+            return None
+        room = ANSWER_LIMIT - len(job.answer)
+        job.answer += data[:room]
+        if len(data) > room:
+            job.cut = True
+            return 0  # CURLE_WRITE_ERROR: libcurl stops reading
+        return None

@@ -188,7 +188,12 @@ class Transfer:
         now = self._clock()
         for slot in self._slots:
             job = slot.job
-            if job is None or job.answered:
+            if job is None:
+                continue
+            if job.answered:  # the body of the answer, too, must end within the timeout
+                if now >= job.answered_at + self._timeout:
+                    job.cut = True
+                    self._end(slot, 0, "")
                 continue
             if job.body.pos == job.body.size:  # all read: in the socket, or at the server
                 queued = unacknowledged(slot.curl)
@@ -238,7 +243,7 @@ class Transfer:
         curl, body = slot.curl, job.body
         if body.failure is not None:
             raise body.failure
-        if code:
+        if code and not job.cut:
             raise curl_fault(self._failure(curl, job, code, message))
         seconds = self._clock() - job.started
         status = curl.getinfo(pycurl.RESPONSE_CODE)
