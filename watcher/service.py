@@ -33,7 +33,14 @@ from .network import Network
 from .notify import Notifier, SystemdNotifier
 from .operations import Operations
 from .receipts import Journal
-from .settings import MAX_CONCURRENCY, ConfigError, Settings, reloaded, require_folders
+from .settings import (
+    MAX_CONCURRENCY,
+    ConfigError,
+    Settings,
+    reloaded,
+    require_folders,
+    require_state_dir,
+)
 from .stability import Stabiliser
 from .transfer import Transfer
 from .uploader import Uploader
@@ -78,12 +85,11 @@ class Service:
         drop, done, failed = require_folders(settings)
         drop = resolve(drop)  # once: inotify and the folders' descriptors follow no symlink
         self.drop = Folders(drop)  # every file operation in drop/ goes through its descriptors
-        assert settings.state_dir is not None  # derived from drop_dir by the settings
         self.lock = DropLock(drop)
         REDACT.add(settings.secret_values())
         self.metrics = Metrics(settings)
         self.journal = Journal(
-            settings.state_dir, int(settings.receipts_max_bytes), settings.receipts_keep
+            require_state_dir(settings), int(settings.receipts_max_bytes), settings.receipts_keep
         )
         self.work = WorkQueue(clock, self._noticed)
         self.stabiliser = Stabiliser(settings.settle_seconds, self.work, clock, self.drop.lstat)
