@@ -19,6 +19,7 @@ from collections.abc import Callable
 from functools import partial
 
 from . import __version__, logs, statusfile
+from .access import prepare_folders
 from .api import ApiClient
 from .finisher import Finisher
 from .folders import Folders, resolve
@@ -28,7 +29,7 @@ from .instance import DropLock, Holder, Standby
 from .items import Spot
 from .logs import REDACT, Detail, event
 from .metrics import Metrics
-from .mover import Mover, prepare_folders
+from .mover import Mover
 from .network import Network
 from .notify import Notifier, SystemdNotifier
 from .operations import Operations
