@@ -322,6 +322,18 @@ def test_every_setting_is_in_the_example_config_and_the_readme():
         assert f"`{name}`" in readme, f"{name} missing from the README's table"
 
 
+def test_the_readme_lists_every_setting_a_reload_applies():
+    from watcher.settings import LIVE_SETTINGS
+
+    readme = (ROOT / "README.md").read_text()
+    [said] = re.findall(r"^- `systemctl reload` .*?(?=^- )", readme, re.M | re.S)
+    for name in LIVE_SETTINGS:
+        prefix = name.split("_")[0]
+        assert f"`{name}`" in said or f"`{prefix}_*`" in said, (
+            f"{name} missing from the reload list"
+        )
+
+
 def logged_event_names() -> set[str]:
     """Every event name the code logs: `event(log, "name", ...)`, `extra={"event": "name"}` and
     the chores' `Trouble("name", ...)`, read from the source."""
