@@ -33,11 +33,11 @@ from .fates import (
     moved_intact,
 )
 from .health import IDLE_WAKE_SECONDS, Heartbeat
-from .items import Item, Snapshot, Spot, display
+from .items import Item, Snapshot, Spot, display, utc_iso
 from .logs import event
 from .metrics import Metrics
 from .mover import Looked, Mover
-from .receipts import Journal, receipt_time
+from .receipts import Journal
 from .transfer import Sent
 from .workqueue import WorkQueue
 
@@ -271,7 +271,7 @@ class Finisher:
     def _receipt(self, outcome: Outcome, final: Path, now: float) -> dict[str, Any]:
         item, sent = outcome.item, outcome.sent
         return {
-            "time": receipt_time(now),
+            "time": utc_iso(now),
             "file": item.spot.rel,
             "type": item.spot.file_type,
             "bytes": item.snapshot.size,

@@ -22,7 +22,7 @@ from typing import Any
 from .access import MOVE, UNIT_GROUP, Seen, current_user, drop_group, fix, nearest, refusal
 from .fates import Blocked, blocked
 from .folders import Folders
-from .items import display
+from .items import display, utc_iso
 from .logs import REDACT
 
 NAME_MAX_BYTES = 255
@@ -196,7 +196,7 @@ class Mover:
         The sidecar comes first, so a file never sits in failed/ without its reason: if the
         sidecar cannot be written (a full disk), nothing moves and the file waits in drop/.
         """
-        text = json.dumps(REDACT.doc({**sidecar, "failed_at": _iso(self._clock())}), indent=2)
+        text = json.dumps(REDACT.doc({**sidecar, "failed_at": utc_iso(self._clock())}), indent=2)
         text += "\n"
 
         def claim(folder: int, name: str) -> str:
@@ -273,7 +273,3 @@ def write_new(path: Path | str, text: str, mode: int = 0o640, dir_fd: int | None
             os.unlink(path, dir_fd=dir_fd)
         raise
     os.close(fd)
-
-
-def _iso(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))

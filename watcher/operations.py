@@ -19,10 +19,10 @@ from . import __version__, statusfile
 from .finisher import Finisher
 from .gate import Gates
 from .health import Counts
-from .items import display
+from .items import display, utc_iso
 from .logs import event
 from .metrics import Metrics
-from .receipts import Journal, receipt_time
+from .receipts import Journal
 from .retention import expired, sweep_interval
 from .settings import Settings, require_folders
 from .stability import Stabiliser
@@ -227,4 +227,4 @@ class Operations:
 
 
 def _receipt(rel: str, outcome: str, reason: str) -> dict[str, Any]:
-    return {"time": receipt_time(time.time()), "file": rel, "outcome": outcome, "reason": reason}
+    return {"time": utc_iso(time.time()), "file": rel, "outcome": outcome, "reason": reason}

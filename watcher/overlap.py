@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path, PurePath
 
-Identity = tuple[int, int]  # (st_dev, st_ino)
+from .items import Identity
 
 
 @dataclass(frozen=True, slots=True)
