@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_cli import cli
-from watcher.access import Seen, User, blocker, fix, permits
+from watcher.access import MOVE, STICKY, Seen, User, blocker, fix, permits, problem, refusal
 
 NOBODY, NOGROUP = 65534, 65534
 ALICE, DROP = 1001, 2001
@@ -66,6 +66,51 @@ def test_the_fix_is_the_smallest_command(folder, need, expected):
     assert fix(folder, SERVICE, need, "productiv-drop") == expected
 
 
+# -- moving a file: the daemon's question before each PUT -----------------------------------
+
+ME, OTHER, GROUP, ELSE = 1000, 2000, 500, 600
+NO_WRITE_GROUP = "no write permission for its group"
+
+
+@pytest.mark.parametrize(
+    ("mode", "owner", "group", "file_owner", "uid", "gids", "expected"),
+    [
+        (0o700, ME, GROUP, None, ME, {GROUP}, None),  # the daemon's own folder
+        (0o500, ME, GROUP, None, ME, {GROUP}, "no write permission for its owner"),
+        (0o2770, OTHER, GROUP, None, ME, {GROUP}, None),  # the drop folder: 2770, the drop group
+        (0o2750, OTHER, GROUP, None, ME, {GROUP}, NO_WRITE_GROUP),  # a producer's umask 0027
+        (0o2760, OTHER, GROUP, None, ME, {GROUP}, "no search permission for its group"),
+        (0o2730, OTHER, GROUP, None, ME, {GROUP}, None),  # write + search is enough
+        (0o2770, OTHER, GROUP, None, ME, {ELSE}, "no write and search permission for others"),
+        (0o777, OTHER, GROUP, None, ME, {ELSE}, None),
+        (0o070, ME, GROUP, None, ME, {GROUP}, "no write and search permission for its owner"),
+        (0o700, OTHER, GROUP, None, 0, set(), None),  # root moves anything
+        (0o1777, OTHER, GROUP, OTHER, ME, {GROUP}, STICKY),  # /tmp-like
+        (0o1777, OTHER, GROUP, ME, ME, {GROUP}, None),  # its own file
+        (0o1777, ME, GROUP, OTHER, ME, {GROUP}, None),  # its own folder
+        (0o1770, OTHER, GROUP, None, ME, {GROUP}, None),  # sticky destination: a new name
+        (0o1750, OTHER, GROUP, ME, ME, {GROUP}, NO_WRITE_GROUP),
+    ],
+)
+def test_who_may_move_a_file_out_of_a_folder(mode, owner, group, file_owner, uid, gids, expected):
+    user = User("me", uid, frozenset(gids), "test")
+    assert refusal(seen(mode, owner, group), user, MOVE, file_owner) == expected
+
+
+@pytest.mark.parametrize(
+    ("folder", "fix_text"),
+    [
+        (seen(0o500, ME, GROUP), "chmod u+wx /d"),
+        (seen(0o2750, OTHER, GROUP), "chmod g+wx /d"),
+        (seen(0o2770, OTHER, ELSE), "chgrp"),
+        (seen(0o1777, OTHER, GROUP), "chmod -t /d"),  # refused for the sticky bit alone
+    ],
+)
+def test_what_to_do_about_a_folder_that_refuses_a_move_says_the_command(folder, fix_text):
+    me = User("me", ME, frozenset({GROUP}), "test")
+    assert fix(folder, me, MOVE, "productiv-drop").startswith(fix_text)
+
+
 # -- against the kernel, as nobody -------------------------------------------------------------
 
 
@@ -105,6 +150,21 @@ def test_the_judgement_agrees_with_the_kernel(open_tmp, owner, group, mode):
     judged = permits(Seen(folder, folder.stat().st_mode, owner, group), nobody, "rwx")
     real = as_nobody("sh", "-c", f"ls {folder} && touch {folder}/x && rm {folder}/x")
     assert judged is (real.returncode == 0), real.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root")
+def test_check_and_the_kernel_agree_on_a_sticky_drop_folder(open_tmp):
+    users = open_tmp / "users"
+    users.mkdir()
+    os.chown(users, 0, NOGROUP)
+    users.chmod(0o3770)  # the group may write, but a producer's file is not nobody's to move
+    (users / "a.csv").write_bytes(b"x")
+    nobody = User("nobody", NOBODY, frozenset({NOGROUP}), "test")
+    text = problem("drop_dir/users", users, nobody, "nogroup", moved_out=True)
+    assert text is not None and STICKY in text and text.endswith(f"fix: chmod -t {users}")
+    assert problem("done_dir/users", users, nobody, "nogroup") is None  # files only arrive
+    real = as_nobody("mv", str(users / "a.csv"), str(open_tmp / "a.csv"))
+    assert real.returncode != 0 and "Operation not permitted" in real.stderr
 
 
 # -- check --as-user, end to end --------------------------------------------------------------
@@ -153,7 +213,10 @@ def test_check_lists_the_folders_the_service_user_cannot_work_in_and_how_to_fix_
 def test_a_sticky_folder_blocks_moving_other_users_files_unless_the_service_owns_it(
     mode, owner, blocks
 ):
-    from watcher.access import sticky_blocks
+    from watcher.access import ANOTHER_USER, STICKY, refusal
+
+    def sticky_blocks(seen: Seen, user: User) -> bool:  # for a producer's file, bits aside
+        return refusal(seen, user, "", ANOTHER_USER) == STICKY
 
     assert sticky_blocks(seen(mode, owner), SERVICE) is blocks
     assert not sticky_blocks(seen(mode, owner), User("root", 0, frozenset({0}), ""))

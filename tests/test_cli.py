@@ -60,6 +60,13 @@ def test_invalid_settings_exit_78_naming_each_setting(folders):
     assert "Traceback" not in result.stderr
 
 
+def test_status_without_a_state_folder_says_what_to_set():
+    result = cli("status", env={"PRODUCTIV_APP_ID": "a", "PRODUCTIV_ACCESS_TOKEN": "t"})
+    assert result.returncode == 78, result.stderr
+    assert "invalid setting state_dir: Field required (or set drop_dir)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_config_errors_are_json_lines_in_json_mode(tmp_path):
     result = cli(
         "check", "--config", str(tmp_path / "missing.toml"), env={"PRODUCTIV_LOG_FORMAT": "json"}

@@ -5,7 +5,6 @@ file replaced while it is being moved."""
 from __future__ import annotations
 
 import os
-import stat
 import time
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from watcher.fates import (
     Next,
     Stuck,
     after_fault,
-    fix_for,
     moved_intact,
 )
 from watcher.faults import Fault, Kind
@@ -27,7 +25,7 @@ from watcher.gate import Gates, gate_for
 from watcher.health import Counts, Heartbeat, status_line
 from watcher.items import Item, Snapshot, Spot
 from watcher.metrics import Metrics
-from watcher.mover import Mover, unmovable
+from watcher.mover import Mover
 from watcher.receipts import Journal
 from watcher.settings import Settings
 from watcher.transfer import Sent
@@ -41,48 +39,6 @@ def st(
 ) -> os.stat_result:
     """A status as os.stat returns it: (mode, ino, dev, nlink, uid, gid, size, times...)."""
     return os.stat_result((mode, ino, 1, 1, uid, gid, size, 0, 7, 9))
-
-
-FOLDER = stat.S_IFDIR
-NO_WRITE_GROUP = "no write permission for its group"
-STICKY = "the sticky bit: only the file's owner or the folder's owner may move the file"
-
-
-@pytest.mark.parametrize(
-    ("folder", "entry", "uid", "gids", "expected"),
-    [
-        (st(FOLDER | 0o700, ME), None, ME, {GROUP}, None),  # the daemon's own folder
-        (st(FOLDER | 0o500, ME), None, ME, {GROUP}, "no write permission for its owner"),
-        (st(FOLDER | 0o2770), None, ME, {GROUP}, None),  # the drop folder: 2770, the drop group
-        (st(FOLDER | 0o2750), None, ME, {GROUP}, NO_WRITE_GROUP),  # a producer's umask 0027
-        (st(FOLDER | 0o2760), None, ME, {GROUP}, "no search permission for its group"),
-        (st(FOLDER | 0o2730), None, ME, {GROUP}, None),  # write + search is enough
-        (st(FOLDER | 0o2770), None, ME, {ELSE}, "no write and search permission for others"),
-        (st(FOLDER | 0o777), None, ME, {ELSE}, None),
-        (st(FOLDER | 0o070, ME), None, ME, {GROUP}, "no write and search permission for its owner"),
-        (st(FOLDER | 0o700), None, 0, set(), None),  # root moves anything
-        (st(FOLDER | 0o1777), st(0o644, OTHER), ME, {GROUP}, STICKY),  # /tmp-like
-        (st(FOLDER | 0o1777), st(0o644, ME), ME, {GROUP}, None),  # its own file
-        (st(FOLDER | 0o1777, ME), st(0o644, OTHER), ME, {GROUP}, None),  # its own folder
-        (st(FOLDER | 0o1770), None, ME, {GROUP}, None),  # sticky destination: a new name
-        (st(FOLDER | 0o1750), st(0o644, ME), ME, {GROUP}, NO_WRITE_GROUP),
-    ],
-)
-def test_who_may_move_a_file_out_of_a_folder(folder, entry, uid, gids, expected):
-    assert unmovable(folder, entry, uid, gids) == expected
-
-
-@pytest.mark.parametrize(
-    ("folder", "reason", "fix"),
-    [
-        (st(FOLDER | 0o500, ME), "no write permission for its owner", "chmod u+wx /d"),
-        (st(FOLDER | 0o2750), NO_WRITE_GROUP, "chmod g+wx /d"),
-        (st(FOLDER | 0o2770, gid=ELSE), "no write permission for others", "chgrp"),
-        (st(FOLDER | 0o1777), STICKY, "chmod -t /d"),
-    ],
-)
-def test_what_to_do_about_a_folder_says_the_command(folder, reason, fix):
-    assert fix_for("/d", folder, ME, {GROUP}, reason).startswith(fix)
 
 
 ITEM = Item(Spot(Path("/d/a.csv"), "a.csv", "a.csv", None), Snapshot(1, 2, 3, 4, 5))

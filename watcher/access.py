@@ -1,29 +1,37 @@
-"""Can the service's user work in these folders? `check`'s judgement, made for another user.
+"""Can a user work in these folders? One judgement for `check` and for the daemon's moves.
 
 `check` runs as root or as an operator, but the daemon runs as the unit's user with the drop
 group (`SupplementaryGroups=`); `os.access` answers only for the caller, and root passes every
 test. So the judgement is a pure function of stat results and (uid, gids), the kernel's rule
-without ACLs: the owner's bits if the user owns the folder, else the group's bits if the user
-is in its group, else the others' bits.
+without ACLs (path_resolution(7), rename(2)): the owner's bits if the user owns the folder, else
+the group's bits if the user is in its group, else the others' bits (a class that applies is
+never topped up by the next); with the sticky bit, moving a file out also takes owning the file
+or the folder. The daemon asks it before each PUT (can the file be moved afterwards?), `check`
+for the service's user; both say the same reason and the same fix.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import grp
 import os
 import pwd
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .mover import overlaps
-from .settings import FILE_TYPES, ConfigError, Settings, require_folders
+from .overlap import overlaps
+from .owners import make_folders
+from .settings import FILE_TYPES, ConfigError, Settings, require_folders, require_state_dir
 
 UNIT_USER = "productiv-watcher"  # the units' User=
 UNIT_GROUP = "productiv-drop"  # the units' SupplementaryGroups=: producers' group
 WORK = "rwx"  # list (scan), create and remove entries (moves), reach them
+MOVE = "wx"  # rename a file out of or into a folder
+STICKY = "the sticky bit: only the file's owner or the folder's owner may move the file"
+_BITS = {"r": 4, "w": 2, "x": 1}
+_WORDS = {"r": "read", "w": "write", "x": "search"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,19 +53,46 @@ class Seen:
     owner: int
     group: int
 
+    @classmethod
+    def of(cls, path: Path, st: os.stat_result) -> Seen:
+        return cls(path, st.st_mode, st.st_uid, st.st_gid)
+
+
+def _class(seen: Seen, user: User) -> tuple[int, str, str]:
+    """(shift of the bits, who, chmod's letter) of the one class of bits that applies."""
+    if user.uid == seen.owner:
+        return 6, "its owner", "u"
+    if seen.group in user.gids:
+        return 3, "its group", "g"
+    return 0, "others", "o"
+
+
+def lacks(seen: Seen, user: User, need: str) -> str:
+    """The letters of `need` ("x", "wx", "rwx") that `user` does not have on the folder, in
+    that order; "" when it has them all. Root has them all."""
+    if user.uid == 0:
+        return ""
+    bits = seen.mode >> _class(seen, user)[0]
+    return "".join(c for c in need if not bits & _BITS[c])
+
 
 def permits(seen: Seen, user: User, need: str) -> bool:
-    """May `user` do `need` ("x", "rwx"...) on the folder? Root may do anything."""
-    if user.uid == 0:
-        return True
-    if user.uid == seen.owner:
-        shift = 6
-    elif seen.group in user.gids:
-        shift = 3
-    else:
-        shift = 0
-    wanted = sum({"r": 4, "w": 2, "x": 1}[c] for c in need)
-    return (seen.mode >> shift) & wanted == wanted
+    """May `user` do `need` on the folder? Root may do anything."""
+    return not lacks(seen, user, need)
+
+
+def refusal(seen: Seen, user: User, need: str, file_owner: int | None = None) -> str | None:
+    """Why `user` cannot do `need` on the folder, or None. With `file_owner` (a file to be
+    moved out of it), the sticky bit's rule too. ACLs, read-only mounts and security modules
+    are not seen here: the move itself reports what they refuse."""
+    missing = [_WORDS[c] for c in lacks(seen, user, need)]
+    if missing:
+        words = " and ".join(missing) if len(missing) < 3 else "read, write and search"
+        return f"no {words} permission for {_class(seen, user)[1]}"
+    sticky = seen.mode & stat.S_ISVTX and file_owner is not None
+    if sticky and user.uid not in (0, file_owner, seen.owner):
+        return STICKY
+    return None
 
 
 def blocker(chain: list[Seen], user: User, need: str = WORK) -> tuple[Seen, str] | None:
@@ -69,24 +104,20 @@ def blocker(chain: list[Seen], user: User, need: str = WORK) -> tuple[Seen, str]
     return None if permits(chain[-1], user, need) else (chain[-1], need)
 
 
-def sticky_blocks(seen: Seen, user: User) -> bool:
-    """A sticky folder lets only a file's owner or the folder's owner move the file out: the
-    service could move none of the producers' files (rename(2), EPERM)."""
-    return bool(seen.mode & stat.S_ISVTX) and user.uid not in (0, seen.owner)
-
-
 def fix(seen: Seen, user: User, need: str, group_name: str) -> str:
-    """The smallest command that gives `user` what it lacks on the folder."""
-    if user.uid == seen.owner:
-        return f"chmod u+{need} {seen.path}"
-    if seen.group in user.gids:
-        return f"chmod g+{need} {seen.path}"
-    if need == "x":
-        return f"chmod o+x {seen.path}"
+    """The smallest command that gives `user` what `refusal` said it lacks on the folder (a
+    folder whose bits allow it refused for its sticky bit)."""
+    if permits(seen, user, need):
+        return f"chmod -t {seen.path}"
+    letter = _class(seen, user)[2]
+    if letter != "o" or need == "x":
+        return f"chmod {letter}+{need} {seen.path}"
     return f"chgrp {group_name} {seen.path} && chmod g+{need} {seen.path}"
 
 
 # -- the thin layer: users, stats and sentences ------------------------------------------------
+
+ANOTHER_USER = -1  # the owner of a producer's file, as the sticky bit's rule sees it
 
 
 def service_user(as_user: str | None) -> User:
@@ -97,12 +128,17 @@ def service_user(as_user: str | None) -> User:
         except KeyError:
             pass
     if as_user is None:
-        gids = frozenset([os.getegid(), *os.getgroups()])
-        return User(_user_name(os.geteuid()), os.geteuid(), gids, "the current user")
+        return current_user("the current user")
     try:
         return _named(as_user, "--as-user")
     except KeyError:
         raise ConfigError(f"--as-user {as_user}: no such user") from None
+
+
+def current_user(why: str) -> User:
+    """The user this process runs as, with its groups."""
+    uid, gids = os.geteuid(), frozenset([os.getegid(), *os.getgroups()])
+    return User(user_name(uid), uid, gids, why)
 
 
 def _named(name: str, why: str) -> User:
@@ -115,42 +151,48 @@ def _named(name: str, why: str) -> User:
 
 
 def describe_user(user: User) -> str:
-    groups = ",".join(sorted(_group_name(g) for g in user.gids))
+    groups = ",".join(sorted(group_name(g) for g in user.gids))
     return f"{user.name} (uid {user.uid}, groups {groups}), {user.why}"
 
 
+def owners(seen: Seen) -> str:
+    """`alice:productiv-drop`, numbers where they have no name."""
+    return f"{user_name(seen.owner)}:{group_name(seen.group)}"
+
+
 def look(path: Path) -> Seen:
-    st = os.stat(path)
-    return Seen(path, st.st_mode, st.st_uid, st.st_gid)
+    return Seen.of(path, os.stat(path))
 
 
-def problem(name: str, wanted: Path, user: User, group: str, moves_out: bool = False) -> str | None:
+def nearest(folder: Path) -> tuple[Path, os.stat_result]:
+    """The folder, or its nearest existing parent (where it would be created), with its status."""
+    while True:
+        try:
+            return folder, os.stat(folder)
+        except FileNotFoundError:
+            if folder.parent == folder:
+                raise
+            folder = folder.parent
+
+
+def problem(name: str, wanted: Path, user: User, group: str, moved_out: bool = False) -> str | None:
     """One sentence, with its fix, when `user` cannot work in `wanted` (or, when it does not
-    exist yet, create it in its nearest existing folder); None when it can. `moves_out`: a
-    folder of the drop side, whose files (the producers') the user must move out."""
-    existing = _nearest(wanted)
+    exist yet, create it in its nearest existing folder); None when it can. `moved_out`: the
+    producers' files are moved out of it (the sticky bit's rule)."""
+    existing = nearest(wanted)[0]
     chain = [look(p) for p in [*reversed(existing.parents), existing]]
-    found = blocker(chain, user)
-    if found is None and moves_out and existing == wanted and sticky_blocks(chain[-1], user):
-        seen = chain[-1]
-        return (
-            f"{name} {wanted}: {user.name} cannot move other users' files out of it"
-            f" ({_describe(seen)}: the sticky bit); fix: chmod -t {wanted}"
-        )
-    if found is None:
+    seen, need = blocker(chain, user) or (chain[-1], WORK)
+    sticky = moved_out and seen.path == wanted  # a producer's file leaves it
+    reason = refusal(seen, user, need, ANOTHER_USER if sticky else None)
+    if reason is None:
         return None
-    seen, need = found
-    text = _describe(seen)
-    where = text if seen.path == existing else f"{seen.path} is {text}"
+    where = f"{owners(seen)} {stat.filemode(seen.mode)}"
+    where = where if seen.path == existing else f"{seen.path} is {where}"
     what = "work in it" if existing == wanted else "create it"
     return (
-        f"{name} {wanted}: {user.name} cannot {what} ({where}, no {need} for {user.name});"
+        f"{name} {wanted}: {user.name} cannot {what} ({where}: {reason});"
         f" fix: {fix(seen, user, need, group)}"
     )
-
-
-def _describe(seen: Seen) -> str:
-    return f"{_user_name(seen.owner)}:{_group_name(seen.group)} {stat.filemode(seen.mode)}"
 
 
 def type_folder_problems(roots: list[tuple[str, Path]], user: User, group_name: str) -> list[str]:
@@ -161,7 +203,9 @@ def type_folder_problems(roots: list[tuple[str, Path]], user: User, group_name: 
         for file_type in FILE_TYPES:
             folder = root / file_type
             if folder.is_dir() and not folder.is_symlink():
-                text = problem(f"{name}/{file_type}", folder, user, group_name, name == "drop_dir")
+                text = problem(
+                    f"{name}/{file_type}", folder, user, group_name, moved_out=name == "drop_dir"
+                )
                 found += [text] if text else []
     return found
 
@@ -169,27 +213,44 @@ def type_folder_problems(roots: list[tuple[str, Path]], user: User, group_name: 
 def drop_group(drop: Path, user: User) -> str:
     """The group to give a folder: the drop folder's when the user is in it, else the unit's."""
     gid = look(drop).group
-    return _group_name(gid) if gid in user.gids else UNIT_GROUP
+    return group_name(gid) if gid in user.gids else UNIT_GROUP
+
+
+def _basics(settings: Settings) -> tuple[list[tuple[str, Path]], list[str]]:
+    """The four folders by setting name, and what is wrong before any is looked into: a drop
+    folder that is not there, or folders that overlap (the rest would judge the wrong ones)."""
+    drop, done, failed = require_folders(settings)
+    folders = [
+        ("drop_dir", drop),
+        ("done_dir", done),
+        ("failed_dir", failed),
+        ("state_dir", require_state_dir(settings)),
+    ]
+    if not drop.is_dir():
+        return folders, [f"drop_dir {drop} does not exist or is not a folder (it is never created)"]
+    return folders, overlaps(folders)
+
+
+def _apart(name: str, wanted: Path, drop: Path) -> list[str]:
+    """done/ and failed/ must be on the drop folder's filesystem: files move by rename."""
+    if name not in ("done_dir", "failed_dir") or nearest(wanted)[1].st_dev == drop.stat().st_dev:
+        return []
+    return [f"{name} {wanted} is not on the drop folder's filesystem (files move by rename)"]
 
 
 def folder_report(settings: Settings, user: User) -> tuple[list[str], list[str]]:
-    """(problems, notes) about the folders, judged for `user`; nothing is created.
+    """(problems, notes) about the folders, judged for `user`; nothing is created (`check`).
 
     A folder that does not exist yet is fine when the user can create it where it belongs:
     the daemon creates done/, failed/ and the state folder at start (a note says so)."""
-    drop, done, failed = require_folders(settings)
-    if not drop.is_dir():
-        return [f"drop_dir {drop} does not exist or is not a folder (it is never created)"], []
-    assert settings.state_dir is not None  # derived from drop_dir when not set
-    roots = [("drop_dir", drop), ("done_dir", done), ("failed_dir", failed)]
-    overlapping = overlaps([*roots, ("state_dir", settings.state_dir)])
-    if overlapping:
-        return overlapping, []  # the rest would judge the wrong folders
+    folders, problems = _basics(settings)
+    if problems:
+        return problems, []
+    drop = folders[0][1]
     group = drop_group(drop, user)
-    problems: list[str] = []
     notes: list[str] = []
-    for name, wanted in [*roots, ("state_dir", settings.state_dir)]:
-        text = problem(name, wanted, user, group, name == "drop_dir")
+    for name, wanted in folders:
+        text = problem(name, wanted, user, group, moved_out=name == "drop_dir")
         if text is not None:
             problems.append(text)
             continue
@@ -197,33 +258,44 @@ def folder_report(settings: Settings, user: User) -> tuple[list[str], list[str]]
             notes.append(f"{name} {wanted} will be created at start")
         elif not wanted.is_dir():
             problems.append(f"{name} {wanted} is not a folder")
-        if (
-            name in ("done_dir", "failed_dir")
-            and _nearest(wanted).stat().st_dev != drop.stat().st_dev
-        ):
-            problems.append(
-                f"{name} {wanted} is not on the drop folder's filesystem (files move by rename)"
-            )
-    return problems + type_folder_problems(roots, user, group), notes
+        problems += _apart(name, wanted, drop)
+    return problems + type_folder_problems(folders[:3], user, group), notes
 
 
-def _nearest(path: Path) -> Path:
-    """The path itself, or the nearest folder above it that exists."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
+def prepare_folders(settings: Settings) -> list[str]:
+    """The daemon's start: creates done/, failed/ and the state folder when missing; problems
+    with the folders, one sentence each (this process's own access, ACLs included)."""
+    folders, problems = _basics(settings)
+    if problems:
+        return problems  # before creating anything inside another folder
+    drop = folders[0][1]
+    for name, wanted in folders:
+        if not wanted.exists():
+            try:
+                make_folders(wanted)  # as root, given to the owner of the folder above
+            except OSError as exc:
+                problems.append(f"{name} {wanted} cannot be created: {exc.strerror}")
+                continue
+        if not wanted.is_dir():
+            problems.append(f"{name} {wanted} does not exist")
+        elif not os.access(wanted, os.W_OK | os.X_OK):
+            problems.append(f"{name} {wanted} is not writable by this user")
+        else:
+            problems += _apart(name, wanted, drop)
+    return problems
 
 
-def _lookup(func: Callable[[int], str], number: int) -> str:
+@functools.lru_cache(maxsize=64)  # each held file is described: the passwd file is read once
+def user_name(uid: int) -> str:
     try:
-        return func(number)
+        return pwd.getpwuid(uid).pw_name
     except KeyError:
-        return str(number)
+        return str(uid)
 
 
-def _user_name(uid: int) -> str:
-    return _lookup(lambda n: pwd.getpwuid(n).pw_name, uid)
-
-
-def _group_name(gid: int) -> str:
-    return _lookup(lambda n: grp.getgrgid(n).gr_name, gid)
+@functools.lru_cache(maxsize=64)
+def group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)

@@ -20,7 +20,7 @@ from .items import display
 from .mover import SIDECAR_SUFFIX, candidate_names, rename_noreplace
 from .owners import make_folders
 from .receipts import Journal
-from .settings import FILE_TYPES, ConfigError, Settings, require_folders
+from .settings import FILE_TYPES, ConfigError, Settings, require_folders, require_state_dir
 
 NOT_RUNNING = 3
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
@@ -36,8 +36,9 @@ def parse_duration(text: str) -> float:
 
 
 def _journal(settings: Settings) -> Journal:
-    assert settings.state_dir is not None
-    return Journal(settings.state_dir, int(settings.receipts_max_bytes), settings.receipts_keep)
+    return Journal(
+        require_state_dir(settings), int(settings.receipts_max_bytes), settings.receipts_keep
+    )
 
 
 def status(settings: Settings, file: str | None, as_json: bool) -> int:

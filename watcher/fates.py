@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import enum
 import errno
-import functools
-import grp
 import logging
 import os
-import pwd
 import stat
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from .access import UNIT_GROUP, WORK, Seen, User, current_user, drop_group, fix, owners
 from .faults import Kind
 from .items import Item, Snapshot
 from .logs import event
@@ -81,33 +79,14 @@ class Blocked:
     user: str  # the daemon's
     owner: str  # user:group of the folder
     mode: str  # as ls shows it
-    reason: str
-    fix: str
+    reason: str  # access.refusal's, or the move's own error
+    fix: str  # access.fix's command, or fix_for_error's advice
 
     def text(self) -> str:
         return (
             f"{self.folder} is not writable by {self.user} "
-            f"({self.mode} {self.owner}: {self.reason}); fix: {self.fix}"
+            f"({self.owner} {self.mode}: {self.reason}); fix: {self.fix}"
         )
-
-
-def fix_for(
-    folder: str,
-    st: os.stat_result,
-    uid: int,
-    gids: Collection[int],
-    reason: str,
-    bits: str = "wx",
-) -> str:
-    """What to do about a folder that refuses moves (`bits`: what it lacks; "rwx" for one that
-    cannot even be listed): one command where there is one."""
-    if reason.startswith("the sticky bit"):
-        return f"chmod -t {folder}"
-    if uid == st.st_uid:
-        return f"chmod u+{bits} {folder}"
-    if st.st_gid in gids:
-        return f"chmod g+{bits} {folder} (producers: umask 0007 keeps new folders group-writable)"
-    return f"chgrp to a group of this user, then chmod g+{bits} {folder}"
 
 
 def fix_for_error(number: int | None) -> str:
@@ -121,38 +100,13 @@ def fix_for_error(number: int | None) -> str:
     return "see the reason"
 
 
-def blocked(
-    folder: Path, st: os.stat_result | None, reason: str, fix: str | None = None, bits: str = "wx"
-) -> Blocked:
-    """Name the daemon's user and the folder's owner (numbers when they have no name); `st` is
-    None for a folder that could not be looked at."""
-    uid, gids = os.geteuid(), {os.getegid(), *os.getgroups()}
-    if st is None:
-        return Blocked(str(folder), f"{_user(uid)} (uid {uid})", "?", "?", reason, fix or "")
-    return Blocked(
-        str(folder),
-        f"{_user(uid)} (uid {uid})",
-        f"{_user(st.st_uid)}:{_group(st.st_gid)}",
-        stat.filemode(st.st_mode),
-        reason,
-        fix or fix_for(str(folder), st, uid, gids, reason, bits),
-    )
-
-
-@functools.lru_cache(maxsize=64)  # each held file is described: the passwd file is read once
-def _user(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-@functools.lru_cache(maxsize=64)
-def _group(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
+def blocked(folder: Path, seen: Seen | None, user: User, reason: str, fix: str) -> Blocked:
+    """Name the daemon's user and the folder's owner (numbers when they have no name); `seen`
+    is None for a folder that could not be looked at."""
+    who = f"{user.name} (uid {user.uid})"
+    if seen is None:
+        return Blocked(str(folder), who, "?", "?", reason, fix)
+    return Blocked(str(folder), who, owners(seen), stat.filemode(seen.mode), reason, fix)
 
 
 class FolderTrouble:
@@ -198,13 +152,17 @@ class FolderTrouble:
                 self._unlisted.discard(str(folder))
                 self.fixed(str(folder))
             return
+        user = current_user("the daemon's user")
         try:
-            st: os.stat_result | None = os.stat(folder)
+            seen: Seen | None = Seen.of(folder, os.stat(folder))
+            group = drop_group(folder.parent, user)
         except OSError:
-            st = None
+            seen, group = None, UNIT_GROUP
         self._unlisted.add(str(folder))
         reason = f"cannot list it ({error.strerror}): its files are not seen"
-        self.report(blocked(folder, st, reason, bits="rwx"))
+        self.report(
+            blocked(folder, seen, user, reason, fix(seen, user, WORK, group) if seen else "")
+        )
 
     def __len__(self) -> int:
         return len(self._open)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .access import Seen, nearest
 from .fates import (
     Blocked,
     FolderTrouble,
@@ -32,11 +33,11 @@ from .fates import (
     moved_intact,
 )
 from .health import IDLE_WAKE_SECONDS, Heartbeat
-from .items import Item, Snapshot, Spot, display
+from .items import Item, Snapshot, Spot, display, utc_iso
 from .logs import event
 from .metrics import Metrics
-from .mover import Looked, Mover, nearest
-from .receipts import Journal, receipt_time
+from .mover import Looked, Mover
+from .receipts import Journal
 from .transfer import Sent
 from .workqueue import WorkQueue
 
@@ -104,8 +105,7 @@ class Finisher:
     def blocker(self, path: Path, seen: dict[Path, list[Looked]] | None = None) -> Blocked | None:
         """The folder that would refuse this file's move, said for an operator; None if none
         (`seen`: the folders' status, shared by the files of one batch)."""
-        found = self._mover.blocker(path, seen)
-        return None if found is None else blocked(*found)
+        return self._mover.blocker(path, seen)
 
     def step(self, beat: Heartbeat) -> None:
         beat.idle()
@@ -262,13 +262,16 @@ class Finisher:
         try:
             destination, st = nearest(destination)
         except OSError:
-            st = None
-        return blocked(destination, st, exc.strerror or str(exc), fix_for_error(exc.errno))
+            seen = None
+        else:
+            seen = Seen.of(destination, st)
+        user, reason = self._mover.user, exc.strerror or str(exc)
+        return blocked(destination, seen, user, reason, fix_for_error(exc.errno))
 
     def _receipt(self, outcome: Outcome, final: Path, now: float) -> dict[str, Any]:
         item, sent = outcome.item, outcome.sent
         return {
-            "time": receipt_time(now),
+            "time": utc_iso(now),
             "file": item.spot.rel,
             "type": item.spot.file_type,
             "bytes": item.snapshot.size,

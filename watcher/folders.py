@@ -27,6 +27,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from .items import Identity
 from .logs import event
 from .owners import adopt, make_folders
 from .settings import FILE_TYPES
@@ -36,8 +37,6 @@ log = logging.getLogger(__name__)
 ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC  # readable: scandir and fsync need it
 SUB_FLAGS = ROOT_FLAGS | os.O_NOFOLLOW
 CHECK_SECONDS = 1.0
-
-Identity = tuple[int, int]  # (st_dev, st_ino)
 
 
 def kind_of(mode: int) -> str:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .folders import kind_of
+from .items import utc_iso
 from .logs import event
 from .notify import Notifier
 from .owners import adopt_open
@@ -110,7 +111,7 @@ class DropLock:
                 raise
             return self.holder()
         self._fd = fd
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": _iso(time.time())}
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": utc_iso(time.time())}
         with contextlib.suppress(OSError):  # a full disk: held all the same, just not named
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
@@ -244,7 +245,3 @@ def active_holder(drop_dir: Path) -> Holder | None:
         return None
     finally:
         os.close(fd)
-
-
-def _iso(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+Identity = tuple[int, int]  # (st_dev, st_ino): a file or folder, whatever its name
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,3 +63,8 @@ class Item:
 def display(text: str) -> str:
     """A name fit for logs and JSON: bytes that are not UTF-8 are shown as \\xNN escapes."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def utc_iso(epoch: float) -> str:
+    """A time as receipts, sidecars, the status file and the lock file show it (UTC, seconds)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))

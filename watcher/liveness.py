@@ -10,9 +10,9 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-CANARY_NAME = ".productiv-watcher-canary"
+from .items import Identity
 
-Identity = tuple[int, int]  # (st_dev, st_ino)
+CANARY_NAME = ".productiv-watcher-canary"
 
 
 class Hung:

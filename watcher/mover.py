@@ -1,7 +1,5 @@
 """The moves of stage 5: files leave the drop folder only by an atomic rename, never clobbering.
 
-The folders are checked before the first move (writable, on the drop folder's filesystem).
-
 Renames never overwrite: a name already taken gets a UTC timestamp (and a counter) before its
 suffix. The rename is `renameat2(RENAME_NOREPLACE)`, atomic and race-free; on filesystems
 without it, a hard link then unlink (never clobbers; a crash in between leaves the file in both
@@ -17,16 +15,15 @@ import json
 import os
 import stat
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .access import MOVE, UNIT_GROUP, Seen, current_user, drop_group, fix, nearest, refusal
+from .fates import Blocked, blocked
 from .folders import Folders
-from .items import display
+from .items import display, utc_iso
 from .logs import REDACT
-from .overlap import overlapping, place
-from .owners import make_folders
-from .settings import Settings, require_folders
 
 NAME_MAX_BYTES = 255
 SIDECAR_SUFFIX = ".error.json"
@@ -103,6 +100,7 @@ class Mover:
         self._done = Folders(done_dir, create=True)
         self._failed = Folders(failed_dir, create=True)
         self._clock = clock
+        self.user = current_user("the daemon's user")
 
     def relative(self, final: Path) -> str:
         """`done/users/a.csv`: where a file went, as receipts and `status` show it."""
@@ -122,32 +120,41 @@ class Mover:
         sub = path.parent.relative_to(self._drop.root)
         return self._done.root / sub, self._failed.root / sub
 
-    def blocker(
-        self, path: Path, seen: dict[Path, list[Looked]] | None = None
-    ) -> tuple[Path, os.stat_result, str] | None:
-        """The first folder that would refuse this file's move, by its permissions, and why: its
-        own folder, then where it would go in done/ and in failed/ (or the nearest existing
-        parent, where the subfolder would be made). None when the move should work; a folder
-        that cannot be looked at is left to the move itself to report. `seen` keeps what was
-        found for each folder across the files of one batch: the stats are per folder, and
+    def blocker(self, path: Path, seen: dict[Path, list[Looked]] | None = None) -> Blocked | None:
+        """The first folder that would refuse this file's move, by its permissions, said for an
+        operator: its own folder, then where it would go in done/ and in failed/ (or the nearest
+        existing parent, where the subfolder would be made). None when the move should work; a
+        folder that cannot be looked at is left to the move itself to report. `seen` keeps what
+        was found for each folder across the files of one batch: the stats are per folder, and
         only a sticky folder needs the file's own status."""
         looked = None if seen is None else seen.get(path.parent)
         if looked is None:
             looked = [_look(folder) for folder in (path.parent, *self.destinations(path))]
             if seen is not None:
                 seen[path.parent] = looked
-        uid, gids = os.geteuid(), {os.getegid(), *os.getgroups()}
         for n, (folder, st) in enumerate(looked):
             if st is None:
                 continue
+            found = Seen.of(folder, st)
             try:
                 sticky = n == 0 and st.st_mode & stat.S_ISVTX
-                reason = unmovable(st, self.lstat(path) if sticky else None, uid, gids)
+                reason = refusal(
+                    found, self.user, MOVE, self.lstat(path).st_uid if sticky else None
+                )
             except OSError:
                 continue
             if reason is not None:
-                return folder, st, reason
+                return blocked(
+                    folder, found, self.user, reason, fix(found, self.user, MOVE, self._group())
+                )
         return None
+
+    def _group(self) -> str:
+        """The group a `chgrp` fix names (the drop folder's, when the daemon is in it)."""
+        try:
+            return drop_group(self._drop.root, self.user)
+        except OSError:
+            return UNIT_GROUP
 
     def undo(self, final: Path, path: Path) -> None:
         """Take a moved file back to its name in the drop folder (and drop its sidecar, if any):
@@ -189,7 +196,7 @@ class Mover:
         The sidecar comes first, so a file never sits in failed/ without its reason: if the
         sidecar cannot be written (a full disk), nothing moves and the file waits in drop/.
         """
-        text = json.dumps(REDACT.doc({**sidecar, "failed_at": _iso(self._clock())}), indent=2)
+        text = json.dumps(REDACT.doc({**sidecar, "failed_at": utc_iso(self._clock())}), indent=2)
         text += "\n"
 
         def claim(folder: int, name: str) -> str:
@@ -243,34 +250,6 @@ class Mover:
         raise FileExistsError(errno.EEXIST, "no free name left", str(target.root / sub / name))
 
 
-def unmovable(
-    folder: os.stat_result, entry: os.stat_result | None, uid: int, gids: Collection[int]
-) -> str | None:
-    """Why this user cannot rename a file out of (or into) a folder with this status, or None.
-
-    Linux's rules (path_resolution(7), rename(2)): write and search permission on the folder,
-    from the one class that applies (owner, else group, else others; a class that applies is
-    never topped up by the next); with the sticky bit, also own the file (`entry`) or the folder.
-    The file's own mode does not matter. root passes. ACLs, read-only mounts and security
-    modules are not seen here: the move itself reports what they refuse.
-    """
-    if uid == 0:
-        return None
-    mode = folder.st_mode
-    if uid == folder.st_uid:
-        bits, who = mode >> 6, "its owner"
-    elif folder.st_gid in gids:
-        bits, who = mode >> 3, "its group"
-    else:
-        bits, who = mode, "others"
-    missing = [name for bit, name in ((2, "write"), (1, "search")) if not bits & bit]
-    if missing:
-        return f"no {' and '.join(missing)} permission for {who}"
-    if mode & stat.S_ISVTX and entry is not None and uid not in (entry.st_uid, folder.st_uid):
-        return "the sticky bit: only the file's owner or the folder's owner may move the file"
-    return None
-
-
 Looked = tuple[Path, os.stat_result | None]  # a folder (or its nearest parent) and its status
 
 
@@ -279,17 +258,6 @@ def _look(folder: Path) -> Looked:
         return nearest(folder)
     except OSError:
         return folder, None
-
-
-def nearest(folder: Path) -> tuple[Path, os.stat_result]:
-    """The folder, or its nearest existing parent (where it would be created), with its status."""
-    while True:
-        try:
-            return folder, os.stat(folder)
-        except FileNotFoundError:
-            if folder.parent == folder:
-                raise
-            folder = folder.parent
 
 
 def write_new(path: Path | str, text: str, mode: int = 0o640, dir_fd: int | None = None) -> None:
@@ -305,61 +273,3 @@ def write_new(path: Path | str, text: str, mode: int = 0o640, dir_fd: int | None
             os.unlink(path, dir_fd=dir_fd)
         raise
     os.close(fd)
-
-
-def _iso(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
-
-
-# -- the folders, checked before the first move ------------------------------------------------
-
-
-def prepare_folders(settings: Settings, create: bool = True) -> list[str]:
-    """Problems with the folders, one sentence each; creates done/ and failed/ when asked.
-
-    Without `create` (the `check` command), a missing done/ or failed/ is judged by its parent,
-    where the daemon would create it.
-    """
-    drop, done, failed = require_folders(settings)
-    if not drop.is_dir():
-        return [f"drop_dir {drop} does not exist or is not a folder (it is never created)"]
-    assert settings.state_dir is not None  # derived from drop_dir when not set
-    folders = [("drop_dir", drop), ("done_dir", done), ("failed_dir", failed)]
-    problems = overlaps([*folders, ("state_dir", settings.state_dir)])
-    if problems:
-        return problems  # before creating anything inside another folder
-    drop_dev = drop.stat().st_dev
-    for name, wanted in [*folders, ("state_dir", settings.state_dir)]:
-        if not wanted.exists() and create:
-            try:
-                make_folders(wanted)
-            except OSError as exc:
-                problems.append(f"{name} {wanted} cannot be created: {exc.strerror}")
-                continue
-        folder = wanted if wanted.exists() else wanted.parent
-        if not folder.is_dir():
-            problems.append(f"{name} {wanted} does not exist")
-        elif not os.access(folder, os.W_OK | os.X_OK):
-            problems.append(f"{name} {folder} is not writable by this user")
-        elif name != "state_dir" and folder.stat().st_dev != drop_dev:
-            problems.append(
-                f"{name} {wanted} is not on the drop folder's filesystem (files move by rename)"
-            )
-    return problems
-
-
-def overlaps(folders: list[tuple[str, Path]]) -> list[str]:
-    """One sentence per pair of folders that are the same or nested, by where they really are:
-    the daemon would upload its own output, its journal, or delete what it must keep."""
-    given = dict(folders)
-    places = {name: place(path) for name, path in folders}
-
-    def show(name: str) -> str:
-        real = places[name].path
-        return f"{name} {given[name]}" + ("" if real == given[name] else f" (= {real})")
-
-    return [
-        f"{show(inner)} is {'the same folder as' if same else 'inside'} {show(outer)}: "
-        "drop, done, failed and state folders must be separate, none inside another"
-        for inner, outer, same in overlapping(places)
-    ]

@@ -19,12 +19,12 @@ from . import __version__, statusfile
 from .finisher import Finisher
 from .gate import Gates
 from .health import Counts
-from .items import display
+from .items import display, utc_iso
 from .logs import event
 from .metrics import Metrics
-from .receipts import Journal, receipt_time
+from .receipts import Journal
 from .retention import expired, sweep_interval
-from .settings import Settings
+from .settings import Settings, require_folders
 from .stability import Stabiliser
 from .uploader import Uploader
 from .watching import Watcher
@@ -191,8 +191,7 @@ class Operations:
         A journal that cannot be written deletes nothing (the next sweep tries again), so no
         deletion is ever unrecorded; a file that then cannot be deleted gets a `kept` receipt.
         """
-        done = self.settings.done_dir
-        assert done is not None  # require_folders: a reload without drop_dir is refused
+        done = require_folders(self.settings)[1]  # a reload without drop_dir is refused
         reason = f"older than done_retention_days ({self.settings.done_retention_days})"
         rels = {p: display(f"{done.name}/{p.relative_to(done)}") for p in expired(done, cutoff)}
         try:
@@ -228,4 +227,4 @@ class Operations:
 
 
 def _receipt(rel: str, outcome: str, reason: str) -> dict[str, Any]:
-    return {"time": receipt_time(time.time()), "file": rel, "outcome": outcome, "reason": reason}
+    return {"time": utc_iso(time.time()), "file": rel, "outcome": outcome, "reason": reason}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path, PurePath
 
-Identity = tuple[int, int]  # (st_dev, st_ino)
+from .items import Identity
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,3 +50,20 @@ def overlapping(places: Mapping[str, Place]) -> list[tuple[str, str, bool]]:
         elif pb.path.is_relative_to(pa.path) or (pa.exists and pa.chain[0] in pb.chain):
             found.append((b, a, False))
     return found
+
+
+def overlaps(folders: list[tuple[str, Path]]) -> list[str]:
+    """One sentence per pair of folders that are the same or nested, by where they really are:
+    the daemon would upload its own output, its journal, or delete what it must keep."""
+    given = dict(folders)
+    places = {name: place(path) for name, path in folders}
+
+    def show(name: str) -> str:
+        real = places[name].path
+        return f"{name} {given[name]}" + ("" if real == given[name] else f" (= {real})")
+
+    return [
+        f"{show(inner)} is {'the same folder as' if same else 'inside'} {show(outer)}: "
+        "drop, done, failed and state folders must be separate, none inside another"
+        for inner, outer, same in overlapping(places)
+    ]

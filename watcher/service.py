@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 from . import __version__, logs, statusfile
+from .access import prepare_folders
 from .api import ApiClient
 from .finisher import Finisher
 from .folders import Folders, resolve
@@ -27,12 +28,12 @@ from .instance import DropLock, Holder, Standby
 from .items import Spot
 from .logs import REDACT, Detail, event
 from .metrics import Metrics
-from .mover import Mover, prepare_folders
+from .mover import Mover
 from .network import Network
 from .notify import Notifier, SystemdNotifier
 from .operations import Operations
 from .receipts import Journal
-from .settings import ConfigError, Settings, reloaded, require_folders
+from .settings import ConfigError, Settings, reloaded, require_folders, require_state_dir
 from .stability import Stabiliser
 from .transfer import Transfer
 from .uploader import Uploader
@@ -77,12 +78,11 @@ class Service:
         drop, done, failed = require_folders(settings)
         drop = resolve(drop)  # once: inotify and the folders' descriptors follow no symlink
         self.drop = Folders(drop)  # every file operation in drop/ goes through its descriptors
-        assert settings.state_dir is not None  # derived from drop_dir by the settings
         self.lock = DropLock(drop)
         REDACT.add(settings.secret_values())
         self.metrics = Metrics(settings)
         self.journal = Journal(
-            settings.state_dir, int(settings.receipts_max_bytes), settings.receipts_keep
+            require_state_dir(settings), int(settings.receipts_max_bytes), settings.receipts_keep
         )
         self.work = WorkQueue(clock, self._noticed)
         self.stabiliser = Stabiliser(settings.settle_seconds, self.work, clock, self.drop.lstat)

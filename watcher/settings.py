@@ -381,6 +381,13 @@ def require_folders(settings: Settings) -> tuple[Path, Path, Path]:
     return settings.drop_dir, settings.done_dir, settings.failed_dir
 
 
+def require_state_dir(settings: Settings) -> Path:
+    """state_dir (set, or derived from drop_dir), or ConfigError naming what to set."""
+    if settings.state_dir is None:
+        raise ConfigError("invalid setting state_dir: Field required (or set drop_dir)")
+    return settings.state_dir
+
+
 def reloaded(running: Settings, new: Settings) -> tuple[Settings, list[str], list[str]]:
     """(the settings to run with, changes applied, changes that need a restart) after a reload.
 

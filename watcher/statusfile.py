@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
+from .items import utc_iso
 from .logs import REDACT
 from .owners import adopt, make_folders
 
@@ -59,4 +59,4 @@ def running(doc: dict[str, Any] | None, now: float) -> bool:
 
 
 def iso(epoch: float | None) -> str | None:
-    return None if epoch is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+    return None if epoch is None else utc_iso(epoch)

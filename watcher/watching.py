@@ -33,8 +33,8 @@ from watchdog.observers.polling import PollingObserver
 from . import inotify
 from .folders import Folders
 from .instance import LOCK_NAME
-from .items import Spot, display
-from .liveness import CANARY_NAME, Canary, Hung, Identity, StatProbe
+from .items import Identity, Spot, display
+from .liveness import CANARY_NAME, Canary, Hung, StatProbe
 from .logs import event
 from .settings import FILE_TYPES, ConfigError
 
