@@ -189,6 +189,8 @@ def problem(name: str, wanted: Path, user: User, group: str, moved_out: bool = F
     where = f"{owners(seen)} {stat.filemode(seen.mode)}"
     where = where if seen.path == existing else f"{seen.path} is {where}"
     what = "work in it" if existing == wanted else "create it"
+    if reason == STICKY:
+        what = "move other users' files out of it"
     return (
         f"{name} {wanted}: {user.name} cannot {what} ({where}: {reason});"
         f" fix: {fix(seen, user, need, group)}"
