@@ -103,7 +103,15 @@ def plant(path: Path, kind: str, elsewhere: Path) -> int | None:
     return None
 
 
-@pytest.mark.parametrize("kind", ["symlink", "fifo", "folder", "locked file of another user"])
+NEEDS_ROOT = pytest.mark.skipif(
+    os.geteuid() != 0, reason="needs root to give a file to another user: run `make test` as root"
+)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["symlink", "fifo", "folder", pytest.param("locked file of another user", marks=NEEDS_ROOT)],
+)
 def test_what_a_producer_puts_at_the_lock_files_name_is_removed_not_obeyed(
     tmp_path, kind, logs_json
 ):
@@ -127,6 +135,7 @@ def test_what_a_producer_puts_at_the_lock_files_name_is_removed_not_obeyed(
     assert [e["lock"] for e in logs_json.events("lock_planted")] == [str(drop / LOCK_NAME)]
 
 
+@NEEDS_ROOT
 def test_a_running_daemon_takes_its_lock_back_from_a_producers_replacement(
     sandbox: Sandbox, folders: Folders
 ):

@@ -136,6 +136,9 @@ class Mover:
             if st is None:
                 continue
             found = Seen.of(folder, st)
+            if not stat.S_ISDIR(st.st_mode):  # done/users taken by a file: never made over
+                what = "a file, not a folder: move it away"
+                return blocked(folder, found, self.user, what, f"mv {folder} {folder}.moved")
             try:
                 sticky = n == 0 and st.st_mode & stat.S_ISVTX
                 reason = refusal(
