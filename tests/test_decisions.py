@@ -275,6 +275,8 @@ MISMATCH_XML = b"<Error><Code>SignatureDoesNotMatch</Code><Message>no</Message><
         (500, b"", Kind.SERVICE),
         (503, b"<Error><Code>SlowDown</Code></Error>", Kind.SERVICE),
         (307, b"", Kind.SERVICE),
+        (100, b"", Kind.SERVICE),  # an interim answer, and then none: never the file's fault
+        (0, b"", Kind.SERVICE),
     ],
 )
 def test_classify_put(status, body, kind):

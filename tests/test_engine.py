@@ -390,6 +390,11 @@ SECRET_MESSAGE = f"Failed to connect to h port 1 via http://u:pw@p/b?{QUERY}"
             Failure(pycurl.E_PARTIAL_FILE, SECRET_MESSAGE, "h", ""),
             "PARTIAL_FILE (libcurl error 18) with h",
         ),
+        (
+            Failure(pycurl.E_UNSUPPORTED_PROTOCOL, SECRET_MESSAGE, "h", "", connected=True),
+            "h answered something that is not HTTP/1.1",
+        ),
+        (Failure(100, SECRET_MESSAGE, "h", ""), "h answered a header block too large to read"),
     ],
 )
 def test_reasons_are_built_from_codes_never_from_libcurls_text(failure, expected):
@@ -403,6 +408,11 @@ def test_a_url_libcurl_refuses_is_final():
     fault = curl_fault(Failure(pycurl.E_URL_MALFORMAT, SECRET_MESSAGE, "h", ""))
     assert fault.kind is Kind.FINAL and "cannot be used" in fault.reason
     assert "5ecret" not in fault.reason
+
+
+def test_a_refused_url_is_named_by_its_easy_code_not_the_multis():
+    fault = curl_fault(Failure(pycurl.E_UNSUPPORTED_PROTOCOL, SECRET_MESSAGE, "h", ""))
+    assert fault.kind is Kind.FINAL and fault.reason.endswith("(UNSUPPORTED_PROTOCOL)")
 
 
 def test_openssl_words_never_carry_a_url():

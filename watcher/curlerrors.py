@@ -20,10 +20,14 @@ from .network import UNTRUSTED_CODES, certificate_reason
 CODE_NAMES = {
     value: name[2:]
     for name, value in vars(pycurl).items()
-    if name.startswith("E_") and isinstance(value, int) and name != "E_OK"
+    if name.startswith("E_")
+    and isinstance(value, int)
+    and name != "E_OK"
+    and not name.startswith(("E_MULTI_", "E_CALL_MULTI"))  # the multi's codes reuse 1, 3...
 }
 UNUSABLE_URL = frozenset({pycurl.E_UNSUPPORTED_PROTOCOL, pycurl.E_URL_MALFORMAT})
 TLS_VERIFY = frozenset({pycurl.E_PEER_FAILED_VERIFICATION, pycurl.E_SSL_CACERT})
+TOO_LARGE = 100  # CURLE_TOO_LARGE (libcurl 8.6): pycurl has no name for it yet
 TLS_PREFIXES = ("SSL certificate problem: ", "SSL: ")
 
 
@@ -40,13 +44,16 @@ class Failure:
     verify_result: int = 0  # OpenSSL's verify code for the storage's certificate
     proxy_verify_result: int = 0  # ... for an https:// proxy's
     timeout_seconds: float = 0.0
+    connected: bool = False  # a connection was made: the URL itself was usable
 
 
 def curl_fault(failure: Failure) -> Fault:
-    """The fault for a failed transfer: FINAL for a URL libcurl refuses, SERVICE otherwise (the
-    network, the proxy or the storage is unwell; the file is fine and waits)."""
+    """The fault for a failed transfer: FINAL for a URL libcurl refuses before connecting,
+    SERVICE otherwise (the network, the proxy or the storage is unwell; the file is fine and
+    waits). An answer that is not HTTP also ends as UNSUPPORTED_PROTOCOL: after connecting,
+    it is the storage's (or a middlebox's) fault, never the file's."""
     code = failure.code
-    if code in UNUSABLE_URL:
+    if code in UNUSABLE_URL and not failure.connected:
         reason = f"the signed URL cannot be used: libcurl refused it ({CODE_NAMES[code]})"
         return Fault(Kind.FINAL, reason, where="put")
     return Fault(Kind.SERVICE, f"PUT to storage failed: {detail(failure)}", where="put")
@@ -59,6 +66,9 @@ PLAIN = {
     pycurl.E_GOT_NOTHING: "{host} closed the connection without an answer",
     pycurl.E_SEND_ERROR: "the connection to {host}{via} broke{os_error}",
     pycurl.E_RECV_ERROR: "the connection to {host}{via} broke{os_error}",
+    pycurl.E_UNSUPPORTED_PROTOCOL: "{host}{via} answered something that is not HTTP/1.1",
+    pycurl.E_FTP_WEIRD_SERVER_REPLY: "{host}{via} answered something that is not HTTP/1.1",
+    TOO_LARGE: "{host}{via} answered a header block too large to read",
 }
 
 

@@ -132,7 +132,7 @@ def classify_put(status: int, body: bytes, url_expired: bool = False) -> Kind | 
     """
     if 200 <= status < 300:
         return None
-    if status == 429 or status >= 500 or 300 <= status < 400:
+    if status < 200 or status == 429 or status >= 500 or 300 <= status < 400:
         return Kind.SERVICE
     code, message = s3_error(body)
     message = message.lower()

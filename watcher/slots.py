@@ -98,6 +98,8 @@ class Slot:
         self.beat.progress()
         if line.startswith(b"HTTP/"):  # a new answer (a proxy's to CONNECT comes first)
             job.etag, job.retry_after = "", None
+            if line[8:].lstrip()[:1] == b"1":  # 100 Continue: not the answer, which is still due
+                return
             job.answered = job.body.pos == job.body.size
             job.answered_at = self._clock()
             return

@@ -275,6 +275,7 @@ class Transfer:
             verify_result=curl.getinfo(pycurl.SSL_VERIFYRESULT),
             proxy_verify_result=curl.getinfo(pycurl.PROXY_SSL_VERIFYRESULT) if job.proxy else 0,
             timeout_seconds=self._timeout,
+            connected=curl.getinfo(pycurl.CONNECT_TIME) > 0,
         )
 
     def _finish(self, slot: Slot, sent: Sent | None, error: Exception | None) -> None:
