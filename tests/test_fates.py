@@ -4,6 +4,7 @@ file replaced while it is being moved."""
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from tests.conftest import Captured
 from tests.test_pipeline import write
 from watcher.fates import (
+    FolderTrouble,
     MoveRetries,
     Next,
     Stuck,
@@ -232,3 +234,12 @@ def test_a_file_replaced_between_the_check_and_the_rename_goes_back_to_be_sent(
     assert (
         logs_json.events("changed")[0]["reason"] == "the file was replaced while it was being moved"
     )
+
+
+def test_a_folder_its_bits_let_in_but_that_cannot_be_listed_gets_no_chmod_fix(tmp_path):
+    folder = tmp_path / "other"
+    folder.mkdir(mode=0o770)  # this user's (or root's): the bits allow listing it
+    trouble = FolderTrouble()
+    trouble.listing(folder, PermissionError(errno.EACCES, "Permission denied"))
+    [text] = trouble.texts()  # an ACL or NFS's root_squash refused: not the sticky bit
+    assert "cannot list it" in text and "chmod" not in text and "getfacl" in text

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from .access import UNIT_GROUP, WORK, Seen, User, current_user, drop_group, fix, owners
+from .access import UNIT_GROUP, WORK, Seen, User, current_user, drop_group, fix, lacks, owners
 from .faults import Kind
 from .items import Item, Snapshot
 from .logs import event
@@ -160,9 +160,9 @@ class FolderTrouble:
             seen, group = None, UNIT_GROUP
         self._unlisted.add(str(folder))
         reason = f"cannot list it ({error.strerror}): its files are not seen"
-        self.report(
-            blocked(folder, seen, user, reason, fix(seen, user, WORK, group) if seen else "")
-        )
+        by_bits = seen is not None and lacks(seen, user, WORK)  # else ACLs, root_squash...
+        advice = fix(seen, user, WORK, group) if seen and by_bits else fix_for_error(error.errno)
+        self.report(blocked(folder, seen, user, reason, advice))
 
     def __len__(self) -> int:
         return len(self._open)
