@@ -77,6 +77,19 @@ def early(raw: bytes) -> Script:
     return script
 
 
+def early_held(raw: bytes) -> Script:
+    """Answers after the head only and keeps the connection open, reading nothing more."""
+
+    def script(conn: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        conn.sendall(raw)
+        threading.Event().wait(4)
+
+    return script
+
+
 def reset_midway(conn: socket.socket) -> None:
     conn.recv(65536)
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
@@ -108,6 +121,16 @@ CASES: dict[str, tuple[Script, Kind | None]] = {
     "100 then silence": (hundred_then_silence, Kind.SERVICE),
     # the body was not all sent: never a success, whatever the status said
     "200 early, closed": (early(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), Kind.SERVICE),
+    "403 early, held open": (
+        early_held(
+            b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\n\r\n%s" % (len(S3_ERROR), S3_ERROR)
+        ),
+        Kind.FILE,
+    ),
+    "200 early, held open": (
+        early_held(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+        Kind.SERVICE,
+    ),
     "reset midway": (reset_midway, Kind.SERVICE),
     "http/1.0 without length": (answer(b"HTTP/1.0 200 OK\r\n\r\nstored"), None),
     "not http": (answer(b"SSH-2.0-OpenSSH_9.2\r\n"), Kind.SERVICE),
