@@ -165,7 +165,9 @@ def test_an_upstream_rate_holds_at_the_receiver_and_holds_the_sender_back():
     got = arrivals.record
     assert got.rate(got.totals[0], size) == pytest.approx(rate, rel=0.03)
     assert relay.up.rate(relay.up.totals[0], size) == pytest.approx(rate, rel=0.03)
-    assert sending > 0.5 * size / rate  # its writes blocked: it felt the slow link
+    # Its writes blocked: it felt the slow link (direct, 2 MB go in milliseconds). How much the
+    # sender's kernel buffers first depends on TCP autotuning: 0.83 s was seen in one run.
+    assert sending > 0.25 * size / rate
 
 
 def test_a_downstream_rate_holds_at_the_receiver():
