@@ -65,27 +65,16 @@ def answer(raw: bytes) -> Script:
     return script
 
 
-def early(raw: bytes) -> Script:
-    """Answers after the head only, before the body was read, and closes."""
+def early(raw: bytes, hold_seconds: float = 0.0) -> Script:
+    """Answers after the head only, before the body was read; then closes, or first keeps the
+    connection open for `hold_seconds`, reading nothing more."""
 
     def script(conn: socket.socket) -> None:
         data = b""
         while b"\r\n\r\n" not in data:
             data += conn.recv(65536)
         conn.sendall(raw)
-
-    return script
-
-
-def early_held(raw: bytes) -> Script:
-    """Answers after the head only and keeps the connection open, reading nothing more."""
-
-    def script(conn: socket.socket) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += conn.recv(65536)
-        conn.sendall(raw)
-        threading.Event().wait(4)
+        threading.Event().wait(hold_seconds)
 
     return script
 
@@ -122,13 +111,14 @@ CASES: dict[str, tuple[Script, Kind | None]] = {
     # the body was not all sent: never a success, whatever the status said
     "200 early, closed": (early(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), Kind.SERVICE),
     "403 early, held open": (
-        early_held(
-            b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\n\r\n%s" % (len(S3_ERROR), S3_ERROR)
+        early(
+            b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\n\r\n%s" % (len(S3_ERROR), S3_ERROR),
+            hold_seconds=4,
         ),
         Kind.FILE,
     ),
     "200 early, held open": (
-        early_held(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+        early(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", hold_seconds=4),
         Kind.SERVICE,
     ),
     "reset midway": (reset_midway, Kind.SERVICE),
