@@ -173,15 +173,21 @@ class Sandbox:
     def stored(self, name: str, file_type: str | None = None) -> bytes:
         return self.object_path(name, file_type).read_bytes()
 
-    def _next_fault(self, endpoint: str) -> Injected | None:
+    def arrive(self, endpoint: str) -> Injected | None:
+        """Count a request at `endpoint`; the fault injected for it, if one is due."""
         with self._lock:
+            self.arrived[endpoint] += 1
             for fault in self._faults:
                 if fault.endpoint == endpoint and fault.count > 0:
                     fault.count -= 1
                     return fault
         return None
 
-    def _record(self, entry: Recorded) -> None:
+    def pause(self, seconds: float) -> None:
+        """Hold an answer back, but not past the sandbox's stop."""
+        self._closing.wait(seconds)
+
+    def record(self, entry: Recorded) -> None:
         with self._lock:
             if len(self.requests) < 200_000:
                 self.requests.append(entry)

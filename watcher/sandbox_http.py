@@ -143,17 +143,15 @@ class SandboxHandler(BaseHTTPRequestHandler):
     def _misbehave(self, endpoint: str) -> bool:
         """Apply an injected fault; True when it produced the answer (or none at all)."""
         sandbox = self.server.sandbox
-        with sandbox._lock:
-            sandbox.arrived[endpoint] += 1
-        fault = sandbox._next_fault(endpoint)
+        fault = sandbox.arrive(endpoint)
         if fault is None:
             return False
         if fault.delay:
-            sandbox._closing.wait(fault.delay)
+            sandbox.pause(fault.delay)
         if fault.drop:
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
-            sandbox._record(Recorded(self.command, endpoint, self._path(), 0))
+            sandbox.record(Recorded(self.command, endpoint, self._path(), 0))
             return True
         if fault.partial and endpoint == "urls":
             self._urls(self._path(), partial=True)
@@ -182,7 +180,7 @@ class SandboxHandler(BaseHTTPRequestHandler):
         self._answer(
             status, body, "application/xml" if endpoint == "put" else "application/json", extra
         )
-        sandbox._record(Recorded(self.command, endpoint, self._path(), status))
+        sandbox.record(Recorded(self.command, endpoint, self._path(), status))
         return True
 
     def _path(self) -> str:
@@ -254,7 +252,7 @@ class SandboxHandler(BaseHTTPRequestHandler):
             status, doc = 400, {"error": "invalid_scope"}
         if doc is None:
             doc = sandbox.issue_token()
-        sandbox._record(Recorded("POST", "token", "/oauth2/token", status))
+        sandbox.record(Recorded("POST", "token", "/oauth2/token", status))
         self._json(status, doc, {"Cache-Control": "no-store"})
 
     def _urls(self, path: str, partial: bool = False) -> None:
@@ -284,7 +282,7 @@ class SandboxHandler(BaseHTTPRequestHandler):
             if partial:
                 wanted = [*wanted[::2], "not-asked-for.csv"]
             doc = {name: sandbox.signed_url(file_type, name) for name in wanted}
-        sandbox._record(Recorded("GET", "urls", path, status, names=names))
+        sandbox.record(Recorded("GET", "urls", path, status, names=names))
         self._json(status, doc)
 
     def _put(self, etag: str | None = None) -> None:
@@ -301,7 +299,7 @@ class SandboxHandler(BaseHTTPRequestHandler):
             else:
                 self.close_connection = True
             self._answer(status, _xml_error(code, message), "application/xml")
-            sandbox._record(Recorded("PUT", "put", raw_path, status, headers))
+            sandbox.record(Recorded("PUT", "put", raw_path, status, headers))
             return
         key = unquote(raw_path[len(BUCKET) + 2 :])
         length = int(self.headers["Content-Length"])
@@ -326,7 +324,7 @@ class SandboxHandler(BaseHTTPRequestHandler):
             return
         etag = f'"{md5.hexdigest()}"' if etag is None else etag
         self._answer(200, b"", "application/xml", {"ETag": etag} if etag else {})
-        sandbox._record(Recorded("PUT", "put", raw_path, 200, headers))
+        sandbox.record(Recorded("PUT", "put", raw_path, 200, headers))
 
 
 _RECORDED_HEADERS = {"content-length", "content-type", "content-md5", "transfer-encoding"}
