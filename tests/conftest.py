@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 from pydantic import SecretStr
 
 from tests.helpers import ROOT, Unavailable, Unprivileged, unprivileged
@@ -28,6 +29,13 @@ from watcher.instance import LOCK_NAME
 from watcher.sandbox import CLIENT_SECRET, ISSUED, Sandbox
 from watcher.service import Service
 from watcher.settings import Settings
+
+# The examples are cheap, but on 2 shared cores a busy neighbour can make drawing them look slow:
+# no deadline, and no too_slow verdict, so a loaded machine cannot fail a fuzz test.
+settings.register_profile(
+    "shared-cores", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("shared-cores")
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:

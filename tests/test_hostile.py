@@ -157,7 +157,9 @@ def odd_answer(body: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]
 
 
 @settings(
-    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(data=st.data())
 def test_any_answer_from_the_api_or_storage_is_a_classified_fault(sandbox, tmp_path, data):

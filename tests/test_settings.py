@@ -191,7 +191,10 @@ def test_relative_paths_become_absolute_against_the_working_directory(env, tmp_p
     assert load().drop_dir == tmp_path / "in" / "drop"
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=200,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(
     st.dictionaries(
         st.sampled_from(
