@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .overlap import overlaps
 from .owners import make_folders
-from .settings import FILE_TYPES, ConfigError, Settings, require_folders, require_state_dir
+from .settings import FILE_TYPES, ConfigError, Paths, Settings
 
 UNIT_USER = "productiv-watcher"  # the units' User=
 UNIT_GROUP = "productiv-drop"  # the units' SupplementaryGroups=: producers' group
@@ -221,12 +221,13 @@ def drop_group(drop: Path, user: User) -> str:
 def _basics(settings: Settings) -> tuple[list[tuple[str, Path]], list[str]]:
     """The four folders by setting name, and what is wrong before any is looked into: a drop
     folder that is not there, or folders that overlap (the rest would judge the wrong ones)."""
-    drop, done, failed = require_folders(settings)
+    paths = Paths.of(settings)
+    drop = paths.drop
     folders = [
         ("drop_dir", drop),
-        ("done_dir", done),
-        ("failed_dir", failed),
-        ("state_dir", require_state_dir(settings)),
+        ("done_dir", paths.done),
+        ("failed_dir", paths.failed),
+        ("state_dir", paths.state),
     ]
     if not drop.is_dir():
         return folders, [f"drop_dir {drop} does not exist or is not a folder (it is never created)"]

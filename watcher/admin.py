@@ -20,7 +20,7 @@ from .items import display
 from .mover import SIDECAR_SUFFIX, candidate_names, rename_noreplace
 from .owners import make_folders
 from .receipts import Journal
-from .settings import FILE_TYPES, ConfigError, Settings, require_folders, require_state_dir
+from .settings import FILE_TYPES, ConfigError, Paths, Settings, require_state_dir
 
 NOT_RUNNING = 3
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
@@ -151,7 +151,8 @@ def retry_failed(
     settings: Settings, reason: str | None, older_than: str | None, dry_run: bool
 ) -> int:
     """Move failed files back into the drop folder (their type subfolder), sidecars removed."""
-    drop, _, failed = require_folders(settings)
+    paths = Paths.of(settings)
+    drop, failed = paths.drop, paths.failed
     try:
         age = parse_duration(older_than) if older_than else None
     except ValueError as exc:

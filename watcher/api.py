@@ -29,7 +29,7 @@ from .answers import bounded
 from .faults import Fault, Kind, classify_api_status, retry_after_seconds, tidy, transport_retry
 from .logs import REDACT
 from .network import Network, explain
-from .settings import Settings
+from .settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,8 @@ class ApiClient:
 
     def _fetch_token(self) -> tuple[str, float]:
         s = self._settings
-        assert s.client_id is not None and s.client_secret is not None  # settings guarantee it
+        if s.client_id is None or s.client_secret is None:  # Settings refuses this: never here
+            raise ConfigError("client_id and client_secret are required unless access_token is set")
         secret = s.client_secret.get_secret_value()
         form = {"grant_type": "client_credentials", "scope": s.scope}
         auth = None

@@ -35,16 +35,25 @@ CANNOT_SEEK: int = pycurl.SEEKFUNC_CANTSEEK
 Opener = Callable[[Path, int], int]  # (path, flags) -> descriptor, as `os.open`
 
 
-class FileGone(Exception):
+class FileGone(Fault):
     """The producer removed the file: forget it."""
 
+    def __init__(self, reason: str = "removed before it was uploaded") -> None:
+        super().__init__(Kind.GONE, reason)
 
-class FileChanged(Exception):
+
+class FileChanged(Fault):
     """The file is not the version that settled: let it settle again."""
 
+    def __init__(self, reason: str) -> None:
+        super().__init__(Kind.CHANGED, reason)
 
-class NotRegular(Exception):
+
+class NotRegular(Fault):
     """The path is now a link, FIFO, folder...: never opened for reading."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(Kind.NOT_REGULAR, f"{what}, not a regular file")
 
 
 @dataclass(frozen=True, slots=True)

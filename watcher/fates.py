@@ -34,25 +34,80 @@ log = logging.getLogger(__name__)
 EXPIRED_IN_A_ROW = 3  # URLs that arrive already expired point at a clock problem: back off
 
 
+class Happened(enum.Enum):
+    """What happened to a file that is not a fault (a fault is told by its `Kind`)."""
+
+    URL_STALE = "url stale"  # its URL would expire before the PUT could begin: no PUT made
+    STORED = "stored"  # the storage stored it
+    MOVE_FAILED = "move failed"  # the rename into done/ or failed/ failed (a folder, the disk)
+    MOVED = "moved"  # in done/ or failed/, and the version that was uploaded or refused
+
+
 class Next(enum.Enum):
-    """What happens to a file after a fault."""
+    """What happens to a file next."""
 
     BACK_OFF = "back off"  # the API's or storage's gate takes a step; the file waits, no attempt
-    FRESH_URL = "fresh url"  # its signed URL expired: ask for a new one, no attempt
+    FRESH_URL = "fresh url"  # ask for a new signed URL, no attempt
     CHECK_CLOCK = "check clock"  # URLs keep arriving expired: the storage's gate backs off
     RETRY = "retry"  # the file itself was refused: again after a backoff, one attempt used
     FAIL = "fail"  # to failed/ with the reason
+    FORGET = "forget"  # gone, or no longer a regular file: its name is let go, nothing moves
+    SETTLE_AGAIN = "settle again"  # another version: let go, and it settles again as such
+    MOVE = "move"  # uploaded: to the finisher, for done/
+    MOVE_AGAIN = "move again"  # its route backs off and the move is tried again: never a new PUT
+    RECORD = "record"  # moved: made durable, receipted, then logged
+
+
+@dataclass(frozen=True, slots=True)
+class Fate:
+    """A file's next step and its state from now on (attempts, expired URLs in a row)."""
+
+    next: Next
+    item: Item
+
+
+FAULT_STEPS = {
+    Kind.SERVICE: Next.BACK_OFF,
+    Kind.FINAL: Next.FAIL,
+    Kind.REFUSED: Next.FAIL,  # a single name the API refuses
+    Kind.GONE: Next.FORGET,
+    Kind.NOT_REGULAR: Next.FORGET,
+    Kind.CHANGED: Next.SETTLE_AGAIN,
+}
+STEPS = {
+    Happened.URL_STALE: Next.FRESH_URL,
+    Happened.STORED: Next.MOVE,
+    Happened.MOVE_FAILED: Next.MOVE_AGAIN,
+    Happened.MOVED: Next.RECORD,
+}
+
+
+# The line said for a file let go (Next.FORGET or SETTLE_AGAIN), by what happened to it.
+LET_GO = {Kind.GONE: "vanished", Kind.NOT_REGULAR: "skipped", Kind.CHANGED: "changed"}
+
+
+def decide(item: Item, what: Kind | Happened, max_attempts: int) -> Fate:
+    """A file's next step after `what`, and its new state: the one place that decides.
+
+    Like urllib3's `Retry.increment`, it changes nothing and returns the new value: only a
+    file's own refusal costs an attempt, only an expired URL counts towards a clock problem,
+    and nothing that happens at the move ever sends the file again.
+    """
+    if what is Kind.EXPIRED:
+        late = item.expired_again()
+        return Fate(Next.CHECK_CLOCK if late.expired >= EXPIRED_IN_A_ROW else Next.FRESH_URL, late)
+    if what is Kind.FILE:
+        if item.attempts + 1 < max_attempts:
+            return Fate(Next.RETRY, item.retried())
+        return Fate(Next.FAIL, item)
+    if isinstance(what, Kind):
+        return Fate(FAULT_STEPS[what], item)
+    return Fate(STEPS[what], item)
 
 
 def after_fault(kind: Kind, item: Item, max_attempts: int) -> Next:
-    """The file's next step after a classified fault (the uploader acts on it)."""
-    if kind is Kind.SERVICE:
-        return Next.BACK_OFF
-    if kind is Kind.EXPIRED:
-        return Next.CHECK_CLOCK if item.expired + 1 >= EXPIRED_IN_A_ROW else Next.FRESH_URL
-    if kind is Kind.FILE and item.attempts + 1 < max_attempts:
-        return Next.RETRY
-    return Next.FAIL  # FINAL, REFUSED (a single name), or FILE with no attempts left
+    """The next step alone after a classified fault (`decide`'s, without the new state)."""
+    return decide(item, kind, max_attempts).next
 
 
 def moved_intact(moved: os.stat_result, uploaded: Snapshot) -> bool:

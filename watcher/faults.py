@@ -29,6 +29,9 @@ class Kind(enum.Enum):
     FILE = "file"  # this file was refused: costs one attempt, failed/ after max_attempts
     FINAL = "final"  # this file can never be uploaded as it is: failed/ at once
     REFUSED = "refused"  # the signed-URL request was refused (400): split the batch to find why
+    GONE = "gone"  # the producer removed the file: forget it
+    NOT_REGULAR = "not regular"  # the path is now a link, FIFO, folder...: forget it
+    CHANGED = "changed"  # not the version that settled: let it settle again
 
 
 class Fault(Exception):

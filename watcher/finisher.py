@@ -24,14 +24,18 @@ from typing import Any
 
 from .access import Seen, nearest
 from .fates import (
+    LET_GO,
     Blocked,
     FolderTrouble,
     MoveRetries,
+    Next,
     Route,
     blocked,
+    decide,
     fix_for_error,
     moved_intact,
 )
+from .faults import Kind
 from .health import IDLE_WAKE_SECONDS, Heartbeat
 from .items import Item, Snapshot, Spot, display, utc_iso
 from .logs import event
@@ -178,24 +182,33 @@ class Finisher:
             self._report(outcome, final, now)
 
     def _place(self, outcome: Outcome) -> Path | OSError | None:
-        """Move one file if it is still the version that was uploaded (or refused); the error of
-        a move that failed; None when the file is gone or changed (handed back to go again)."""
+        """Move one file if it is still the version that was uploaded (or refused): its final path
+        (`decide`: MOVED -> RECORD), the error of a move that failed (MOVE_FAILED -> MOVE_AGAIN:
+        `step` tries its route again, never a new PUT), or None for a file let go."""
         item = outcome.item
         try:
             if Snapshot.of(self._mover.lstat(item.path)) != item.snapshot:
-                self._again(item, "the file changed before it could be moved")
+                self._let_go(item, Kind.CHANGED, "the file changed before it could be moved")
                 return None
             if outcome.uploaded:
                 final = self._mover.to_done(item.path)
             else:
                 final = self._mover.to_failed(item.path, self._sidecar(outcome))
         except FileNotFoundError:
-            self._work.release(item.path)
-            event(log, "vanished", file=item.spot.rel, reason="removed before it could be moved")
+            self._let_go(item, Kind.GONE, "removed before it could be moved")
             return None
         except OSError as exc:
             return exc
         return final if self._intact(item, final) else None
+
+    def _let_go(self, item: Item, what: Kind, reason: str) -> None:
+        """A file gone or changed at its move: FORGET or SETTLE_AGAIN, as `decide` says (its name
+        is let go and said; a file that changed settles again as the new version it is)."""
+        fate = decide(item, what, 0)
+        self._work.release(item.path)
+        event(log, LET_GO[what], file=item.spot.rel, reason=reason)
+        if fate.next is Next.SETTLE_AGAIN:
+            self._hand_back([item.spot])
 
     def _intact(self, item: Item, final: Path) -> bool:
         """The file was replaced between the lstat and the rename (the one race a rename by name
@@ -217,13 +230,8 @@ class Finisher:
             )
             self._work.release(item.path)
             return False
-        self._again(item, "the file was replaced while it was being moved")
+        self._let_go(item, Kind.CHANGED, "the file was replaced while it was being moved")
         return False
-
-    def _again(self, item: Item, reason: str) -> None:
-        self._work.release(item.path)
-        event(log, "changed", file=item.spot.rel, reason=reason)
-        self._hand_back([item.spot])
 
     def _sidecar(self, outcome: Outcome) -> dict[str, Any]:
         item = outcome.item

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from .faults import Fault, backoff_seconds
 from .logs import event
 from .metrics import Metrics
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,11 @@ class Gates:
         self._jitter = jitter
         self.api = ServiceGate("api", self.delay, clock, metrics)
         self.storage = ServiceGate("storage", self.delay, clock, metrics)
+
+    def reconfigure(self, settings: Settings) -> None:
+        """A reload: the backoff settings apply from the next step of each gate on."""
+        self.initial_seconds = settings.retry_initial_seconds
+        self.max_seconds = settings.retry_max_seconds
 
     def delay(self, step: int) -> float:
         """The wait of a backoff step, with the current settings and a fresh jitter."""

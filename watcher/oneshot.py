@@ -12,12 +12,15 @@ import threading
 from pathlib import Path
 
 from .api import ApiClient, SignedUrl
+from .fates import Next, decide
 from .faults import Fault, Kind, backoff_seconds
 from .items import Item, Snapshot, Spot, display
 from .network import Network
 from .settings import Settings
-from .transfer import FileChanged, FileGone, NotRegular, Transfer
+from .transfer import Transfer
 from .uploader import refusal
+
+AGAIN = frozenset({Next.BACK_OFF, Next.FRESH_URL, Next.CHECK_CLOCK, Next.RETRY})  # next round
 
 
 def upload_files(settings: Settings, paths: list[Path], file_type: str | None) -> int:
@@ -46,7 +49,8 @@ def upload_files(settings: Settings, paths: list[Path], file_type: str | None) -
     pause = threading.Event()
     try:
         for round_ in range(1, settings.max_attempts + 1):
-            pending = [item for item in pending if not _try(api, transfer, settings, item, results)]
+            tried = (_try(api, transfer, settings, item, results) for item in pending)
+            pending = [item for item in tried if item is not None]
             if not pending or round_ == settings.max_attempts:
                 break
             pause.wait(
@@ -70,24 +74,22 @@ def upload_files(settings: Settings, paths: list[Path], file_type: str | None) -
 
 def _try(
     api: ApiClient, transfer: Transfer, settings: Settings, item: Item, results: dict[Path, str]
-) -> bool:
-    """One try for one file; True when its result is final (uploaded or failed for good)."""
+) -> Item | None:
+    """One try for one file: None when its result is final (uploaded, or failed for good as
+    `decide` says), else the file's state for the next round."""
     rel = item.spot.rel
     reason = refusal(item, settings.max_file_size)  # the daemon's rules, before any API call
     if reason is not None:
         results[item.path] = f"FAILED {rel}: {reason}"
-        return True
+        return None
     try:
         answer = api.upload_urls([item.spot.name], item.spot.file_type).get(item.spot.name)
         if not isinstance(answer, SignedUrl):
             raise answer or Fault(Kind.FILE, "the API's answer has no URL for this file name")
         sent = transfer.put(answer, item)
-    except Fault as fault:
-        final = fault.kind in (Kind.FINAL, Kind.REFUSED)
+    except Fault as fault:  # the file's own troubles too: gone, changed, not a regular file
         results[item.path] = f"FAILED {rel}: {fault.reason}"
-        return final
-    except (FileGone, FileChanged, NotRegular) as exc:
-        results[item.path] = f"FAILED {rel}: {exc or 'the file disappeared'}"
-        return True
+        fate = decide(item, fault.kind, settings.max_attempts)
+        return fate.item if fate.next in AGAIN else None
     results[item.path] = f"uploaded {rel} ({item.snapshot.size} bytes, {sent.seconds:.2f} s)"
-    return True
+    return None

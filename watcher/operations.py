@@ -24,7 +24,7 @@ from .logs import event
 from .metrics import Metrics
 from .receipts import Journal
 from .retention import expired, sweep_interval
-from .settings import Settings, require_folders
+from .settings import Paths, Settings
 from .stability import Stabiliser
 from .uploader import Uploader
 from .watching import Watcher
@@ -61,6 +61,7 @@ class Operations:
     def __init__(
         self,
         settings: Settings,
+        paths: Paths,
         work: WorkQueue,
         stabiliser: Stabiliser,
         uploader: Uploader,
@@ -72,6 +73,7 @@ class Operations:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
+        self._paths = paths
         self._work = work
         self._stabiliser = stabiliser
         self._uploader = uploader
@@ -111,6 +113,10 @@ class Operations:
                 ),
             }
         )
+
+    def reconfigure(self, settings: Settings) -> None:
+        """A reload: status_seconds and done_retention_days apply from the next turn on."""
+        self.settings = settings
 
     def tick(self) -> None:
         now = self._clock()
@@ -157,7 +163,7 @@ class Operations:
             "host": socket.gethostname(),
             "version": __version__,
             "started": statusfile.iso(self._started),
-            "drop_dir": str(self.settings.drop_dir),
+            "drop_dir": str(self._paths.drop),
             "waiting": counts.waiting,
             "uploading": [
                 {"file": rel, "bytes_sent": sent, "bytes": size}
@@ -191,7 +197,7 @@ class Operations:
         A journal that cannot be written deletes nothing (the next sweep tries again), so no
         deletion is ever unrecorded; a file that then cannot be deleted gets a `kept` receipt.
         """
-        done = require_folders(self.settings)[1]  # a reload without drop_dir is refused
+        done = self._paths.done  # done_dir needs a restart: the folder the finisher fills
         reason = f"older than done_retention_days ({self.settings.done_retention_days})"
         rels = {p: display(f"{done.name}/{p.relative_to(done)}") for p in expired(done, cutoff)}
         try:

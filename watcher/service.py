@@ -33,7 +33,7 @@ from .network import Network
 from .notify import Notifier, SystemdNotifier
 from .operations import Operations
 from .receipts import Journal
-from .settings import ConfigError, Settings, reloaded, require_folders, require_state_dir
+from .settings import ConfigError, Paths, Reconfigurable, Settings, reloaded
 from .stability import Stabiliser
 from .transfer import Transfer
 from .uploader import Uploader
@@ -75,14 +75,14 @@ class Service:
         self._stuck: str | None = None
         self._last_status = ""
 
-        drop, done, failed = require_folders(settings)
-        drop = resolve(drop)  # once: inotify and the folders' descriptors follow no symlink
+        self.paths = Paths.of(settings)
+        drop = resolve(self.paths.drop)  # once: inotify and descriptors follow no symlink
         self.drop = Folders(drop)  # every file operation in drop/ goes through its descriptors
         self.lock = DropLock(drop)
         REDACT.add(settings.secret_values())
         self.metrics = Metrics(settings)
         self.journal = Journal(
-            require_state_dir(settings), int(settings.receipts_max_bytes), settings.receipts_keep
+            self.paths.state, int(settings.receipts_max_bytes), settings.receipts_keep
         )
         self.work = WorkQueue(clock, self._noticed)
         self.stabiliser = Stabiliser(settings.settle_seconds, self.work, clock, self.drop.lstat)
@@ -91,7 +91,7 @@ class Service:
         )
         self.network = Network.from_settings(settings)
         self.api = ApiClient(settings, network=self.network)
-        self.mover = Mover(drop, done, failed, time.time)
+        self.mover = Mover(drop, self.paths.done, self.paths.failed, time.time)
         self.finisher = Finisher(
             self.mover,
             self.work,
@@ -131,6 +131,7 @@ class Service:
         )
         self.operations = Operations(
             settings,
+            self.paths,
             self.work,
             self.stabiliser,
             self.uploader,
@@ -140,6 +141,13 @@ class Service:
             self.journal,
             self.metrics,
             clock,
+        )
+        # What a reload reconfigures, each from its own reconfigure(settings).
+        self._live: tuple[Reconfigurable, ...] = (
+            self.stabiliser,
+            self.gates,
+            self.uploader,
+            self.operations,
         )
 
     def handle_signals(self) -> None:
@@ -361,18 +369,15 @@ class Service:
             return
         try:
             loaded = self._reload()
-            require_folders(loaded)
+            Paths.of(loaded)  # a reload without drop_dir is refused whole
         except ConfigError as exc:
             reason = "; ".join(str(exc).splitlines())
             event(log, "reload_failed", f"{reason}: nothing changed", level=logging.ERROR)
             return
         new, applied, restart = reloaded(self.settings, loaded)
         self.settings = new
-        self.uploader.reconfigure(new)
-        self.stabiliser.settle_seconds = new.settle_seconds
-        self.operations.settings = new
-        self.gates.initial_seconds = new.retry_initial_seconds
-        self.gates.max_seconds = new.retry_max_seconds
+        for part in self._live:
+            part.reconfigure(new)
         logs.set_level(new.log_level)
         event(log, "reloaded", applied=applied or None, restart_needed=restart or None)
 

@@ -15,7 +15,7 @@ import pycurl
 
 from . import __version__
 from .api import SignedUrl
-from .body import Body, Sent
+from .body import ABORT, Body, Sent
 from .health import Heartbeat
 from .items import Item
 
@@ -84,7 +84,8 @@ class Slot:
         c.setopt(pycurl.WRITEFUNCTION, self.write)
 
     def read(self, n: int) -> bytes | int:
-        assert self.job is not None
+        if self.job is None:
+            return ABORT  # libcurl reads only for the transfer this slot runs
         self.beat.progress()
         return self.job.body.read(n)
 

@@ -20,6 +20,7 @@ from .folders import kind_of
 from .health import IDLE_WAKE_SECONDS
 from .items import Item, Snapshot, Spot
 from .logs import event
+from .settings import Settings
 from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,10 @@ class Stabiliser:
         self._candidates: dict[Path, Candidate] = {}
         self._due: list[tuple[float, Path]] = []
         self._skipped: set[Path] = set()
+
+    def reconfigure(self, settings: Settings) -> None:
+        """A reload: settle_seconds applies to each file from its next look on."""
+        self.settle_seconds = settings.settle_seconds
 
     def notice(self, spots: Iterable[Spot]) -> None:
         with self._lock:

@@ -145,10 +145,10 @@ class Transfer:
         self.start(signed, item, on_progress)
         while True:
             for done in self.perform(MAX_TURN_SECONDS):
-                if done.error is not None:
-                    raise done.error
-                assert done.sent is not None
-                return done.sent
+                if done.sent is not None:
+                    return done.sent
+                no_answer = Fault(Kind.SERVICE, "the PUT ended without an answer", where="put")
+                raise done.error or no_answer
 
     # -- inside ---------------------------------------------------------------------------
 
@@ -230,7 +230,8 @@ class Transfer:
 
     def _end(self, slot: Slot, code: int, message: str) -> None:
         job = slot.job
-        assert job is not None
+        if job is None:
+            raise RuntimeError(f"PUT engine: slot {slot.beat.name} ended without a transfer")
         self._multi.remove_handle(slot.curl)
         try:
             sent = self._outcome(slot, job, code, message)
@@ -280,7 +281,8 @@ class Transfer:
 
     def _finish(self, slot: Slot, sent: Sent | None, error: Exception | None) -> None:
         job = slot.job
-        assert job is not None
+        if job is None:
+            raise RuntimeError(f"PUT engine: slot {slot.beat.name} finished without a transfer")
         slot.job = None
         slot.beat.idle()
         os.close(job.body.fd)

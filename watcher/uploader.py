@@ -5,7 +5,8 @@ URLs and hands each (file, URL) to a ready queue; one transfer thread takes them
 drives up to `upload_concurrency` PUTs at once through libcurl (transfer.py). The ready queue
 holds one batch: the next batch's URLs are asked for while the current one is sent, instead of
 every PUT waiting out each API call, and never for a whole backlog. Every failure arrives as a
-`Fault`; `fates.after_fault` decides what happens to the file and `_settle` does it.
+`Fault` (the file's own troubles too: gone, changed, not a regular file); `fates.decide` says
+what happens to the file next and `_settle` does it.
 
 Before a file's URL is asked for, the dispatcher checks that the file could be moved afterwards
 (its folder's permissions, and done/'s and failed/'s): a file that could not is never sent. It
@@ -27,7 +28,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .api import ApiClient, SignedUrl, name_cost, packed
-from .fates import Blocked, Next, after_fault
+from .fates import LET_GO, Blocked, Happened, Next, decide
 from .faults import Fault, Kind, backoff_seconds, names_fault
 from .finisher import Finisher
 from .gate import Gates
@@ -37,7 +38,7 @@ from .logs import event
 from .metrics import Metrics
 from .mover import Looked
 from .settings import Settings
-from .transfer import Done, FileChanged, FileGone, NotRegular, Transfer
+from .transfer import Done, Sent, Transfer
 from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -263,7 +264,7 @@ class Uploader:
     def _start(self, ticket: Ticket) -> None:
         item = ticket.item
         if url_is_stale(ticket.url, ticket.received_at, time.time()):
-            self._work.put_back(item)  # a fresh URL, no attempt used
+            self._work.put_back(decide(item, Happened.URL_STALE, 0).item)  # Next.FRESH_URL
             return
         item = item.sending()
         rel, size = item.spot.rel, item.snapshot.size
@@ -276,27 +277,17 @@ class Uploader:
 
         try:
             self._transfer.start(ticket.url, item, progress, ticket)
-        except (Fault, FileGone, NotRegular, FileChanged) as exc:
-            self._ended(Done(ticket, item, None, exc))
+        except Fault as fault:
+            self._ended(Done(ticket, item, None, fault))
 
     def _ended(self, done: Done) -> None:
-        """Settle one PUT's outcome, as `after_fault` and the finisher decide."""
-        item, error = done.item, done.error
+        """Settle one PUT's outcome: stored, or a fault (the file's own included)."""
+        item = done.item
         try:
-            if isinstance(error, Fault):
-                self._settle(item, error)
-            elif isinstance(error, FileGone):
-                self._forget(item, "vanished", "removed before it was uploaded")
-            elif isinstance(error, NotRegular):
-                self._forget(item, "skipped", f"{error}, not a regular file")
-            elif isinstance(error, FileChanged):
-                self._work.release(item.path)
-                event(log, "changed", file=item.spot.rel, reason=str(error))
-                self._hand_back([item.spot])
-            elif done.sent is not None:
-                self._gates.storage.fine()
-                assert isinstance(done.tag, Ticket)
-                self._finish.done(item, done.sent, urlsplit(done.tag.url.url).path)
+            if done.sent is not None:
+                self._stored(item, done.sent, done.tag)
+            elif isinstance(done.error, Fault):
+                self._settle(item, done.error)
         finally:
             with self._lock:
                 self.sending -= 1
@@ -304,21 +295,28 @@ class Uploader:
 
     # -- outcomes --------------------------------------------------------------------------
 
+    def _stored(self, item: Item, sent: Sent, tag: object) -> None:
+        """Do what `decide` says for a stored file (Next.MOVE): to the finisher, for done/."""
+        fate = decide(item, Happened.STORED, self._settings.max_attempts)
+        self._gates.storage.fine()
+        path = urlsplit(tag.url.url).path if isinstance(tag, Ticket) else ""
+        self._finish.done(fate.item, sent, path)
+
     def _settle(self, item: Item, fault: Fault) -> None:
-        """Do what `after_fault` decides for the file."""
-        step = after_fault(fault.kind, item, self._settings.max_attempts)
+        """Do what `decide` says for the file after a fault: one action per step."""
+        fate = decide(item, fault.kind, self._settings.max_attempts)
+        step, item = fate.next, fate.item
         if step is Next.BACK_OFF:
             self._gates.trouble(fault)
             self._work.put_back(item)
         elif step is Next.FRESH_URL:
-            self._work.put_back(item.expired_again())
+            self._work.put_back(item)
         elif step is Next.CHECK_CLOCK:
             clock = "signed URLs keep arriving expired: check this host's clock"
             self._gates.storage.trouble(Fault(Kind.SERVICE, clock, where="put"))
-            self._work.put_back(item.expired_again())
+            self._work.put_back(item)
         elif step is Next.RETRY:
             self._metrics.retried(fault.where or "urls", fault.family)
-            item = item.retried()
             s = self._settings
             wait = backoff_seconds(
                 item.attempts, s.retry_initial_seconds, s.retry_max_seconds, random.random()
@@ -333,11 +331,10 @@ class Uploader:
                 reason=fault.reason,
             )
             self._work.put_back(item, time.monotonic() + wait)
-        else:
-            self._finish.fail(
-                item.retried() if fault.kind is Kind.FILE else item, fault.reason, fault.status
-            )
-
-    def _forget(self, item: Item, name: str, reason: str) -> None:
-        self._work.release(item.path)
-        event(log, name, file=item.spot.rel, reason=reason)
+        elif step is Next.FAIL:
+            self._finish.fail(item, fault.reason, fault.status)
+        else:  # FORGET or SETTLE_AGAIN: its name is let go
+            self._work.release(item.path)
+            event(log, LET_GO[fault.kind], file=item.spot.rel, reason=fault.reason)
+            if step is Next.SETTLE_AGAIN:
+                self._hand_back([item.spot])
