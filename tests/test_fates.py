@@ -18,7 +18,7 @@ from watcher.fates import (
     MoveRetries,
     Next,
     Stuck,
-    after_fault,
+    decide,
     moved_intact,
 )
 from watcher.faults import Fault, Kind
@@ -64,7 +64,7 @@ ITEM = Item(Spot(Path("/d/a.csv"), "a.csv", "a.csv", None), Snapshot(1, 2, 3, 4,
 )
 def test_a_files_next_step_after_a_fault(kind, attempts, expired, max_attempts, expected):
     item = Item(ITEM.spot, ITEM.snapshot, attempts=attempts, expired=expired)
-    assert after_fault(kind, item, max_attempts) is expected
+    assert decide(item, kind, max_attempts).next is expected
 
 
 @pytest.mark.parametrize(

@@ -105,11 +105,6 @@ def decide(item: Item, what: Kind | Happened, max_attempts: int) -> Fate:
     return Fate(STEPS[what], item)
 
 
-def after_fault(kind: Kind, item: Item, max_attempts: int) -> Next:
-    """The next step alone after a classified fault (`decide`'s, without the new state)."""
-    return decide(item, kind, max_attempts).next
-
-
 def moved_intact(moved: os.stat_result, uploaded: Snapshot) -> bool:
     """Is the file now in done/ (or failed/) the version that was uploaded (or refused)?
 
