@@ -17,14 +17,12 @@ import certifi
 import pycurl
 import pytest
 
-from tests.conftest import make_settings, wait_for
-from tests.test_operations import receipts
-from tests.test_pipeline import done_soon, write
+from tests.conftest import make_settings
+from tests.helpers import done_soon, item_for, receipts, wait_for, write
 from watcher.api import SignedUrl
 from watcher.body import etag_matches
 from watcher.curlerrors import Failure, curl_fault, openssl_words
 from watcher.faults import Fault, Kind
-from watcher.items import Item, Snapshot, Spot
 from watcher.network import Network
 from watcher.pacing import RateLimit, stall_rate, stalled
 from watcher.service import Service
@@ -129,10 +127,6 @@ def server() -> Iterator[RawServer]:
     running = RawServer()
     yield running
     running.close()
-
-
-def item_for(path: Path) -> Item:
-    return Item(Spot(path, path.name, path.name, None), Snapshot.of(os.stat(path)))
 
 
 def file_of(tmp_path: Path, data: bytes, name: str = "a.csv") -> Path:

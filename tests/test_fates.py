@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Captured
-from tests.test_pipeline import write
+from tests.helpers import write
 from watcher.fates import (
     FolderTrouble,
     MoveRetries,

@@ -13,20 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Captured, Child, Folders, wait_for
-from tests.test_pipeline import done_soon, write
+from tests.conftest import Captured
+from tests.helpers import Child, Folders, daemon_env, done_soon, wait_for, write
 from watcher.sandbox import Sandbox
 
 
 def child_env(sandbox: Sandbox, folders: Folders, **extra: str) -> dict[str, str]:
-    return {
-        **sandbox.env(),
-        "PRODUCTIV_DROP_DIR": str(folders.drop),
-        "PRODUCTIV_SETTLE_SECONDS": "0.2",
-        "PRODUCTIV_RETRY_INITIAL_SECONDS": "0.05",
-        "PRODUCTIV_RETRY_MAX_SECONDS": "0.2",
-        **extra,
-    }
+    """`daemon_env`, settling and retrying briskly (a long outage is many retries)."""
+    brisk = {"PRODUCTIV_SETTLE_SECONDS": "0.2", "PRODUCTIV_RETRY_MAX_SECONDS": "0.2"}
+    return daemon_env(sandbox, folders, **{**brisk, **extra})
 
 
 def rss_kib(pid: int) -> int:

@@ -9,85 +9,24 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
-    ROOT,
-    Captured,
-    Daemon,
-    Folders,
-    make_settings,
-    subprocess_daemon,
-    wait_for,
-)
+from tests.conftest import Captured, Daemon, make_settings, subprocess_daemon
+from tests.helpers import ROOT, NotifySocket, daemon_env, wait_for
 from watcher.sandbox import Sandbox
-
-
-class NotifySocket:
-    """A Unix datagram socket standing in for systemd's; records (time, message) pairs."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
-        self.sock.settimeout(0.1)
-        self.messages: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, name="notify-socket")
-        self._thread.start()
-
-    def _read(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            self.messages.append((time.monotonic(), data.decode()))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sock.close()
-
-    def texts(self, prefix: str) -> list[str]:
-        return [
-            line for _, m in self.messages for line in m.splitlines() if line.startswith(prefix)
-        ]
-
-    def times(self, line: str) -> list[float]:
-        return [t for t, m in self.messages if line in m.splitlines()]
-
-
-@pytest.fixture
-def notify(tmp_path: Path) -> Iterator[NotifySocket]:
-    sock = NotifySocket(str(tmp_path / "notify.sock"))
-    yield sock
-    sock.close()
-
-
-def env_for(
-    sandbox: Sandbox, folders: Folders, notify: NotifySocket, **extra: str
-) -> dict[str, str]:
-    return {
-        **sandbox.env(),
-        "PRODUCTIV_DROP_DIR": str(folders.drop),
-        "PRODUCTIV_SETTLE_SECONDS": "0.3",
-        "NOTIFY_SOCKET": notify.address,
-        **extra,
-    }
 
 
 def test_ready_status_watchdog_and_stopping_reach_systemd(sandbox, folders, notify):
     for n in range(3):
         (folders.drop / f"f{n}.csv").write_bytes(b"x")
-    env = env_for(sandbox, folders, notify, WATCHDOG_USEC="400000")  # a ping every 0.2 s
+    env = daemon_env(
+        sandbox, folders, NOTIFY_SOCKET=notify.address, WATCHDOG_USEC="400000"
+    )  # a ping every 0.2 s
     with subprocess_daemon(env) as proc:
         wait_for(lambda: notify.texts("READY=1"))
         wait_for(lambda: any("3 uploaded" in s for s in notify.texts("STATUS=")))
@@ -107,7 +46,7 @@ def test_ready_status_watchdog_and_stopping_reach_systemd(sandbox, folders, noti
 def test_the_status_names_an_outage_and_its_error(sandbox, folders, notify):
     sandbox.inject("urls", count=100, status=503)
     (folders.drop / "a.csv").write_bytes(b"x")
-    with subprocess_daemon(env_for(sandbox, folders, notify)) as proc:
+    with subprocess_daemon(daemon_env(sandbox, folders, NOTIFY_SOCKET=notify.address)) as proc:
         wait_for(lambda: any("retrying" in s for s in notify.texts("STATUS=")))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
@@ -117,10 +56,10 @@ def test_the_status_names_an_outage_and_its_error(sandbox, folders, notify):
 
 def test_no_watchdog_ping_while_the_uploader_is_wedged(sandbox, folders, notify):
     sandbox.inject("put", count=1, delay=30)  # the storage accepts the body, then never answers
-    env = env_for(
+    env = daemon_env(
         sandbox,
         folders,
-        notify,
+        NOTIFY_SOCKET=notify.address,
         WATCHDOG_USEC="400000",
         PRODUCTIV_REQUEST_TIMEOUT_SECONDS="60",
         PRODUCTIV_SHUTDOWN_TIMEOUT_SECONDS="0.5",
@@ -142,7 +81,7 @@ def test_no_watchdog_ping_while_the_uploader_is_wedged(sandbox, folders, notify)
 def test_an_abstract_notify_socket_works(sandbox, folders):
     sock = NotifySocket(f"@productiv-watcher-test-{os.getpid()}")
     try:
-        with subprocess_daemon(env_for(sandbox, folders, sock)) as proc:
+        with subprocess_daemon(daemon_env(sandbox, folders, NOTIFY_SOCKET=sock.address)) as proc:
             wait_for(lambda: sock.texts("READY=1"))
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(15) == 0
@@ -151,7 +90,9 @@ def test_an_abstract_notify_socket_works(sandbox, folders):
 
 
 def test_watchdog_pings_only_for_the_pid_systemd_named(sandbox, folders, notify):
-    env = env_for(sandbox, folders, notify, WATCHDOG_USEC="200000", WATCHDOG_PID="1")
+    env = daemon_env(
+        sandbox, folders, NOTIFY_SOCKET=notify.address, WATCHDOG_USEC="200000", WATCHDOG_PID="1"
+    )
     with subprocess_daemon(env) as proc:
         wait_for(lambda: notify.texts("READY=1"))
         wait_for(lambda: len(notify.texts("STATUS=")) >= 1)
@@ -182,7 +123,7 @@ def test_sighup_applies_what_it_can_and_names_what_needs_a_restart(
     config.write_text(f'drop_dir = "{folders.drop}"\nsettle_seconds = 0.3\nbatch_size = 50\n')
     env = {
         k: v
-        for k, v in env_for(sandbox, folders, notify).items()
+        for k, v in daemon_env(sandbox, folders, NOTIFY_SOCKET=notify.address).items()
         if k not in ("PRODUCTIV_DROP_DIR", "PRODUCTIV_SETTLE_SECONDS")
     }
     with subprocess_daemon(env, "--config", str(config)) as proc:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 from tests.tcpproxy import Link, Record, Relay
 
 Handler = Callable[[socket.socket], None]
