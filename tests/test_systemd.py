@@ -39,7 +39,9 @@ def test_ready_status_watchdog_and_stopping_reach_systemd(sandbox, folders, noti
     assert any("3 waiting" in s for s in statuses) and "STATUS=stopping" in statuses
     pings = notify.times("WATCHDOG=1")
     gaps = sorted(b - a for a, b in itertools.pairwise(pings))
-    assert 0.1 <= gaps[len(gaps) // 2] <= 0.35  # the median gap is about WATCHDOG_USEC / 2
+    # The median gap is about WATCHDOG_USEC / 2: not a ping per turn, and never as late as the
+    # 0.4 s after which systemd would kill the service (as tight as that needs, no tighter).
+    assert 0.1 <= gaps[len(gaps) // 2] < 0.4
     assert notify.texts("STOPPING=1")
 
 
