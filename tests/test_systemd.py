@@ -248,9 +248,19 @@ def test_install_is_idempotent_and_uninstall_keeps_the_files(tmp_path, sandbox):
     subprocess.run([*install, "--secret-file", str(secret)], capture_output=True, check=True)
     assert (etc / "config.toml").read_text() == "app_id = 'mine'\n"  # never overwritten
 
+    units = root / "etc" / "systemd" / "system"
+    wants = units / "multi-user.target.wants"
+    wants.mkdir()  # as `systemctl enable productiv-watcher productiv-watcher@site-b` leave them
+    enabled = {
+        "productiv-watcher.service": "productiv-watcher.service",
+        "productiv-watcher@site-b.service": "productiv-watcher@.service",
+    }
+    for unit, target in enabled.items():
+        (wants / unit).symlink_to(units / target)
     subprocess.run([*install, "--uninstall"], capture_output=True, check=True)
     assert not (root / "opt" / "productiv-watcher").exists()
     assert not (root / "etc" / "systemd" / "system" / "productiv-watcher.service").exists()
+    assert list(wants.iterdir()) == []  # the service's and the instance's enablement links too
     assert (etc / "config.toml").exists() and (etc / "client_secret").exists()
     assert (root / "srv" / "productiv" / "drop" / "waiting.csv").exists()
 
