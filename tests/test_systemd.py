@@ -3,7 +3,6 @@ fail-fast, the units' hardening score and the install script."""
 
 from __future__ import annotations
 
-import ast
 import itertools
 import os
 import re
@@ -263,54 +262,3 @@ def test_install_is_idempotent_and_uninstall_keeps_the_files(tmp_path, sandbox):
     assert list(wants.iterdir()) == []  # the service's and the instance's enablement links too
     assert (etc / "config.toml").exists() and (etc / "client_secret").exists()
     assert (root / "srv" / "productiv" / "drop" / "waiting.csv").exists()
-
-
-def test_every_setting_is_in_the_example_config_and_the_readme():
-    from watcher.settings import Settings
-
-    example = (ROOT / "deploy" / "config.example.toml").read_text()
-    readme = (ROOT / "README.md").read_text()
-    for name in Settings.model_fields:
-        assert re.search(rf"^#? ?{name} = ", example, re.M), f"{name} missing from the example"
-        assert f"`{name}`" in readme, f"{name} missing from the README's table"
-
-
-def test_the_readme_lists_every_setting_a_reload_applies():
-    from watcher.settings import LIVE_SETTINGS
-
-    readme = (ROOT / "README.md").read_text()
-    [said] = re.findall(r"^- `systemctl reload` .*?(?=^- )", readme, re.M | re.S)
-    for name in LIVE_SETTINGS:
-        prefix = name.split("_")[0]
-        assert f"`{name}`" in said or f"`{prefix}_*`" in said, (
-            f"{name} missing from the reload list"
-        )
-
-
-def logged_event_names() -> set[str]:
-    """Every event name the code logs: `event(log, "name", ...)`, `extra={"event": "name"}` and
-    the chores' `Trouble("name", ...)`, read from the source."""
-    names = set()
-    for path in (ROOT / "watcher").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if not isinstance(node, ast.Call):
-                continue
-            called = getattr(node.func, "id", getattr(node.func, "attr", ""))
-            found = {"event": node.args[1:2], "Trouble": node.args[:1]}.get(called, [])
-            for extra in (k.value for k in node.keywords if k.arg == "extra"):
-                if isinstance(extra, ast.Dict):
-                    pairs = zip(extra.keys, extra.values, strict=True)
-                    found += [
-                        v for k, v in pairs if isinstance(k, ast.Constant) and k.value == "event"
-                    ]
-            names |= {n.value for n in found if isinstance(n, ast.Constant)}
-    return names
-
-
-def test_every_logged_event_is_in_the_readmes_table():
-    readme = (ROOT / "README.md").read_text()
-    table = [line.split("|")[1] for line in readme.splitlines() if line.startswith("| `")]
-    documented = {name for cell in table for name in re.findall(r"`([a-z_]+)`", cell)}
-    names = logged_event_names()
-    assert {"started", "folder_not_writable", "scan_failed", "metrics"} <= names  # the reader
-    assert sorted(names - documented) == []

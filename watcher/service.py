@@ -233,7 +233,7 @@ class Service:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise ConfigError(
                     f"drop_dir {self.lock.path.parent}: cannot lock {self.lock.path.name}:"
-                    f" {exc.strerror} (see the README, One daemon per drop folder)"
+                    f" {exc.strerror} (see docs/deployment.md, High availability)"
                 ) from None
             if not self._lock_deferred:
                 self._lock_deferred = True
