@@ -70,7 +70,10 @@ if [ "$uninstall" = 1 ]; then
         # shellcheck disable=SC2086  # one word per instance
         run systemctl disable --now productiv-watcher.service $instances || true
     fi
-    run rm -f "$units/productiv-watcher.service" "$units/productiv-watcher@.service"
+    # What disable removes, for a tree with no systemd running (--root, an image): the
+    # enablement links of the service and of every instance.
+    run rm -f "$units/productiv-watcher.service" "$units/productiv-watcher@.service" \
+        "$units"/*.wants/productiv-watcher.service "$units"/*.wants/productiv-watcher@?*.service
     run rm -rf "$opt"
     if systemd_running; then run systemctl daemon-reload; fi
     say "removed the program and its units; kept $etc and the files in $folders"
@@ -97,7 +100,8 @@ run "$opt/venv/bin/python" -m pip install --quiet --upgrade pip
 src=$(mktemp -d)
 trap 'rm -rf "$src"' EXIT
 run cp -R "$here/pyproject.toml" "$here/README.md" "$here/watcher" "$src/"
-run "$opt/venv/bin/python" -m pip install --quiet --upgrade "$src[metrics]"
+# The versions tested (constraints.txt), not whatever is newest today.
+run "$opt/venv/bin/python" -m pip install --quiet --upgrade -c "$here/constraints.txt" "$src[metrics]"
 
 # 3. Settings and secret: created once, never overwritten.
 run mkdir -p "$etc"

@@ -6,16 +6,12 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +19,21 @@ import pytest
 from hypothesis import HealthCheck, settings
 from pydantic import SecretStr
 
-from tests.helpers import ROOT, Unavailable, Unprivileged, unprivileged
+from tests.helpers import (
+    QUICK,
+    Child,
+    Folders,
+    NotifySocket,
+    assert_no_secrets,
+    leaks,
+    wait_for,
+)
+from tests.unprivileged import Unavailable, Unprivileged, unprivileged
 from watcher import logs
-from watcher.instance import LOCK_NAME
-from watcher.sandbox import CLIENT_SECRET, ISSUED, Sandbox
+from watcher.sandbox import Sandbox
 from watcher.service import Service
 from watcher.settings import Settings
+from watcher.timings import Timings
 
 # The examples are cheap, but on 2 shared cores a busy neighbour can make drawing them look slow:
 # no deadline, and no too_slow verdict, so a loaded machine cannot fail a fuzz test.
@@ -36,35 +41,6 @@ settings.register_profile(
     "shared-cores", deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile("shared-cores")
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
-    """Poll `condition` until it is truthy; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what or condition}")
-        time.sleep(0.02)
-
-
-@dataclass
-class Folders:
-    root: Path
-    drop: Path
-    done: Path
-    failed: Path
-
-    def files(self, folder: Path) -> list[str]:
-        """Relative paths of the regular files below `folder`, sidecars included (not the
-        daemon's own lock file in the drop folder)."""
-        return sorted(
-            str(p.relative_to(folder))
-            for p in folder.rglob("*")
-            if p.is_file() and not p.is_symlink() and p != self.drop / LOCK_NAME
-        )
 
 
 @pytest.fixture
@@ -130,20 +106,6 @@ def logs_json() -> Iterator[Captured]:
     assert_no_secrets(captured.text)
 
 
-FORBIDDEN = (CLIENT_SECRET, "Signature=", "X-Amz-Signature=", "AWSAccessKeyId=", 'access_token": "')
-
-
-def leaks(text: str) -> list[str]:
-    """Secret values and signed-query parts found in `text`: the test secret, every token any
-    sandbox issued, and the parameters that only a signed URL's query carries."""
-    found = [value for value in FORBIDDEN if value in text]
-    return found + [token for token in list(ISSUED) if token in text]
-
-
-def assert_no_secrets(text: str) -> None:
-    assert not leaks(text), f"{leaks(text)!r} leaked into the output"
-
-
 @pytest.fixture(scope="session", autouse=True)
 def redacting_records() -> None:
     """As the daemon does at start: even pytest's own log capture sees only scrubbed records."""
@@ -164,9 +126,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 class Daemon:
     """The service running in-process on a thread of the test."""
 
-    def __init__(self, settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
-        """`reload` is what the daemon reads again on `service.request_reload()` (its SIGHUP)."""
-        self.service = Service(settings, reload=reload)
+    def __init__(
+        self,
+        settings: Settings,
+        reload: Callable[[], Settings] | None = None,
+        timings: Timings = QUICK,
+    ) -> None:
+        """`reload` is what the daemon reads again on `service.request_reload()` (its SIGHUP);
+        `timings` its fixed turns (short unless a test asks for the daemon's own)."""
+        self.service = Service(settings, reload=reload, timings=timings)
         self.status: int | None = None
         self._thread = threading.Thread(target=self._run, name="test-daemon")
 
@@ -187,59 +155,10 @@ class Daemon:
 
 @pytest.fixture
 def daemon(sandbox: Sandbox, folders: Folders, logs_json: Captured) -> Callable[..., Daemon]:
-    def start(**overrides: Any) -> Daemon:
-        return Daemon(make_settings(sandbox, folders, **overrides))
+    def start(timings: Timings = QUICK, **overrides: Any) -> Daemon:
+        return Daemon(make_settings(sandbox, folders, **overrides), timings=timings)
 
     return start
-
-
-class Child:
-    """`productiv-watcher run` as a real child process; its stderr lines collected as they come."""
-
-    def __init__(
-        self,
-        env: dict[str, str],
-        *args: str,
-        command: Sequence[str] = (sys.executable, "-m", "watcher"),
-        cwd: Path = ROOT,
-    ) -> None:
-        """`command` runs `python -m watcher`: `as_nobody.argv` runs it as nobody (cwd="/")."""
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("PRODUCTIV_")}
-        full_env.update(env)
-        self.proc = subprocess.Popen(
-            [*command, "run", *args],
-            env=full_env,
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            text=True,
-            cwd=cwd,
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, name="child-stderr")
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-
-    @property
-    def stderr(self) -> str:
-        return "\n".join(self.lines)
-
-    def send_signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
-
-    def wait(self, timeout: float) -> int:
-        status = self.proc.wait(timeout)
-        self._reader.join(timeout)
-        return status
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.wait(10)
-        assert_no_secrets(self.stderr)
 
 
 @pytest.fixture
@@ -261,6 +180,13 @@ def subprocess_daemon(env: dict[str, str], *args: str) -> Iterator[Child]:
         child.close()
 
 
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifySocket]:
+    sock = NotifySocket(str(tmp_path / "notify.sock"))
+    yield sock
+    sock.close()
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_threads() -> Iterator[None]:
     before = set(threading.enumerate())
@@ -274,7 +200,7 @@ def no_leaked_threads() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def as_nobody() -> Iterator[Unprivileged]:
-    """How to run the daemon as `nobody` from a copy it can read (tests/helpers.py), or a skip
+    """How to run the daemon as `nobody` from a copy it can read (tests/unprivileged.py), or a skip
     that says what to do. Built once per session (per xdist worker) on first use."""
     site = Path(tempfile.mkdtemp(prefix="pw-site-"))
     try:

@@ -1,161 +1,258 @@
-"""Running the daemon as an unprivileged user, from any checkout.
+"""What several test modules share, in one place (test modules never import each other):
+deadline waits, files, the daemon as a child process and its environment, the command line,
+a stand-in for systemd's notify socket, receipts, a bounded call.
 
-Root ignores file modes, so a permission test runs `python -m watcher` as `nobody`. What that
-process needs is often out of nobody's reach: a checkout inside a private folder (mode 0700, what
-`mktemp -d` makes and what root's home is), the editable install and the `.venv` inside it, and
-an interpreter under /root (pyenv). So, once per test session, the package and its runtime
-dependencies are copied into a temporary folder every user can read, and they run on a Python of
-the same version (the compiled wheels need it) that nobody can execute by its own rights.
-
-Use the fixtures in conftest.py: `as_nobody` (this module's `Unprivileged`, or a skip that says
-what to do) and `nobody_tmp` (a fresh folder nobody can traverse; pytest's tmp_path is private).
+Fixtures live in conftest.py; running as `nobody` in tests/unprivileged.py.
 """
 
 from __future__ import annotations
 
-import compileall
+import json
 import os
-import pwd
-import shutil
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
+from typing import Any
 
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
+import pytest
+
+from watcher.instance import LOCK_NAME
+from watcher.items import Item, Snapshot, Spot
+from watcher.network import Network, ca_file
+from watcher.sandbox import CLIENT_SECRET, ISSUED, Sandbox
+from watcher.timings import Timings
 
 ROOT = Path(__file__).resolve().parent.parent
-VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
-PROBE = (
-    f"import os, sys; print(sys.version_info[:2] == {sys.version_info[:2]!r}"
-    " and os.access(sys.executable, os.X_OK))"
+
+# The daemon's fixed turns, short: a test sees the next look at the drop folder (or the next
+# retention sweep, the next standby try) within a fraction of a second instead of 10 s.
+QUICK = Timings(
+    check_seconds=0.25, idle_wake_seconds=1.0, folder_check_seconds=0.2, standby_retry_seconds=0.2
 )
+# `python -m watcher` with QUICK timings: the command line's arguments follow, as after -m.
+QUICK_WATCHER = (
+    sys.executable,
+    "-c",
+    "import sys; from watcher.cli import main; from watcher.timings import Timings; "
+    f"sys.exit(main(timings={QUICK!r}))",
+)
+DIRECT = Network(None, {}, ca_file(None), None)  # no proxy, certifi's CAs
 
 
-class Unavailable(Exception):
-    """This machine cannot run the daemon as nobody; the message says what to do instead."""
+def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
+    """Poll `condition` until it is truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what or condition}")
+        time.sleep(0.02)
 
 
-@dataclass(frozen=True)
-class Unprivileged:
-    """How to run `python -m watcher ...` as `user`, with none of the checkout's files.
+@dataclass
+class Folders:
+    root: Path
+    drop: Path
+    done: Path
+    failed: Path
 
-    `argv` ends with `-m watcher`: append the command (`run`, `check`...). Merge `env` (which
-    points PYTHONPATH at the copy) into the child's environment, start it with `cwd="/"` (the
-    checkout may be unreadable), and hand it its folders with `own()`, under a `nobody_tmp`.
-    With `tests.conftest.Child`: `Child({**env, **nobody.env}, command=nobody.argv, cwd=Path("/"))`.
-    """
-
-    user: str
-    uid: int
-    gid: int
-    python: str
-    site: Path
-    prefix: tuple[str, ...]
-
-    @property
-    def argv(self) -> tuple[str, ...]:
-        return (*self.prefix, self.python, "-m", "watcher")
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {"PYTHONPATH": str(self.site), "PYTHONNOUSERSITE": "1"}
-
-    def own(self, *paths: Path) -> None:
-        for path in paths:
-            os.chown(path, self.uid, self.gid)
-
-
-def privilege_drop(user: str = "nobody") -> tuple[str, ...]:
-    """The command prefix that runs what follows as `user`, or Unavailable saying why not."""
-    if os.geteuid() != 0:
-        raise Unavailable(f"needs root to run the daemon as {user}: run `make test` as root")
-    if not shutil.which("setpriv"):
-        raise Unavailable("needs setpriv (util-linux) to run the daemon as another user")
-    try:
-        entry = pwd.getpwnam(user)
-    except KeyError:
-        raise Unavailable(f"needs a user {user} to run the daemon as") from None
-    return ("setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups")
-
-
-def find_python(prefix: tuple[str, ...]) -> str:
-    """A Python of this version that the user of `prefix` can run by its own rights.
-
-    The one running the tests comes first. setpriv still holds root's capabilities when it
-    execs, so an interpreter under a private folder may start anyway, but then loads another
-    libpython and stdlib than its own: the probe asks for execute access as the user itself.
-    """
-    candidates = [Path(sys.base_prefix, "bin", f"python{VERSION}")]
-    candidates += [Path(folder, f"python{VERSION}") for folder in ("/usr/local/bin", "/usr/bin")]
-    for python in dict.fromkeys(str(c) for c in candidates if c.exists()):
-        probe = subprocess.run(
-            [*prefix, python, "-I", "-c", PROBE], capture_output=True, text=True, check=False
+    def files(self, folder: Path) -> list[str]:
+        """Relative paths of the regular files below `folder`, sidecars included (not the
+        daemon's own lock file in the drop folder)."""
+        return sorted(
+            str(p.relative_to(folder))
+            for p in folder.rglob("*")
+            if p.is_file() and not p.is_symlink() and p != self.drop / LOCK_NAME
         )
-        if probe.stdout.strip() == "True":
-            return python
-    raise Unavailable(
-        f"nobody cannot run a Python {VERSION} (tried {', '.join(map(str, candidates))}): "
-        f"install python{VERSION} for all users (apt-get install python{VERSION}) "
-        "or let others reach this interpreter's folder"
-    )
 
 
-def runtime_files(
-    name: str = "productiv-watcher", extras: tuple[str, ...] = ("metrics",)
-) -> Iterator[tuple[Path, Path]]:
-    """(where, name in site-packages) of every installed file of `name`'s dependencies."""
-    seen: set[str] = set()
-    wanted = [Requirement(r) for r in metadata.requires(name) or []]
-    while wanted:
-        requirement = wanted.pop()
-        key = canonicalize_name(requirement.name)
-        marker = requirement.marker
-        if key in seen or (marker and not any(marker.evaluate({"extra": e}) for e in extras)):
-            continue
-        seen.add(key)
-        dist = metadata.distribution(requirement.name)
-        wanted += [Requirement(r) for r in dist.requires or []]
-        base = Path(str(dist.locate_file("")))
-        for file in dist.files or []:
-            if not str(file).startswith(".."):  # console scripts in bin/ are not needed
-                yield base / file, Path(file)
+FORBIDDEN = (CLIENT_SECRET, "Signature=", "X-Amz-Signature=", "AWSAccessKeyId=", 'access_token": "')
 
 
-def install_copy(site: Path) -> None:
-    """The package and its runtime dependencies copied into `site` (readable by all), compiled."""
-    for source, relative in runtime_files():
-        (site / relative).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, site / relative)
-    shutil.copytree(
-        ROOT / "watcher", site / "watcher", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    compileall.compile_dir(site / "watcher", quiet=1)  # nobody cannot write its own caches
-    for folder, _, files in os.walk(site):  # whatever the umask was when they were installed
-        os.chmod(folder, 0o755)
-        for name in files:
-            path = Path(folder, name)
-            path.chmod(path.stat().st_mode | 0o444)
+def leaks(text: str) -> list[str]:
+    """Secret values and signed-query parts found in `text`: the test secret, every token any
+    sandbox issued, and the parameters that only a signed URL's query carries."""
+    found = [value for value in FORBIDDEN if value in text]
+    return found + [token for token in list(ISSUED) if token in text]
 
 
-def unprivileged(site: Path, user: str = "nobody") -> Unprivileged:
-    """Fill `site` and return how to run the daemon as `user` from it (see the module docstring)."""
-    prefix = privilege_drop(user)
-    python = find_python(prefix)
-    install_copy(site)
-    entry = pwd.getpwnam(user)  # privilege_drop checked it exists
-    nobody = Unprivileged(user, entry.pw_uid, entry.pw_gid, python, site, prefix)
-    check = subprocess.run(
-        [*prefix, python, "-c", "import watcher.cli, watcher.service"],
-        env={**os.environ, **nobody.env},
+def assert_no_secrets(text: str) -> None:
+    assert not leaks(text), f"{leaks(text)!r} leaked into the output"
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without any PRODUCTIV_ setting of the caller's shell."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PRODUCTIV_")}
+
+
+def daemon_env(sandbox: Sandbox, folders: Folders, **extra: str) -> dict[str, str]:
+    """The settings of a daemon child on the sandbox and these folders, quick to settle and
+    to retry; `extra` adds or overrides (NOTIFY_SOCKET, PRODUCTIV_...)."""
+    return {
+        **sandbox.env(),
+        "PRODUCTIV_DROP_DIR": str(folders.drop),
+        "PRODUCTIV_SETTLE_SECONDS": "0.3",
+        "PRODUCTIV_RETRY_INITIAL_SECONDS": "0.05",
+        **extra,
+    }
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, config: Path | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """`productiv-watcher ARGS [--config CONFIG]` to its end; no secret in what it printed."""
+    more = ("--config", str(config)) if config is not None else ()
+    result = subprocess.run(
+        [sys.executable, "-m", "watcher", *args, *more],
+        env={**clean_env(), **(env or {})},
         capture_output=True,
         text=True,
-        cwd="/",
+        timeout=timeout,
+        cwd=ROOT,
         check=False,
     )
-    if check.returncode != 0:
-        raise RuntimeError(f"the copy in {site} does not import as {user}:\n{check.stderr}")
-    return nobody
+    assert_no_secrets(result.stdout + result.stderr)
+    return result
+
+
+class Child:
+    """`productiv-watcher run` as a real child process; its stderr lines collected as they come."""
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        *args: str,
+        command: Sequence[str] = QUICK_WATCHER,
+        cwd: Path = ROOT,
+    ) -> None:
+        """`command` runs `python -m watcher` (with QUICK timings unless told otherwise):
+        `as_nobody.argv` runs it as nobody (cwd="/")."""
+        self.proc = subprocess.Popen(
+            [*command, "run", *args],
+            env={**clean_env(), **env},
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            cwd=cwd,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, name="child-stderr")
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.lines)
+
+    def send_signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        status = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return status
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.wait(10)
+        assert_no_secrets(self.stderr)
+
+
+class NotifySocket:
+    """A Unix datagram socket standing in for systemd's; records (time, message) pairs."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="notify-socket")
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+    def texts(self, prefix: str) -> list[str]:
+        return [
+            line for _, m in self.messages for line in m.splitlines() if line.startswith(prefix)
+        ]
+
+    def times(self, line: str) -> list[float]:
+        return [t for t, m in self.messages if line in m.splitlines()]
+
+
+def write(path: Path, data: bytes | str = b"x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def done_soon(folders: Folders, *rels: str, timeout: float = 15) -> None:
+    wait_for(lambda: all((folders.done / r).exists() for r in rels), timeout, f"{rels} in done/")
+
+
+def receipts(folders: Folders) -> list[dict[str, Any]]:
+    path = folders.root / "state" / "receipts.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def item_for(path: Path) -> Item:
+    return Item(Spot(path, path.name, path.name, None), Snapshot.of(os.stat(path)))
+
+
+def finishes(call: Callable[[], Any], seconds: float) -> Any:
+    """The call's result (or exception) when it ends within `seconds`; fails the test if not."""
+    result: list[Any] = []
+
+    def run() -> None:
+        try:
+            result.append(call())
+        except Exception as exc:  # handed to the test
+            result.append(exc)
+
+    thread = threading.Thread(target=run, name="bounded-call", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still reading the answer after {seconds} s"
+    return result[0]
+
+
+def inotify_masks() -> dict[int, int]:
+    """inode -> event mask of every inotify watch this process holds (from /proc/self/fdinfo)."""
+    masks = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
+                continue
+            info = Path(f"/proc/self/fdinfo/{fd}").read_text()
+        except OSError:
+            continue  # closed meanwhile
+        for line in info.splitlines():
+            if line.startswith("inotify wd:"):
+                fields = dict(part.split(":", 1) for part in line.split()[1:5])
+                masks[int(fields["ino"], 16)] = int(fields["mask"], 16)
+    return masks

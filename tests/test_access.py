@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import cli
+from tests.helpers import cli
 from watcher.access import MOVE, STICKY, Seen, User, blocker, fix, permits, problem, refusal
 
 NOBODY, NOGROUP = 65534, 65534

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from tests.conftest import make_settings, wait_for
+from tests.conftest import make_settings
+from tests.helpers import wait_for
 from watcher.api import ApiClient, SignedUrl
 from watcher.faults import Fault, Kind
 from watcher.sandbox import Sandbox

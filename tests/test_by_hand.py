@@ -12,18 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import Child
-from tests.test_fates_field import child_env, field
-from tests.test_pipeline import done_soon
-
-
-def installed_layout(f) -> None:  # type: ignore[no-untyped-def]
-    """drop, done and failed 2770 owned by the service and the drop group, drop/users made."""
-    for folder in (f.folders.done, f.folders.failed, f.folders.drop / "users"):
-        folder.mkdir(exist_ok=True)
-    for folder in (f.folders.drop, f.folders.done, f.folders.failed, f.folders.drop / "users"):
-        os.chown(folder, f.service, f.drop_gid)
-        folder.chmod(0o2770)
+from tests.helpers import Child, clean_env, done_soon
+from tests.unprivileged import field, installed_layout
 
 
 def owners(*paths: Path) -> set[int]:
@@ -79,7 +69,7 @@ def test_retry_failed_run_as_root_makes_type_folders_the_service_can_move_files_
         try:
             done = subprocess.run(
                 [sys.executable, "-m", "watcher", "retry-failed"],
-                env={**child_env(), "PRODUCTIV_DROP_DIR": str(f.folders.drop)},
+                env={**clean_env(), "PRODUCTIV_DROP_DIR": str(f.folders.drop)},
                 capture_output=True,
                 text=True,
                 check=False,

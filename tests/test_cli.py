@@ -11,38 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Folders, assert_no_secrets, subprocess_daemon, wait_for
+from tests.conftest import subprocess_daemon
+from tests.helpers import ROOT, assert_no_secrets, cli, daemon_env, wait_for
 from watcher import __version__
-from watcher.sandbox import Sandbox
 from watcher.settings import Settings
-
-
-def cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 30
-) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PRODUCTIV_")}
-    full_env.update(env or {})
-    result = subprocess.run(
-        [sys.executable, "-m", "watcher", *args],
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        check=False,
-    )
-    assert_no_secrets(result.stdout + result.stderr)
-    return result
-
-
-def daemon_env(sandbox: Sandbox, folders: Folders, **extra: str) -> dict[str, str]:
-    return {
-        **sandbox.env(),
-        "PRODUCTIV_DROP_DIR": str(folders.drop),
-        "PRODUCTIV_SETTLE_SECONDS": "0.3",
-        "PRODUCTIV_RETRY_INITIAL_SECONDS": "0.05",
-        **extra,
-    }
 
 
 @pytest.mark.parametrize("command", ["", "run", "check", "upload", "sandbox", "demo"])

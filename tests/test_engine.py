@@ -17,14 +17,12 @@ import certifi
 import pycurl
 import pytest
 
-from tests.conftest import make_settings, wait_for
-from tests.test_operations import receipts
-from tests.test_pipeline import done_soon, write
+from tests.conftest import make_settings
+from tests.helpers import done_soon, item_for, receipts, wait_for, write
 from watcher.api import SignedUrl
 from watcher.body import etag_matches
 from watcher.curlerrors import Failure, curl_fault, openssl_words
 from watcher.faults import Fault, Kind
-from watcher.items import Item, Snapshot, Spot
 from watcher.network import Network
 from watcher.pacing import RateLimit, stall_rate, stalled
 from watcher.service import Service
@@ -81,7 +79,9 @@ class RawServer:
     def _one(self, conn: socket.socket) -> None:
         with conn:
             if self.rate:
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+                # Small, so the sender feels the rate; not smaller: with 8 KiB, loopback TCP stalls
+                # on its tiny window and the link runs at a third of `rate`.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
             data = b""
             while b"\r\n\r\n" not in data:
                 chunk = conn.recv(65536)
@@ -129,10 +129,6 @@ def server() -> Iterator[RawServer]:
     running = RawServer()
     yield running
     running.close()
-
-
-def item_for(path: Path) -> Item:
-    return Item(Spot(path, path.name, path.name, None), Snapshot.of(os.stat(path)))
 
 
 def file_of(tmp_path: Path, data: bytes, name: str = "a.csv") -> Path:
@@ -225,9 +221,9 @@ def test_a_file_that_grows_while_it_is_sent_is_a_changed_file(server, tmp_path):
 
 
 def test_a_slow_link_finishes_when_it_keeps_moving(tmp_path):
-    """2 MiB at 256 KiB/s takes 8 s, far past request_timeout_seconds: it is not a stall."""
+    """1.25 MiB at 256 KiB/s takes 5 s, far past request_timeout_seconds: it is not a stall."""
     slow = RawServer(rate=256 * 1024)
-    data = os.urandom(2 * 1024 * 1024)
+    data = os.urandom(5 * 256 * 1024)
     try:
         transfer = Transfer(1.0, 1, network=DIRECT)
         sent = transfer.put(

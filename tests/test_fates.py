@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Captured
-from tests.test_pipeline import write
+from tests.helpers import wait_for, write
 from watcher.fates import (
     FolderTrouble,
     MoveRetries,
@@ -105,7 +105,9 @@ def test_a_failed_route_waits_its_backoff_and_holds_new_outcomes_untried():
 
 def test_a_moved_file_is_checked_against_the_version_that_was_sent(tmp_path):
     sent = Snapshot.of(os.lstat(write(tmp_path / "a.csv", b"sent")))
-    time.sleep(0.01)  # a ctime the rename will change
+    wait_for(  # a ctime the rename will change: the file system's clock has moved on
+        lambda: os.lstat(write(tmp_path / "tick", b"")).st_ctime_ns > sent.ctime_ns, 5, "a tick"
+    )
     (tmp_path / "a.csv").rename(tmp_path / "moved.csv")
     assert moved_intact(os.lstat(tmp_path / "moved.csv"), sent)  # the rename's new ctime is fine
     write(tmp_path / "other.csv", b"sent").replace(tmp_path / "moved.csv")

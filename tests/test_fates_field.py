@@ -9,124 +9,15 @@ write. The sandbox records every request, so a second PUT of any object shows.
 
 from __future__ import annotations
 
-import json
 import os
-import pwd
 import secrets
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from tests.conftest import Child, Folders, wait_for
-from tests.helpers import Unprivileged
-from tests.test_pipeline import done_soon, write
-from tests.test_systemd import NotifySocket
+from tests.helpers import NotifySocket, clean_env, done_soon, wait_for, write
+from tests.unprivileged import field
 from watcher.sandbox import Sandbox
-
-
-def unused_id(known: Any, start: int) -> int:
-    """A user or group id nothing on this host has (the producer, the drop group)."""
-    for number in range(start, start + 1000):
-        try:
-            known(number)
-        except KeyError:
-            return number
-    raise AssertionError("no free id")
-
-
-@dataclass
-class Field:
-    folders: Folders
-    service: int  # nobody's uid
-    producer: int
-    drop_gid: int
-    runner: Unprivileged
-    child: Child | None = None
-
-    def produce(self, path: Path, data: bytes) -> Path:
-        """A file as the producer writes it (umask 0027): theirs, the drop group's, 0640."""
-        write(path, data)
-        os.chown(path, self.producer, self.drop_gid)
-        path.chmod(0o640)
-        return path
-
-    def start(self, sandbox: Sandbox, **env: str) -> Child:
-        """The daemon as nobody, in the drop group only (as the unit's user would be)."""
-        settings = {
-            **sandbox.env(),
-            "PRODUCTIV_DROP_DIR": str(self.folders.drop),
-            "PRODUCTIV_SETTLE_SECONDS": "0.2",
-            "PRODUCTIV_RETRY_INITIAL_SECONDS": "0.2",
-            "PRODUCTIV_RETRY_MAX_SECONDS": "3",
-            "PRODUCTIV_STATUS_SECONDS": "0.2",
-            "PRODUCTIV_LOG_FORMAT": "json",
-            **self.runner.env,
-            **env,
-        }
-        setpriv = [
-            "setpriv",
-            f"--reuid={self.service}",
-            "--regid=nogroup",
-            f"--groups={self.drop_gid}",
-        ]
-        command = [*setpriv, self.runner.python, "-m", "watcher"]
-        self.child = Child(settings, command=command, cwd=Path("/"))
-        wait_for(lambda: self.events("ready") or self.child.proc.poll() is not None, what="ready")
-        return self.child
-
-    def stop(self) -> None:
-        assert self.child is not None
-        self.child.send_signal(signal.SIGTERM)
-        assert self.child.wait(15) == 0
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        lines = list(self.child.lines) if self.child else []
-        docs = [json.loads(line) for line in lines if line.startswith("{")]
-        return [doc for doc in docs if doc.get("event") == name]
-
-    def status(self) -> dict[str, Any]:
-        path = self.folders.root / "state" / "status.json"
-        return json.loads(path.read_text()) if path.exists() else {}
-
-
-@contextmanager
-def field(runner: Unprivileged) -> Iterator[Field]:
-    import grp
-
-    nobody = pwd.getpwnam("nobody")
-    base = Path(tempfile.mkdtemp(prefix="pw-field-"))  # pytest's tmp_path is private to root
-    setup = Field(
-        Folders(base, base / "drop", base / "done", base / "failed"),
-        nobody.pw_uid,
-        unused_id(pwd.getpwuid, 42000),
-        unused_id(grp.getgrgid, 42000),
-        runner,
-    )
-    try:
-        base.chmod(0o755)
-        setup.folders.drop.mkdir()
-        os.chown(setup.folders.drop, nobody.pw_uid, setup.drop_gid)
-        setup.folders.drop.chmod(0o2770)
-        for folder in (setup.folders.done, setup.folders.failed, base / "state"):
-            folder.mkdir()
-            os.chown(folder, nobody.pw_uid, nobody.pw_gid)
-        yield setup
-    finally:
-        if setup.child is not None:
-            setup.child.close()
-        shutil.rmtree(base)
-
-
-def child_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("PRODUCTIV_")}
 
 
 def puts_per_object(sandbox: Sandbox) -> Counter[str]:
@@ -169,7 +60,7 @@ def test_files_in_a_folder_the_service_cannot_write_wait_unsent_until_it_is_fixe
             assert str(users) in line and "service unavailable" not in line
             shown = subprocess.run(
                 [sys.executable, "-m", "watcher", "status"],
-                env={**child_env(), **sandbox.env(), "PRODUCTIV_DROP_DIR": str(f.folders.drop)},
+                env={**clean_env(), **sandbox.env(), "PRODUCTIV_DROP_DIR": str(f.folders.drop)},
                 capture_output=True,
                 text=True,
                 check=False,

@@ -7,12 +7,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
 import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,8 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import assert_no_secrets, make_settings, wait_for
-from tests.test_cli import cli, daemon_env
+from tests.conftest import make_settings
+from tests.helpers import assert_no_secrets, cli, daemon_env, finishes, item_for, wait_for, write
 from watcher import statusfile
 from watcher.api import (
     MAX_REQUEST_LINE_BYTES,
@@ -34,7 +33,6 @@ from watcher.api import (
     parse_token,
 )
 from watcher.faults import Fault, Kind, classify_put
-from watcher.items import Item, Snapshot, Spot
 from watcher.logs import REDACT, TOKENS_KEPT, Redactor
 from watcher.network import Network, ca_file
 from watcher.notify import SystemdNotifier
@@ -44,16 +42,6 @@ from watcher.transfer import FileChanged, Sent, Transfer
 
 DEEP = "[" * 200_000  # json's C parser raises RecursionError, not ValueError
 DIRECT = Network(None, {}, ca_file(None), None)  # no proxy, certifi's CAs
-
-
-def write(path: Path, data: bytes = b"x") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
-
-
-def item_for(path: Path) -> Item:
-    return Item(Spot(path, path.name, path.name, None), Snapshot.of(os.stat(path)))
 
 
 @pytest.fixture
@@ -231,23 +219,6 @@ def endless_server(trickle: bool) -> Iterator[int]:
         stop.set()
         listener.close()
         thread.join(5)
-
-
-def finishes(call: Callable[[], Any], seconds: float) -> Any:
-    """The call's result (or exception) when it ends within `seconds`; fails the test if not."""
-    result: list[Any] = []
-
-    def run() -> None:
-        try:
-            result.append(call())
-        except Exception as exc:  # handed to the test
-            result.append(exc)
-
-    thread = threading.Thread(target=run, name="bounded-call", daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"still reading the answer after {seconds} s"
-    return result[0]
 
 
 @pytest.mark.parametrize("trickle", [False, True], ids=["flood", "trickle"])

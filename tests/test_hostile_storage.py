@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.test_hostile import DIRECT, finishes, item_for, write
+from tests.helpers import DIRECT, finishes, item_for, write
 from watcher.api import SignedUrl
 from watcher.faults import Fault, Kind
 from watcher.transfer import Sent, Transfer

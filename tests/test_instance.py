@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Child, Folders, assert_no_secrets, make_settings, wait_for
-from tests.test_systemd import env_for, notify  # noqa: F401 (a fixture)
+from tests.conftest import make_settings
+from tests.helpers import ROOT, Child, Folders, assert_no_secrets, daemon_env, wait_for
 from watcher.instance import LOCK_NAME, DropLock, Holder, active_holder, parse_holder
 from watcher.liveness import CANARY_NAME
 from watcher.sandbox import Sandbox
@@ -153,11 +153,13 @@ def test_a_running_daemon_takes_its_lock_back_from_a_producers_replacement(
         service.api.close()
 
 
-def test_a_standby_tells_systemd_pings_and_stops_cleanly(sandbox, folders, notify):  # noqa: F811
+def test_a_standby_tells_systemd_pings_and_stops_cleanly(sandbox, folders, notify):
     holder = DropLock(folders.drop)
     assert holder.acquire() is None  # the "first instance" is this test process
     (folders.drop / "a.csv").write_bytes(b"x")
-    child = Child(env_for(sandbox, folders, notify, WATCHDOG_USEC="400000"))
+    child = Child(
+        daemon_env(sandbox, folders, NOTIFY_SOCKET=notify.address, WATCHDOG_USEC="400000")
+    )
     try:
         want = f"STATUS=standby: the drop folder is held by pid {os.getpid()} on {HOST}"
         wait_for(lambda: notify.texts("READY=1"), what="READY=1")

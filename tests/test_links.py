@@ -6,7 +6,6 @@ records what the storage received and when; rates are measured there, from times
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -16,9 +15,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.conftest import Captured, Daemon, Folders, make_settings, wait_for
+from tests.conftest import Captured, Daemon, make_settings
+from tests.helpers import done_soon, receipts, wait_for, write
 from tests.tcpproxy import Relay
-from tests.test_pipeline import done_soon, write
 from watcher.sandbox import Sandbox
 
 MiB = 1024 * 1024
@@ -35,11 +34,6 @@ def storage_link(sandbox: Sandbox, **link: Any) -> Iterator[Relay]:
     with Relay((str(parts.hostname), int(parts.port or 80)), **link) as relay:
         sandbox.url_base = relay.url  # SigV2 signs the path, not the host: the URLs stay valid
         yield relay
-
-
-def receipts(folders: Folders) -> list[dict[str, Any]]:
-    text = (folders.root / "state" / "receipts.jsonl").read_text()
-    return [json.loads(line) for line in text.splitlines()]
 
 
 # -- slow links finish, dead links are given up -----------------------------------------------

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from tests.conftest import Captured, Child, Folders, wait_for
-from tests.test_cli import cli, daemon_env
-from tests.test_pipeline import write
+from tests.conftest import Captured
+from tests.helpers import Child, Folders, cli, daemon_env, wait_for, write
 from watcher.admin import matches, receipt_key
 from watcher.sandbox import Sandbox
 from watcher.settings import Settings, reloaded, unknown_variables

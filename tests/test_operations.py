@@ -17,16 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Captured, Child, Folders, wait_for
-from tests.test_pipeline import done_soon, write
+from tests.conftest import Captured
+from tests.helpers import Child, Folders, cli, done_soon, receipts, wait_for, write
 from watcher.liveness import HUNG, StatProbe
 from watcher.receipts import Journal
 from watcher.sandbox import Sandbox
-
-
-def receipts(folders: Folders) -> list[dict]:
-    path = folders.root / "state" / "receipts.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_every_outcome_is_receipted_with_the_streamed_checksum(daemon, folders, sandbox):
@@ -72,22 +67,6 @@ def test_the_journal_rotates_by_size_and_keeps_n_files(tmp_path):
     newest = list(journal.newest_first())
     assert newest[0]["file"] == "f199.csv"
     assert [r["file"] for r in newest] == sorted((r["file"] for r in newest), reverse=True)
-
-
-def cli(
-    *args: str, config: Path, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PRODUCTIV_")}
-    full_env.update(env or {})
-    return subprocess.run(
-        [os.sys.executable, "-m", "watcher", *args, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        cwd=ROOT,
-        timeout=30,
-        check=False,
-    )
 
 
 def config_file(folders: Folders, sandbox: Sandbox, extra: str = "") -> Path:

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Captured, Child, Folders, wait_for
-from tests.test_cli import cli, daemon_env
-from tests.test_pipeline import _inotify_masks, done_soon, write
+from tests.conftest import Captured
+from tests.helpers import Child, Folders, cli, daemon_env, done_soon, inotify_masks, wait_for, write
 from watcher.folders import Folders as Descriptors
 from watcher.mover import Mover
 from watcher.overlap import Place, overlapping
@@ -190,8 +189,8 @@ def test_only_the_drop_folder_and_its_type_folders_are_watched(daemon, folders):
         (folders.drop / "other").mkdir()  # made later: watched from its creation
         (folders.drop / "later").mkdir()
         inode = {name: (folders.drop / name).stat().st_ino for name in ("other", "later")}
-        wait_for(lambda: inode["other"] in _inotify_masks(), 5, "the watch on other/")
-        watched = set(_inotify_masks())
+        wait_for(lambda: inode["other"] in inotify_masks(), 5, "the watch on other/")
+        watched = set(inotify_masks())
     tree = {p.stat().st_ino for p in [folders.drop, *folders.drop.rglob("*")]}
     expected = {folders.drop.stat().st_ino} | {
         (folders.drop / t).stat().st_ino for t in ("users", "contracts", "other")

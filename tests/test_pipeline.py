@@ -13,19 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Captured, Child, Folders, wait_for
+from tests.conftest import Captured
+from tests.helpers import Child, done_soon, inotify_masks, wait_for, write
 from watcher import statusfile
+from watcher.timings import DEFAULT
 from watcher.watching import Watcher
-
-
-def write(path: Path, data: bytes | str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data.encode() if isinstance(data, str) else data)
-    return path
-
-
-def done_soon(folders: Folders, *rels: str, timeout: float = 15) -> None:
-    wait_for(lambda: all((folders.done / r).exists() for r in rels), timeout, f"{rels} in done/")
 
 
 def test_files_waiting_at_start_go_up_whole_and_move_to_done(daemon, folders, sandbox):
@@ -94,23 +86,6 @@ def test_files_moved_in_or_renamed_in_place_are_uploaded(daemon, folders, sandbo
     assert sandbox.stored("renamed.csv") == b"renamed"
 
 
-def _inotify_masks() -> dict[int, int]:
-    """inode -> event mask of every inotify watch this process holds (from /proc/self/fdinfo)."""
-    masks = {}
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
-                continue
-            info = Path(f"/proc/self/fdinfo/{fd}").read_text()
-        except OSError:
-            continue  # closed meanwhile
-        for line in info.splitlines():
-            if line.startswith("inotify wd:"):
-                fields = dict(part.split(":", 1) for part in line.split()[1:5])
-                masks[int(fields["ino"], 16)] = int(fields["mask"], 16)
-    return masks
-
-
 # pytest applies its own warning filters per test; the daemon has the one in `watching`
 @pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
 def test_inotify_is_asked_for_created_moved_in_closed_and_folder_gone_only(tmp_path):
@@ -124,8 +99,8 @@ def test_inotify_is_asked_for_created_moved_in_closed_and_folder_gone_only(tmp_p
     watcher = Watcher(drop, "other", (".*",), lambda spots: noticed.extend(s.rel for s in spots))
     watcher.start()
     try:
-        wait_for(lambda: drop.stat().st_ino in _inotify_masks(), 5, "the watch on drop/")
-        masks = _inotify_masks()
+        wait_for(lambda: drop.stat().st_ino in inotify_masks(), 5, "the watch on drop/")
+        masks = inotify_masks()
         wanted = 0x100 | 0x080 | 0x008 | 0x400  # CREATE, MOVED_TO, CLOSE_WRITE, DELETE_SELF
         assert masks[drop.stat().st_ino] & 0xFFFF == wanted
         assert masks[(drop / "users").stat().st_ino] & 0xFFFF == wanted
@@ -183,9 +158,10 @@ def test_the_next_batch_s_urls_are_asked_for_while_the_current_one_is_sent(
 
 def test_a_quiet_daemon_is_woken_by_the_first_new_file(daemon, folders, sandbox):
     """Quiet, the main loop turns only every 10 s (a turn costs CPU even doing nothing); the
-    first noticed file wakes it, so `status` shows an upload far shorter than that."""
+    first noticed file wakes it, so `status` shows an upload far shorter than that. The
+    daemon's own timings here: with the tests' short turns this would pass without the wake."""
     sandbox.inject("put", count=1, delay=3.0)
-    with daemon(status_seconds=0.2) as service:
+    with daemon(timings=DEFAULT, status_seconds=0.2) as service:
         state = service.journal.folder
         wait_for(lambda: statusfile.read(state) is not None, what="the first status file")
         write(folders.drop / "a.csv", b"x")

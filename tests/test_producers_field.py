@@ -7,10 +7,8 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import wait_for
-from tests.test_by_hand import installed_layout
-from tests.test_fates_field import child_env, field
-from tests.test_pipeline import done_soon
+from tests.helpers import clean_env, done_soon, wait_for
+from tests.unprivileged import field, installed_layout
 
 
 def test_a_type_folder_made_with_umask_0077_is_named_once_with_a_fix_that_works(sandbox, as_nobody):
@@ -29,7 +27,7 @@ def test_a_type_folder_made_with_umask_0077_is_named_once_with_a_fix_that_works(
         wait_for(lambda: f.status().get("folders"))
         shown = subprocess.run(
             [sys.executable, "-m", "watcher", "status"],
-            env={**child_env(), "PRODUCTIV_DROP_DIR": str(f.folders.drop)},
+            env={**clean_env(), "PRODUCTIV_DROP_DIR": str(f.folders.drop)},
             capture_output=True,
             text=True,
             check=False,

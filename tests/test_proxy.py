@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import trustme
 
-from tests.conftest import ROOT, Daemon, Folders, make_settings, wait_for
+from tests.conftest import Daemon, make_settings
+from tests.helpers import ROOT, Folders, wait_for
 from tests.proxyserver import Proxy, connect_proxy
 from tests.s3server import rclone_s3, s3_client
 from watcher.api import SignedUrl

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, Folders, make_settings, wait_for
+from tests.conftest import Daemon, make_settings
+from tests.helpers import Folders, wait_for
 from tests.s3server import rclone_s3, s3_client
 from watcher.sandbox import Sandbox
 

@@ -3,91 +3,29 @@ fail-fast, the units' hardening score and the install script."""
 
 from __future__ import annotations
 
-import ast
 import itertools
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
-    ROOT,
-    Captured,
-    Daemon,
-    Folders,
-    make_settings,
-    subprocess_daemon,
-    wait_for,
-)
+from tests.conftest import Captured, Daemon, make_settings, subprocess_daemon
+from tests.helpers import ROOT, NotifySocket, daemon_env, wait_for
 from watcher.sandbox import Sandbox
-
-
-class NotifySocket:
-    """A Unix datagram socket standing in for systemd's; records (time, message) pairs."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
-        self.sock.settimeout(0.1)
-        self.messages: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, name="notify-socket")
-        self._thread.start()
-
-    def _read(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            self.messages.append((time.monotonic(), data.decode()))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sock.close()
-
-    def texts(self, prefix: str) -> list[str]:
-        return [
-            line for _, m in self.messages for line in m.splitlines() if line.startswith(prefix)
-        ]
-
-    def times(self, line: str) -> list[float]:
-        return [t for t, m in self.messages if line in m.splitlines()]
-
-
-@pytest.fixture
-def notify(tmp_path: Path) -> Iterator[NotifySocket]:
-    sock = NotifySocket(str(tmp_path / "notify.sock"))
-    yield sock
-    sock.close()
-
-
-def env_for(
-    sandbox: Sandbox, folders: Folders, notify: NotifySocket, **extra: str
-) -> dict[str, str]:
-    return {
-        **sandbox.env(),
-        "PRODUCTIV_DROP_DIR": str(folders.drop),
-        "PRODUCTIV_SETTLE_SECONDS": "0.3",
-        "NOTIFY_SOCKET": notify.address,
-        **extra,
-    }
 
 
 def test_ready_status_watchdog_and_stopping_reach_systemd(sandbox, folders, notify):
     for n in range(3):
         (folders.drop / f"f{n}.csv").write_bytes(b"x")
-    env = env_for(sandbox, folders, notify, WATCHDOG_USEC="400000")  # a ping every 0.2 s
+    env = daemon_env(
+        sandbox, folders, NOTIFY_SOCKET=notify.address, WATCHDOG_USEC="400000"
+    )  # a ping every 0.2 s
     with subprocess_daemon(env) as proc:
         wait_for(lambda: notify.texts("READY=1"))
         wait_for(lambda: any("3 uploaded" in s for s in notify.texts("STATUS=")))
@@ -100,14 +38,16 @@ def test_ready_status_watchdog_and_stopping_reach_systemd(sandbox, folders, noti
     assert any("3 waiting" in s for s in statuses) and "STATUS=stopping" in statuses
     pings = notify.times("WATCHDOG=1")
     gaps = sorted(b - a for a, b in itertools.pairwise(pings))
-    assert 0.1 <= gaps[len(gaps) // 2] <= 0.35  # the median gap is about WATCHDOG_USEC / 2
+    # The median gap is about WATCHDOG_USEC / 2: not a ping per turn, and never as late as the
+    # 0.4 s after which systemd would kill the service (as tight as that needs, no tighter).
+    assert 0.1 <= gaps[len(gaps) // 2] < 0.4
     assert notify.texts("STOPPING=1")
 
 
 def test_the_status_names_an_outage_and_its_error(sandbox, folders, notify):
     sandbox.inject("urls", count=100, status=503)
     (folders.drop / "a.csv").write_bytes(b"x")
-    with subprocess_daemon(env_for(sandbox, folders, notify)) as proc:
+    with subprocess_daemon(daemon_env(sandbox, folders, NOTIFY_SOCKET=notify.address)) as proc:
         wait_for(lambda: any("retrying" in s for s in notify.texts("STATUS=")))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
@@ -117,10 +57,10 @@ def test_the_status_names_an_outage_and_its_error(sandbox, folders, notify):
 
 def test_no_watchdog_ping_while_the_uploader_is_wedged(sandbox, folders, notify):
     sandbox.inject("put", count=1, delay=30)  # the storage accepts the body, then never answers
-    env = env_for(
+    env = daemon_env(
         sandbox,
         folders,
-        notify,
+        NOTIFY_SOCKET=notify.address,
         WATCHDOG_USEC="400000",
         PRODUCTIV_REQUEST_TIMEOUT_SECONDS="60",
         PRODUCTIV_SHUTDOWN_TIMEOUT_SECONDS="0.5",
@@ -142,7 +82,7 @@ def test_no_watchdog_ping_while_the_uploader_is_wedged(sandbox, folders, notify)
 def test_an_abstract_notify_socket_works(sandbox, folders):
     sock = NotifySocket(f"@productiv-watcher-test-{os.getpid()}")
     try:
-        with subprocess_daemon(env_for(sandbox, folders, sock)) as proc:
+        with subprocess_daemon(daemon_env(sandbox, folders, NOTIFY_SOCKET=sock.address)) as proc:
             wait_for(lambda: sock.texts("READY=1"))
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(15) == 0
@@ -151,7 +91,9 @@ def test_an_abstract_notify_socket_works(sandbox, folders):
 
 
 def test_watchdog_pings_only_for_the_pid_systemd_named(sandbox, folders, notify):
-    env = env_for(sandbox, folders, notify, WATCHDOG_USEC="200000", WATCHDOG_PID="1")
+    env = daemon_env(
+        sandbox, folders, NOTIFY_SOCKET=notify.address, WATCHDOG_USEC="200000", WATCHDOG_PID="1"
+    )
     with subprocess_daemon(env) as proc:
         wait_for(lambda: notify.texts("READY=1"))
         wait_for(lambda: len(notify.texts("STATUS=")) >= 1)
@@ -182,7 +124,7 @@ def test_sighup_applies_what_it_can_and_names_what_needs_a_restart(
     config.write_text(f'drop_dir = "{folders.drop}"\nsettle_seconds = 0.3\nbatch_size = 50\n')
     env = {
         k: v
-        for k, v in env_for(sandbox, folders, notify).items()
+        for k, v in daemon_env(sandbox, folders, NOTIFY_SOCKET=notify.address).items()
         if k not in ("PRODUCTIV_DROP_DIR", "PRODUCTIV_SETTLE_SECONDS")
     }
     with subprocess_daemon(env, "--config", str(config)) as proc:
@@ -305,59 +247,18 @@ def test_install_is_idempotent_and_uninstall_keeps_the_files(tmp_path, sandbox):
     subprocess.run([*install, "--secret-file", str(secret)], capture_output=True, check=True)
     assert (etc / "config.toml").read_text() == "app_id = 'mine'\n"  # never overwritten
 
+    units = root / "etc" / "systemd" / "system"
+    wants = units / "multi-user.target.wants"
+    wants.mkdir()  # as `systemctl enable productiv-watcher productiv-watcher@site-b` leave them
+    enabled = {
+        "productiv-watcher.service": "productiv-watcher.service",
+        "productiv-watcher@site-b.service": "productiv-watcher@.service",
+    }
+    for unit, target in enabled.items():
+        (wants / unit).symlink_to(units / target)
     subprocess.run([*install, "--uninstall"], capture_output=True, check=True)
     assert not (root / "opt" / "productiv-watcher").exists()
     assert not (root / "etc" / "systemd" / "system" / "productiv-watcher.service").exists()
+    assert list(wants.iterdir()) == []  # the service's and the instance's enablement links too
     assert (etc / "config.toml").exists() and (etc / "client_secret").exists()
     assert (root / "srv" / "productiv" / "drop" / "waiting.csv").exists()
-
-
-def test_every_setting_is_in_the_example_config_and_the_readme():
-    from watcher.settings import Settings
-
-    example = (ROOT / "deploy" / "config.example.toml").read_text()
-    readme = (ROOT / "README.md").read_text()
-    for name in Settings.model_fields:
-        assert re.search(rf"^#? ?{name} = ", example, re.M), f"{name} missing from the example"
-        assert f"`{name}`" in readme, f"{name} missing from the README's table"
-
-
-def test_the_readme_lists_every_setting_a_reload_applies():
-    from watcher.settings import LIVE_SETTINGS
-
-    readme = (ROOT / "README.md").read_text()
-    [said] = re.findall(r"^- `systemctl reload` .*?(?=^- )", readme, re.M | re.S)
-    for name in LIVE_SETTINGS:
-        prefix = name.split("_")[0]
-        assert f"`{name}`" in said or f"`{prefix}_*`" in said, (
-            f"{name} missing from the reload list"
-        )
-
-
-def logged_event_names() -> set[str]:
-    """Every event name the code logs: `event(log, "name", ...)`, `extra={"event": "name"}` and
-    the chores' `Trouble("name", ...)`, read from the source."""
-    names = set()
-    for path in (ROOT / "watcher").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if not isinstance(node, ast.Call):
-                continue
-            called = getattr(node.func, "id", getattr(node.func, "attr", ""))
-            found = {"event": node.args[1:2], "Trouble": node.args[:1]}.get(called, [])
-            for extra in (k.value for k in node.keywords if k.arg == "extra"):
-                if isinstance(extra, ast.Dict):
-                    pairs = zip(extra.keys, extra.values, strict=True)
-                    found += [
-                        v for k, v in pairs if isinstance(k, ast.Constant) and k.value == "event"
-                    ]
-            names |= {n.value for n in found if isinstance(n, ast.Constant)}
-    return names
-
-
-def test_every_logged_event_is_in_the_readmes_table():
-    readme = (ROOT / "README.md").read_text()
-    table = [line.split("|")[1] for line in readme.splitlines() if line.startswith("| `")]
-    documented = {name for cell in table for name in re.findall(r"`([a-z_]+)`", cell)}
-    names = logged_event_names()
-    assert {"started", "folder_not_writable", "scan_failed", "metrics"} <= names  # the reader
-    assert sorted(names - documented) == []

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 from tests.tcpproxy import Link, Record, Relay
 
 Handler = Callable[[socket.socket], None]
@@ -147,10 +147,11 @@ def test_latency_adds_one_round_trip_per_exchange_and_one_for_the_handshake():
             baseline = statistics.median(round_trips(direct, 10))
         with Relay(address, latency=0.02) as relay, connect(relay.address) as c:
             first, *rest = round_trips(c, 11)
-    assert baseline < 0.005
-    assert 0.04 <= first < 0.04 + 0.015  # the handshake's round trip, then the exchange's
+    # As tight as the claim needs, no tighter (a loaded machine adds milliseconds to any sample):
+    assert baseline < 0.01  # loopback itself is well below the relay's latency
+    assert 0.04 <= first < 0.06  # the handshake's round trip, then the exchange's: not a third
     assert min(rest) >= 0.02
-    assert statistics.median(rest) < 0.02 + 0.005
+    assert statistics.median(rest) < 0.04  # one round trip per exchange, not two
 
 
 def test_an_upstream_rate_holds_at_the_receiver_and_holds_the_sender_back():

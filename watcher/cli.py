@@ -16,14 +16,17 @@ from . import __version__, logs
 from .api import ApiClient
 from .faults import Fault
 from .settings import FILE_TYPES, ConfigError, Settings, load
+from .timings import DEFAULT, Timings
 
 log = logging.getLogger("watcher")
 
 EX_CONFIG = 78
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, timings: Timings = DEFAULT) -> int:
+    """`timings`: the daemon's fixed turns, for tests only."""
     args = _parser().parse_args(argv)
+    args.timings = timings
     sys.stdout = logs.ScrubbedStream(sys.stdout)  # what the commands print is scrubbed too
     # Until the settings are read, log as the environment asks (json mode covers exit 78 too).
     level = os.environ.get("PRODUCTIV_LOG_LEVEL", "INFO").upper()
@@ -52,7 +55,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_run(args: argparse.Namespace) -> int:
     from .service import Service
 
-    service = Service(_settings(args), reload=lambda: load(args.config))
+    service = Service(_settings(args), reload=lambda: load(args.config), timings=args.timings)
     service.handle_signals()
     return service.run()
 

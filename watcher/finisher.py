@@ -73,8 +73,10 @@ class Finisher:
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        idle_wake_seconds: float = IDLE_WAKE_SECONDS,
     ) -> None:
         """`delay`: the wait of each backoff step of a move that failed (the gates' settings)."""
+        self._idle_wake_seconds = idle_wake_seconds
         self._mover = mover
         self._work = work
         self._hand_back = hand_back
@@ -141,7 +143,7 @@ class Finisher:
 
     def _take(self, retry_at: float | None) -> list[Outcome]:
         """The outcomes waiting now, after waiting for one until the next move retry is due."""
-        timeout = IDLE_WAKE_SECONDS
+        timeout = self._idle_wake_seconds
         if retry_at is not None:
             timeout = max(0.0, min(timeout, retry_at - self._monotonic()))
         try:

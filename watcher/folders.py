@@ -89,8 +89,11 @@ class Folders:
     said once in a `skipped` line.
     """
 
-    def __init__(self, root: Path, create: bool = False) -> None:
+    def __init__(
+        self, root: Path, create: bool = False, check_seconds: float = CHECK_SECONDS
+    ) -> None:
         self.root = root
+        self._check_seconds = check_seconds
         self._root_text = str(root)
         self._create = create
         self._lock = threading.Lock()
@@ -212,7 +215,7 @@ class Folders:
         if not sub:
             return root
         entry = self._open.get(sub)
-        if entry is not None and not fresh and now - entry.checked < CHECK_SECONDS:
+        if entry is not None and not fresh and now - entry.checked < self._check_seconds:
             return entry
         try:
             st = os.stat(sub, dir_fd=root.fd, follow_symlinks=False)
@@ -237,7 +240,7 @@ class Folders:
     def _root(self, now: float) -> _Open:
         """The root, whose parent producers cannot write: checked at most once a second."""
         entry = self._open.get("")
-        if entry is not None and now - entry.checked < CHECK_SECONDS:
+        if entry is not None and now - entry.checked < self._check_seconds:
             return entry
         try:
             st = os.stat(self.root)

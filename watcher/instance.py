@@ -192,8 +192,10 @@ class Standby:
         notifier: Notifier,
         wait: Callable[[float], None],
         standing_by: threading.Event,
+        retry_seconds: float = RETRY_SECONDS,
     ) -> None:
         self._try_lock = try_lock
+        self._retry_seconds = retry_seconds
         self._notifier = notifier
         self._wait = wait
         self._standing_by = standing_by
@@ -202,7 +204,7 @@ class Standby:
         """Return True once the lock is ours, False when `stopping` says so first. Meanwhile:
         READY=1 with a STATUS naming the holder (so systemd does not time the start out), a
         `standby` line per holder, watchdog pings and `status` on every turn, a new try every
-        RETRY_SECONDS (or every ping interval, when shorter)."""
+        `retry_seconds` (or every ping interval, when shorter)."""
         holder = self._try_lock()
         shown: Holder | None = None
         interval = self._notifier.watchdog_seconds
@@ -216,7 +218,7 @@ class Standby:
             if interval is not None:
                 self._notifier.send("WATCHDOG=1")  # alive, and waiting by design
             status(holder)
-            self._wait(min(RETRY_SECONDS, interval or RETRY_SECONDS))
+            self._wait(min(self._retry_seconds, interval or self._retry_seconds))
             if stopping():
                 return False
             holder = self._try_lock()

@@ -21,7 +21,7 @@ from typing import Any
 
 from .access import MOVE, UNIT_GROUP, Seen, current_user, drop_group, fix, nearest, refusal
 from .fates import Blocked, blocked
-from .folders import Folders
+from .folders import CHECK_SECONDS, Folders
 from .items import display, utc_iso
 from .logs import REDACT
 
@@ -94,11 +94,16 @@ class Mover:
     failed/ that is not a folder is never made over (the move fails, naming it)."""
 
     def __init__(
-        self, drop_dir: Path, done_dir: Path, failed_dir: Path, clock: Callable[[], float]
+        self,
+        drop_dir: Path,
+        done_dir: Path,
+        failed_dir: Path,
+        clock: Callable[[], float],
+        check_seconds: float = CHECK_SECONDS,
     ) -> None:
-        self._drop = Folders(drop_dir)
-        self._done = Folders(done_dir, create=True)
-        self._failed = Folders(failed_dir, create=True)
+        self._drop = Folders(drop_dir, check_seconds=check_seconds)
+        self._done = Folders(done_dir, create=True, check_seconds=check_seconds)
+        self._failed = Folders(failed_dir, create=True, check_seconds=check_seconds)
         self._clock = clock
         self.user = current_user("the daemon's user")
 

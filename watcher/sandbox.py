@@ -1,12 +1,12 @@
 """A local stand-in for Productiv's push API and its S3 storage, for the demo and the tests.
 
-It behaves as `productiv-api.md` describes: OAuth client credentials (body or Basic), signed
-URLs for repeated `filenames`, and PUTs to SigV2-signed URLs checked by S3's rules (signature
-over method, Content-MD5, Content-Type, Expires and path; expiry; Content-Length required;
-chunked refused; S3-style XML errors; ETag = MD5 unless injected). Or, given `presign`, it hands
-out URLs of a real S3 server (rclone `serve s3`) signed by boto3. Faults are injected per
-endpoint, in process (`Sandbox.inject`) or over HTTP (`POST /_sandbox/faults`), and every request
-is recorded.
+It behaves as Productiv's push API does (docs/design.md, The sandbox): OAuth client credentials
+(body or Basic), signed URLs for repeated `filenames`, and PUTs to SigV2-signed URLs checked by
+S3's rules (signature over method, Content-MD5, Content-Type, Expires and path; expiry;
+Content-Length required; chunked refused; S3-style XML errors; ETag = MD5 unless injected). Or,
+given `presign`, it hands out URLs of a real S3 server (rclone `serve s3`) signed by boto3.
+Faults are injected per endpoint, in process (`Sandbox.inject`) or over HTTP
+(`POST /_sandbox/faults`), and every request is recorded.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from .operations import Operations
 from .receipts import Journal
 from .settings import ConfigError, Paths, Reconfigurable, Settings, reloaded
 from .stability import Stabiliser
+from .timings import DEFAULT, Timings
 from .transfer import Transfer
 from .uploader import Uploader
 from .wakeup import Wakeup
@@ -44,7 +45,6 @@ from .workqueue import WorkQueue
 log = logging.getLogger(__name__)
 
 Step = Callable[[threading.Event, Heartbeat], None]
-CHECK_SECONDS = 10.0  # how often the drop folder's identity (and the canary) is checked
 UNWAITED = ("finisher", "dispatcher")  # joined after the others
 API_GRACE_SECONDS = 1.0  # an idle dispatcher ends within this at a stop; one in an API call is left
 
@@ -58,8 +58,11 @@ class Service:
         notifier: Notifier | None = None,
         reload: Callable[[], Settings] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        timings: Timings = DEFAULT,
     ) -> None:
+        """`timings`: the fixed turns (tests pass short ones; the defaults are the daemon's)."""
         self.settings = settings
+        self.timings = timings
         self._notifier = notifier or SystemdNotifier()
         self._reload = reload
         self._clock = clock
@@ -77,7 +80,8 @@ class Service:
 
         self.paths = Paths.of(settings)
         drop = resolve(self.paths.drop)  # once: inotify and descriptors follow no symlink
-        self.drop = Folders(drop)  # every file operation in drop/ goes through its descriptors
+        # every file operation in drop/ goes through its descriptors
+        self.drop = Folders(drop, check_seconds=timings.folder_check_seconds)
         self.lock = DropLock(drop)
         REDACT.add(settings.secret_values())
         self.metrics = Metrics(settings)
@@ -85,13 +89,18 @@ class Service:
             self.paths.state, int(settings.receipts_max_bytes), settings.receipts_keep
         )
         self.work = WorkQueue(clock, self._noticed)
-        self.stabiliser = Stabiliser(settings.settle_seconds, self.work, clock, self.drop.lstat)
+        idle = timings.idle_wake_seconds
+        self.stabiliser = Stabiliser(
+            settings.settle_seconds, self.work, clock, self.drop.lstat, idle_wake_seconds=idle
+        )
         self.gates = Gates(
             settings.retry_initial_seconds, settings.retry_max_seconds, clock, self.metrics
         )
         self.network = Network.from_settings(settings)
         self.api = ApiClient(settings, network=self.network)
-        self.mover = Mover(drop, self.paths.done, self.paths.failed, time.time)
+        self.mover = Mover(
+            drop, self.paths.done, self.paths.failed, time.time, timings.folder_check_seconds
+        )
         self.finisher = Finisher(
             self.mover,
             self.work,
@@ -99,6 +108,7 @@ class Service:
             self._noticed,
             self.journal,
             self.metrics,
+            idle_wake_seconds=idle,
         )
         self.uploader = Uploader(
             settings,
@@ -116,6 +126,7 @@ class Service:
             self.gates,
             self._noticed,
             self.metrics,
+            idle_wake_seconds=idle,
         )
         self.watcher = Watcher(
             drop,
@@ -209,7 +220,13 @@ class Service:
     def _hold_drop_folder(self) -> bool:
         """Take the drop folder's lock, standing by while another instance holds it. False
         when a stop came first. A reload asked for meanwhile is applied after the takeover."""
-        standby = Standby(self._try_lock, self._notifier, self._wait, self.standing_by)
+        standby = Standby(
+            self._try_lock,
+            self._notifier,
+            self._wait,
+            self.standing_by,
+            self.timings.standby_retry_seconds,
+        )
         return standby.hold(
             lambda: self._wakeup.stops > 0,
             lambda holder: self._own_status("standby", active=holder.describe()),
@@ -225,7 +242,7 @@ class Service:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise ConfigError(
                     f"drop_dir {self.lock.path.parent}: cannot lock {self.lock.path.name}:"
-                    f" {exc.strerror} (see the README, One daemon per drop folder)"
+                    f" {exc.strerror} (see docs/deployment.md, High availability)"
                 ) from None
             if not self._lock_deferred:
                 self._lock_deferred = True
@@ -312,7 +329,7 @@ class Service:
                 event(log, "crashed", level=logging.CRITICAL, reason=f"thread died: {dead}")
                 return 1
             if now >= next_check:  # a stat on a helper thread: not on every turn
-                next_check = now + CHECK_SECONDS
+                next_check = now + self.timings.check_seconds
                 self.watcher.check()
                 if not self._keep_lock():
                     return 1
@@ -331,11 +348,11 @@ class Service:
             if interval is not None and now >= next_ping:
                 next_ping = now + interval
                 self._ping(now, 2 * interval)
-            # Quiet, it turns only every CHECK_SECONDS: a turn after a long sleep costs ~15 ms of
+            # Quiet, it turns only every check_seconds: a turn after a long sleep costs ~15 ms of
             # CPU here (cold caches), however little it does. Signals, threads that end, and the
             # first file after a quiet spell wake it at once.
             self._quiet = not (counts.waiting or counts.uploading)
-            turn = CHECK_SECONDS if self._quiet else self.settings.status_seconds
+            turn = self.timings.check_seconds if self._quiet else self.settings.status_seconds
             self._wait(min(turn, interval or turn, next_check - now, next_scan - now))
         return 0
 

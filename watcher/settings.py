@@ -119,7 +119,7 @@ class CredentialsDirectorySource(PydanticBaseSettingsSource):
 
 
 class Settings(BaseSettings):
-    """Every setting of the daemon; see the README's table for the meaning of each."""
+    """Every setting of the daemon; see docs/configuration.md for the meaning of each."""
 
     model_config = SettingsConfigDict(
         env_prefix="PRODUCTIV_",

@@ -65,8 +65,10 @@ class Stabiliser:
         queue: WorkQueue,
         clock: Callable[[], float],
         lstat: Callable[[Path], os.stat_result] = os.lstat,
+        idle_wake_seconds: float = IDLE_WAKE_SECONDS,
     ) -> None:
         self.settle_seconds = settle_seconds
+        self._idle_wake_seconds = idle_wake_seconds
         self._lstat = lstat  # the drop folder's, through its folders' descriptors
         self._queue = queue
         self._clock = clock
@@ -132,7 +134,7 @@ class Stabiliser:
             self._candidates.pop(item.path, None)
         with self._lock:
             self._looking = {}
-        return max(0.0, self._due[0][0] - now) if self._due else IDLE_WAKE_SECONDS
+        return max(0.0, self._due[0][0] - now) if self._due else self._idle_wake_seconds
 
     def _look(self, spot: Spot, now: float) -> Item | None:
         """Stat one file; the item when it has just become stable."""

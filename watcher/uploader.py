@@ -92,8 +92,10 @@ class Uploader:
         gates: Gates,
         hand_back: Callable[[list[Spot]], None],
         metrics: Metrics,
+        idle_wake_seconds: float = IDLE_WAKE_SECONDS,
     ) -> None:
         self._settings = settings
+        self._idle_wake_seconds = idle_wake_seconds
         self._api = api
         self._transfer = transfer
         self._finish = finish
@@ -115,7 +117,7 @@ class Uploader:
     def dispatch_step(self, stop: threading.Event, beat: Heartbeat) -> None:
         beat.idle()
         self._recheck()
-        wake = FOLDER_RECHECK_SECONDS if self._held else IDLE_WAKE_SECONDS
+        wake = FOLDER_RECHECK_SECONDS if self._held else self._idle_wake_seconds
         batch = self._work.take_batch(self._settings.batch_size, timeout=wake)
         beat.busy()
         sendable = []
@@ -232,13 +234,13 @@ class Uploader:
         beat.busy()
         self._start_more(stop)
         free = self._transfer.running < self._settings.upload_concurrency
-        for done in self._transfer.perform(FILL_SECONDS if free else IDLE_WAKE_SECONDS):
+        for done in self._transfer.perform(FILL_SECONDS if free else self._idle_wake_seconds):
             self._ended(done)
         beat.progress()
 
     def _first(self, stop: threading.Event) -> bool:
         try:
-            ticket = self._ready.get(timeout=IDLE_WAKE_SECONDS)
+            ticket = self._ready.get(timeout=self._idle_wake_seconds)
         except queue.Empty:
             return False
         if ticket is None or stop.is_set():

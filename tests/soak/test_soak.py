@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Child, Folders, wait_for
-from tests.test_reliability import child_env
+from tests.helpers import Child, Folders, daemon_env, wait_for
 
 pytestmark = pytest.mark.soak
 
@@ -30,7 +29,14 @@ def test_20000_waiting_and_a_burst_of_5000_all_go_through_once_in_bounded_memory
     for n in range(20_000):
         (folders.drop / f"b{n:05}.csv").write_bytes(b"backlog")
     child = Child(
-        child_env(sandbox, folders, PRODUCTIV_BATCH_SIZE="100", PRODUCTIV_RESCAN_SECONDS="3")
+        daemon_env(
+            sandbox,
+            folders,
+            PRODUCTIV_SETTLE_SECONDS="0.2",
+            PRODUCTIV_RETRY_MAX_SECONDS="0.2",
+            PRODUCTIV_BATCH_SIZE="100",
+            PRODUCTIV_RESCAN_SECONDS="3",
+        )
     )
     try:
         started = time.monotonic()

@@ -290,7 +290,7 @@ class Scenario(Driver):
             raise Broken(f"{UNIT} did not start again with valid settings: {self.show()}")
 
     def template_instance(self) -> None:
-        """Set up with the README's commands (Several apps on one host): its folders (all but
+        """Set up with docs/deployment.md's commands (Several apps on one host): its folders (all but
         drop/users, which the next step has a producer make), a copy of config.toml, then its
         own drop_dir and state_dir, its secret, and `check` with the secret from the shell."""
         base = f"{BASE}/{INSTANCE}"
@@ -319,7 +319,7 @@ class Scenario(Driver):
             check=False,
         )  # fmt: skip
         self.report.check(
-            f"the README's `check` for {INSTANCE} passes before its first start",
+            f"the documented `check` for {INSTANCE} passes before its first start",
             done.returncode == 0,
             f"exit {done.returncode}:",
             (done.stdout + done.stderr).splitlines(),

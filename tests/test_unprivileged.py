@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 WHERE = (
     "import json, os, sys, pydantic_core, watcher; print(json.dumps([sys.executable,"
