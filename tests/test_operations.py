@@ -82,12 +82,13 @@ def config_file(folders: Folders, sandbox: Sandbox, extra: str = "") -> Path:
 def test_status_of_a_running_daemon_and_of_a_file(sandbox, folders):
     config = config_file(folders, sandbox)
     assert cli("status", config=config).returncode == 3  # never started
-    sandbox.inject("put", count=1, delay=2.0)
+    # the PUT is held 6 s: each `status` is a new Python process, over 1 s on a loaded machine
+    sandbox.inject("put", count=1, delay=6.0)
     write(folders.drop / "contracts" / "deal.pdf", b"%PDF")
     child = Child({"PRODUCTIV_CLIENT_SECRET": sandbox.client_secret}, "--config", str(config))
     try:
         wait_for(lambda: sandbox.arrived["put"] == 1)
-        # the status file follows within status_seconds; the PUT takes 2 s
+        # the status file follows within status_seconds, while the PUT is held
         wait_for(lambda: "uploading contracts/deal.pdf" in cli("status", config=config).stdout)
         busy = cli("status", config=config)
         assert busy.returncode == 0, busy.stdout + busy.stderr
