@@ -69,8 +69,11 @@ class Finisher:
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        placed: Callable[[list[tuple[Item, Path, bool]]], None] = lambda placed: None,
     ) -> None:
-        """`delay`: the wait of each backoff step of a move that failed (the gates' settings)."""
+        """`delay`: the wait of each backoff step of a move that failed (the gates' settings);
+        `placed`: told of the files moved (item, where, uploaded), once they are receipted."""
+        self._placed = placed
         self._mover = mover
         self._work = work
         self._hand_back = hand_back
@@ -134,6 +137,8 @@ class Finisher:
             elif before is not None:
                 self.folders.fixed(before.folder)
         self._record(placed)
+        if placed:  # ready markers consumed, late-write watch (service._placed)
+            self._placed([(o.item, final, o.uploaded) for o, final in placed])
 
     def _take(self, retry_at: float | None) -> list[Outcome]:
         """The outcomes waiting now, after waiting for one until the next move retry is due."""
@@ -181,6 +186,8 @@ class Finisher:
         """Move one file if it is still the version that was uploaded (or refused); the error of
         a move that failed; None when the file is gone or changed (handed back to go again)."""
         item = outcome.item
+        if item.late:  # sent again from done/ after a late write (latewrite.py): it stays
+            return item.path
         try:
             if Snapshot.of(self._mover.lstat(item.path)) != item.snapshot:
                 self._again(item, "the file changed before it could be moved")
@@ -284,6 +291,7 @@ class Finisher:
             "outcome": "uploaded" if outcome.uploaded else "failed",
             "moved_to": self._mover.relative(final),
             **({"reason": outcome.reason} if not outcome.uploaded else {}),
+            **({"late_write": True} if item.late else {}),
         }
 
     def _report(self, outcome: Outcome, final: Path, now: float) -> None:
@@ -304,6 +312,7 @@ class Finisher:
                 seconds=round(sent.seconds, 3),
                 status=outcome.status,
                 moved_to=renamed,
+                late_write=item.late or None,
             )
         else:
             with self._lock:
@@ -319,4 +328,5 @@ class Finisher:
                 attempts=item.puts,
                 moved_to=renamed,
                 reason=outcome.reason,
+                late_write=item.late or None,
             )
