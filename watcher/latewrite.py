@@ -283,7 +283,7 @@ class LateWrites:
         if path in self._settling:
             recent, previous = self._settling[path]
             snapshot = self._stat(path)
-            if compare(recent.base, snapshot) is Look.GONE:
+            if snapshot is None or compare(recent.base, snapshot) is Look.GONE:
                 del self._settling[path]
                 return
             candidate = observe(previous, previous.spot, snapshot, now)

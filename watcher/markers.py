@@ -132,6 +132,9 @@ class Markers:
     def __len__(self) -> int:
         return len(self._held)
 
+    def __contains__(self, path: Path) -> bool:
+        return path in self._held
+
     # -- markers noticed ---------------------------------------------------------------------
 
     def seen(self, markers: list[Spot], now: float) -> list[Spot]:

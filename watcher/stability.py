@@ -90,9 +90,12 @@ class Stabiliser:
         self._wake.set()
 
     def __len__(self) -> int:
-        """Files settling, counting those noticed but not yet looked at."""
+        """Files settling, counting those noticed but not yet looked at (not those waiting for
+        their ready marker: a rescan notices them again, but they are not settling)."""
         with self._lock:
             unseen = self._noticed.keys() | self._looking.keys()
+        if self.markers is not None:
+            unseen = {path for path in unseen if path not in self.markers}
         # Only membership tests on _candidates: the stabiliser's thread changes it without a lock.
         return len(self._candidates) + sum(1 for path in unseen if path not in self._candidates)
 
