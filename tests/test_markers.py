@@ -215,3 +215,5 @@ def test_a_marker_is_removed_also_after_a_move_to_failed(daemon, folders, sandbo
         write(folders.drop / "refused.csv.done", b"")
         wait_for(lambda: (folders.failed / "refused.csv").exists(), what="moved to failed/")
         wait_for(lambda: folders.files(folders.drop) == [], what="the marker removed")
+    assert requested(sandbox) == {"refused.csv"}  # the marker itself never goes
+    assert folders.files(folders.done) == []
