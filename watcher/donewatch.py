@@ -20,7 +20,6 @@ import os
 import select
 import socket
 import struct
-from pathlib import Path
 
 IN_MODIFY = 0x002
 IN_ATTRIB = 0x004
@@ -60,8 +59,8 @@ class DoneEvents:
         if _init is not None:
             fd = _init(os.O_NONBLOCK | os.O_CLOEXEC)
             self._fd = fd if fd >= 0 else -1
-        self._folders: dict[int, Path] = {}  # watch descriptor -> folder
-        self._watched: set[Path] = set()
+        self._folders: dict[int, str] = {}  # watch descriptor -> folder
+        self._watched: set[str] = set()
         self._reader, self._writer = socket.socketpair()
         self._reader.setblocking(False)
         self._writer.setblocking(False)
@@ -70,7 +69,7 @@ class DoneEvents:
         if self._fd >= 0:
             self._poll.register(self._fd, select.POLLIN)
 
-    def add(self, folder: Path) -> int:
+    def add(self, folder: str) -> int:
         """Watch this folder (once); 0 when it is watched, else the errno that refused it."""
         if folder in self._watched:
             return 0
@@ -88,14 +87,14 @@ class DoneEvents:
         with contextlib.suppress(OSError):
             self._writer.send(b"\0")
 
-    def wait(self, seconds: float) -> tuple[list[Path], bool]:
-        """Wait up to `seconds` for events or a wake-up: (paths written to or gone, whether
-        events were lost)."""
+    def wait(self, seconds: float) -> tuple[list[str], bool]:
+        """Wait up to `seconds` for events or a wake-up: (paths written to or gone, as text,
+        whether events were lost)."""
         self._poll.poll(max(0.0, seconds) * 1000)
         with contextlib.suppress(OSError):
             while self._reader.recv(4096):
                 pass
-        paths: list[Path] = []
+        paths: list[str] = []
         lost = False
         while self._fd >= 0:
             try:
@@ -109,7 +108,7 @@ class DoneEvents:
                     del self._folders[wd]
                     self._watched.discard(folder)
                 elif folder is not None and name:
-                    paths.append(folder / name)
+                    paths.append(f"{folder}{os.sep}{name}")
         return paths, lost
 
     def close(self) -> None:

@@ -100,11 +100,17 @@ def from_settings(
         done_dir,
         settings.late_write_seconds,
         settings.settle_seconds,
-        settings.poll_interval_seconds if settings.polling else settings.rescan_seconds,
+        sweep_seconds(settings),
         work,
         clock,
         metrics.late_write,
     )
+
+
+def sweep_seconds(settings: Settings) -> float:
+    """How often every recent name is stat-ed: with `polling` (a network mount, whose other
+    clients' writes send no inotify event) as often as the drop folder is polled."""
+    return settings.poll_interval_seconds if settings.polling else settings.rescan_seconds
 
 
 class LateWrites:
@@ -133,12 +139,13 @@ class LateWrites:
         self._events = DoneEvents()
         self._lock = threading.Lock()
         self._arrived: list[tuple[Item, Path, bool]] = []  # from the finisher
-        self._handed: list[Path] = []  # from the uploader: changed during the upload again
-        self._recent: dict[Path, Recent] = {}  # in the order they arrived: oldest first
-        self._settling: dict[Path, tuple[Recent, Candidate]] = {}
-        self._queued: dict[Path, Recent] = {}  # on the work queue, to be sent again
-        self._next_sweep = 0.0
-        self._said: set[Path] = set()  # folders that cannot be watched, said once
+        self._handed: list[str] = []  # from the uploader: changed during the upload again
+        # By the path in done/ as text (a str caches its hash, a Path does not).
+        self._recent: dict[str, Recent] = {}  # in the order they arrived: oldest first
+        self._settling: dict[str, tuple[Recent, Candidate]] = {}
+        self._queued: dict[str, Recent] = {}  # on the work queue, to be sent again
+        self._next_sweep = clock() + sweep_seconds
+        self._said: set[str] = set()  # folders that cannot be watched, said once
         self._full_said = False
 
     # -- other threads -----------------------------------------------------------------------
@@ -152,7 +159,7 @@ class LateWrites:
     def handed_back(self, spots: Iterable[Spot]) -> None:
         """A file sent again changed during its upload: it settles again."""
         with self._lock:
-            self._handed.extend(spot.path for spot in spots)
+            self._handed.extend(os.fspath(spot.path) for spot in spots)
         self._events.wake()
 
     def owns(self, path: Path) -> bool:
@@ -165,6 +172,11 @@ class LateWrites:
             return (self.folders.open if self.owns(path) else other)(path, flags)
 
         return open_file
+
+    def reconfigure(self, settings: Settings) -> None:
+        """A reload: the settle rule and the safety net's period (the window needs a restart)."""
+        self.settle_seconds = settings.settle_seconds
+        self.sweep_seconds = sweep_seconds(settings)
 
     def wake(self) -> None:
         self._events.wake()
@@ -217,19 +229,20 @@ class LateWrites:
 
     def _arrive(self, item: Item, final: Path, uploaded: bool, now: float) -> None:
         """A file moved into done/ (or sent again from there): its baseline, from one stat."""
-        again = 0
+        key, again = os.fspath(final), 0
         if item.late:
-            queued = self._queued.pop(final, None)
+            queued = self._queued.pop(key, None)
             again = queued.again + 1 if queued is not None else MAX_AGAIN
         if not uploaded:
             return  # failed/ is nobody's upload; a late one refused stays as it is in done/
-        self._watch(final.parent)
+        self._watch(key.rpartition(os.sep)[0])
         try:
             moved = Snapshot.of(self.folders.lstat(final))
         except OSError:
             return  # gone already
-        self._recent.pop(final, None)  # to the end: the newest
-        self._recent[final] = Recent(
+        if key in self._recent:
+            del self._recent[key]  # to the end: the newest
+        self._recent[key] = Recent(
             final, item.spot, baseline(item.snapshot, moved), now + self.window_seconds, again
         )
         if len(self._recent) > MAX_RECENT:
@@ -243,7 +256,7 @@ class LateWrites:
                     " leave the late-write watch early",
                 )
 
-    def _watch(self, folder: Path) -> None:
+    def _watch(self, folder: str) -> None:
         problem = self._events.add(folder)
         if problem in (0, errno.ENOSYS, errno.ENOENT) or folder in self._said:
             return
@@ -252,7 +265,7 @@ class LateWrites:
             log,
             "watch_failed",
             level=logging.ERROR,
-            folder=self._relative(folder),
+            folder=self._relative(Path(folder)),
             reason=f"cannot watch this folder: {os.strerror(problem)}; late writes in it are"
             f" found by a stat every {self.sweep_seconds:g} s",
         )
@@ -262,7 +275,7 @@ class LateWrites:
             oldest = next(iter(self._recent.values()))
             if oldest.until > now:
                 return
-            del self._recent[oldest.path]
+            del self._recent[os.fspath(oldest.path)]
 
     def _stat(self, path: Path) -> Snapshot | None:
         try:
@@ -270,10 +283,10 @@ class LateWrites:
         except OSError:
             return None
 
-    def _look(self, path: Path, now: float) -> None:
+    def _look(self, path: str, now: float) -> None:
         recent = self._recent.get(path)
         if recent is not None:
-            verdict = compare(recent.base, self._stat(path))
+            verdict = compare(recent.base, self._stat(recent.path))
             if verdict is Look.GONE:
                 del self._recent[path]
             elif verdict is Look.CHANGED:
@@ -282,7 +295,7 @@ class LateWrites:
             return
         if path in self._settling:
             recent, previous = self._settling[path]
-            snapshot = self._stat(path)
+            snapshot = self._stat(recent.path)
             if snapshot is None or compare(recent.base, snapshot) is Look.GONE:
                 del self._settling[path]
                 return
@@ -327,12 +340,13 @@ class LateWrites:
     def _settle(self, recent: Recent, now: float) -> None:
         snapshot = self._stat(recent.path)
         if snapshot is not None:
-            self._settling[recent.path] = (recent, Candidate(recent.late_spot(), snapshot, now))
+            candidate = Candidate(recent.late_spot(), snapshot, now)
+            self._settling[os.fspath(recent.path)] = (recent, candidate)
 
     def _forget_gone_queued(self) -> None:
         """A file sent again that vanished during its upload never comes back here."""
-        for path in [p for p in self._queued if self._stat(p) is None]:
-            del self._queued[path]
+        for key in [k for k, r in self._queued.items() if self._stat(r.path) is None]:
+            del self._queued[key]
 
     def _relative(self, path: Path) -> str:
         root = self.folders.root

@@ -91,6 +91,10 @@ class Markers:
         self._orphans: dict[Path, Orphan] = {}
         self._next_look = 0.0
 
+    def reconfigure(self, settings: Settings) -> None:
+        """A reload: held files and lone markers are looked at on the new rescan period."""
+        self.rescan_seconds = settings.rescan_seconds
+
     def is_marker(self, spot: Spot) -> bool:
         return marked_name(spot.name, self.suffix) is not None
 

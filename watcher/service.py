@@ -398,9 +398,9 @@ class Service:
         self.uploader.reconfigure(new)
         self.stabiliser.settle_seconds = new.settle_seconds
         if self.markers is not None:
-            self.markers.rescan_seconds = new.rescan_seconds
+            self.markers.reconfigure(new)
         if self.late is not None:
-            self.late.settle_seconds = new.settle_seconds
+            self.late.reconfigure(new)
         self.operations.settings = new
         self.gates.initial_seconds = new.retry_initial_seconds
         self.gates.max_seconds = new.retry_max_seconds
