@@ -278,3 +278,18 @@ def test_a_late_write_to_a_file_in_a_type_folder_keeps_its_type(daemon, folders,
     assert sandbox.stored("deal.pdf", "contracts") == b"%PDF-1 first and the rest"
     late_urls = [r for r in sandbox.requests if r.endpoint == "urls"]
     assert [r.names for r in late_urls] == [["deal.pdf"], ["deal.pdf"]]
+
+
+def test_a_write_between_the_move_and_the_watch_is_seen_at_once(watch, logs_json):
+    """The producer wrote on before the late-write thread took the file in (no event can tell
+    of it then): the first look finds it, not the sweep a rescan period later."""
+    late, work, clock, done = watch
+    _, final = moved(late, done, "quick.csv", b"first")
+    with final.open("ab") as out:
+        out.write(b" and more")
+    turn(late, clock)
+    [late_write] = logs_json.events("late_write")
+    assert (late_write["bytes_uploaded"], late_write["bytes_now"]) == (5, 14)
+    turn(late, clock, 1.5)
+    [item] = work.take_batch(10, timeout=0)
+    assert item.snapshot.size == 14

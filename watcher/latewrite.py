@@ -200,14 +200,14 @@ class LateWrites:
         with self._lock:
             arrived, self._arrived = self._arrived, []
             handed, self._handed = self._handed, []
-        for item, final, uploaded in arrived:
-            self._arrive(item, final, uploaded, now)
+        # Written to before its watch began: no event will tell, so it is looked at now.
+        looks = {key for i, f, up in arrived if (key := self._arrive(i, f, up, now)) is not None}
         for path in handed:
             recent = self._queued.pop(path, None)
             if recent is not None:
                 self._settle(recent, now)
         self._expire(now)
-        looks = {path for path in written if path in self._recent or path in self._settling}
+        looks.update(path for path in written if path in self._recent or path in self._settling)
         if lost or now >= self._next_sweep:
             self._next_sweep = now + self.sweep_seconds
             looks.update(self._recent)
@@ -227,24 +227,24 @@ class LateWrites:
         waits += [c.since + self.settle_seconds - now for _, c in self._settling.values()]
         return max(0.0, min(waits))
 
-    def _arrive(self, item: Item, final: Path, uploaded: bool, now: float) -> None:
-        """A file moved into done/ (or sent again from there): its baseline, from one stat."""
+    def _arrive(self, item: Item, final: Path, uploaded: bool, now: float) -> str | None:
+        """A file moved into done/ (or sent again from there): its baseline, from one stat
+        taken once it is watched; its key when it has changed already."""
         key, again = os.fspath(final), 0
         if item.late:
             queued = self._queued.pop(key, None)
             again = queued.again + 1 if queued is not None else MAX_AGAIN
         if not uploaded:
-            return  # failed/ is nobody's upload; a late one refused stays as it is in done/
+            return None  # failed/ is nobody's upload; a late one refused stays in done/
         self._watch(key.rpartition(os.sep)[0])
         try:
             moved = Snapshot.of(self.folders.lstat(final))
         except OSError:
-            return  # gone already
+            return None  # gone already
         if key in self._recent:
             del self._recent[key]  # to the end: the newest
-        self._recent[key] = Recent(
-            final, item.spot, baseline(item.snapshot, moved), now + self.window_seconds, again
-        )
+        base = baseline(item.snapshot, moved)
+        self._recent[key] = Recent(final, item.spot, base, now + self.window_seconds, again)
         if len(self._recent) > MAX_RECENT:
             del self._recent[next(iter(self._recent))]
             if not self._full_said:
@@ -255,6 +255,7 @@ class LateWrites:
                     f"more than {MAX_RECENT} files moved within late_write_seconds: the oldest"
                     " leave the late-write watch early",
                 )
+        return key if compare(base, moved) is Look.CHANGED else None
 
     def _watch(self, folder: str) -> None:
         problem = self._events.add(folder)

@@ -13,6 +13,7 @@ its file at once. Everything goes through the drop folder's descriptors (folders
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import threading
@@ -127,11 +128,11 @@ class Markers:
         with self._lock:
             return self._held.pop(path, None)
 
-    def waiting(self) -> list[Candidate]:
-        """The files waiting for their marker, longest first (for status)."""
+    def waiting(self, most: int) -> list[Candidate]:
+        """The `most` files waiting longest for their marker (for status)."""
         with self._lock:
             held = list(self._held.values())
-        return sorted(held, key=lambda h: h.since)
+        return heapq.nsmallest(most, held, key=lambda h: h.since)
 
     def __len__(self) -> int:
         return len(self._held)

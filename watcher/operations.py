@@ -232,7 +232,7 @@ class Operations:
         if markers is None:
             return {}
         now = self._clock()
-        shown = markers.waiting()[:MARKER_WAITERS_SHOWN]
+        shown = markers.waiting(MARKER_WAITERS_SHOWN)
         return {
             "ready_marker": markers.suffix,
             "waiting_for_marker": count,
