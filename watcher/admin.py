@@ -84,6 +84,7 @@ def _describe(doc: dict[str, Any] | None, alive: bool) -> str:
         lines.append(f"  uploading {upload['file']}: {share:.0%} of {upload['bytes']} bytes")
     if doc.get("retrying_since"):
         lines.append(f"  service unavailable since {doc['retrying_since']}: {doc['last_error']}")
+    lines += _marker_lines(doc)
     for text in doc.get("folders") or []:  # not an outage: a folder that holds files back
         lines.append(f"  FOLDER: files wait: {text}")
     if doc.get("watch") != "ok":
@@ -92,8 +93,29 @@ def _describe(doc: dict[str, Any] | None, alive: bool) -> str:
     return "\n".join(lines)
 
 
+def _marker_lines(doc: dict[str, Any]) -> list[str]:
+    """Files held for their ready marker, with how long: a producer that never wrote it."""
+    count = doc.get("waiting_for_marker") or 0
+    if not count:
+        return []
+    files = doc.get("waiting_for_marker_files") or []
+    lines = [f"  {count} waiting for their ready marker ({doc.get('ready_marker')}):"]
+    lines += [f"    {f['file']}: waiting {_age(f['seconds'])}" for f in files[:5]]
+    if count > 5:
+        lines.append(f"    and {count - 5} more")
+    return lines
+
+
+def _age(seconds: int) -> str:
+    hours, rest = divmod(int(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h {minutes:02}m" if hours else f"{minutes}m {secs:02}s"
+
+
 def _receipt_line(r: dict[str, Any]) -> str:
     where = f" -> {r['moved_to']}" if r.get("moved_to") else ""
+    if r.get("late_write"):
+        where = f" again from {r['moved_to']} (late write)"
     detail = f" sha256 {r['sha256']}" if r.get("sha256") else ""
     reason = f": {r['reason']}" if r.get("reason") else ""
     return f"{r.get('time')} {r.get('outcome')} {r.get('file')}{where}{detail}{reason}"

@@ -36,6 +36,12 @@ EVENTS = (
     "recovered",
     "folder_not_writable",
     "folder_writable",
+    # slow producers: ready markers and late writes
+    "waiting_for_marker",
+    "marker_kept",
+    "late_write",
+    "late_write_given_up",
+    "late_write_window_full",
     # the watch
     "rescan",
     "scan_failed",

@@ -74,9 +74,12 @@ class Finisher:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         idle_wake_seconds: float = IDLE_WAKE_SECONDS,
+        placed: Callable[[list[tuple[Item, Path, bool]]], None] = lambda placed: None,
     ) -> None:
-        """`delay`: the wait of each backoff step of a move that failed (the gates' settings)."""
+        """`delay`: the wait of each backoff step of a move that failed (the gates' settings);
+        `placed`: told of the files moved (item, where, uploaded), once they are receipted."""
         self._idle_wake_seconds = idle_wake_seconds
+        self._placed = placed
         self._mover = mover
         self._work = work
         self._hand_back = hand_back
@@ -140,6 +143,8 @@ class Finisher:
             elif before is not None:
                 self.folders.fixed(before.folder)
         self._record(placed)
+        if placed:  # ready markers consumed, late-write watch (service._placed)
+            self._placed([(o.item, final, o.uploaded) for o, final in placed])
 
     def _take(self, retry_at: float | None) -> list[Outcome]:
         """The outcomes waiting now, after waiting for one until the next move retry is due."""
@@ -188,6 +193,8 @@ class Finisher:
         (`decide`: MOVED -> RECORD), the error of a move that failed (MOVE_FAILED -> MOVE_AGAIN:
         `step` tries its route again, never a new PUT), or None for a file let go."""
         item = outcome.item
+        if item.late:  # sent again from done/ after a late write (latewrite.py): it stays
+            return item.path
         try:
             if Snapshot.of(self._mover.lstat(item.path)) != item.snapshot:
                 self._let_go(item, Kind.CHANGED, "the file changed before it could be moved")
@@ -294,6 +301,7 @@ class Finisher:
             "outcome": "uploaded" if outcome.uploaded else "failed",
             "moved_to": self._mover.relative(final),
             **({"reason": outcome.reason} if not outcome.uploaded else {}),
+            **({"late_write": True} if item.late else {}),
         }
 
     def _report(self, outcome: Outcome, final: Path, now: float) -> None:
@@ -314,6 +322,7 @@ class Finisher:
                 seconds=round(sent.seconds, 3),
                 status=outcome.status,
                 moved_to=renamed,
+                late_write=item.late or None,
             )
         else:
             with self._lock:
@@ -329,4 +338,5 @@ class Finisher:
                 attempts=item.puts,
                 moved_to=renamed,
                 reason=outcome.reason,
+                late_write=item.late or None,
             )

@@ -62,6 +62,7 @@ class Counts:
     last_error: str | None = None
     failing: str | None = None  # which thing: "the API" or "the storage"
     folders: tuple[str, ...] = ()  # folders that refuse moves, each with what to do
+    unmarked: int = 0  # stable files waiting for their ready marker (not in `waiting`)
 
 
 FOLDERS_SHOWN = 2  # a status line is one line: the rest are in the log and the status file
@@ -74,6 +75,8 @@ def status_line(counts: Counts) -> str:
         f"{counts.waiting} waiting, {counts.uploading} uploading, "
         f"{counts.uploaded} uploaded, {counts.failed} failed"
     )
+    if counts.unmarked:
+        line += f", {counts.unmarked} waiting for their ready marker"
     if counts.retrying_since is not None:
         since = time.strftime("%H:%M:%S", time.localtime(counts.retrying_since))
         which = f" ({counts.failing})" if counts.failing else ""

@@ -45,6 +45,8 @@ class Item:
     puts: int = 0  # PUT requests made, as the failed/ sidecar reports them
     expired: int = 0  # signed URLs in a row that the storage found expired
     noticed_at: float = 0.0  # monotonic: when the stabiliser first saw this version
+    marker: Identity | None = None  # its ready marker, removed after the move (markers.py)
+    late: bool = False  # in done/ already, sent again after a late write (latewrite.py)
 
     @property
     def path(self) -> Path:

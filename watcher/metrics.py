@@ -55,6 +55,11 @@ class Metrics:
             ["cause", "class"],
             registry=r,
         )
+        self._late = prom.Counter(
+            "productiv_watcher_late_writes",
+            "Files written to after their upload, in done/ (each settles and goes again)",
+            registry=r,
+        )
         self._deleted = prom.Counter(
             "productiv_watcher_files_deleted", "done/ files removed by retention", registry=r
         )
@@ -117,6 +122,10 @@ class Metrics:
     def retried(self, cause: str, family: str) -> None:
         if self.enabled:
             self._retries.labels(cause or "other", family).inc()
+
+    def late_write(self) -> None:
+        if self.enabled:
+            self._late.inc()
 
     def deleted(self) -> None:
         if self.enabled:

@@ -33,6 +33,7 @@ from .workqueue import WorkQueue
 log = logging.getLogger(__name__)
 
 IDLE_REFRESH_SECONDS = 15.0  # an unchanged status is rewritten this often (a liveness stamp)
+MARKER_WAITERS_SHOWN = 20  # files waiting for their ready marker listed in the status file
 
 
 class Trouble:
@@ -107,6 +108,10 @@ class Operations:
                     "Folders that refuse moves now; their files wait, unsent or unmoved",
                     lambda: float(len(finisher.folders)),
                 ),
+                "waiting_for_marker": (
+                    "Stable files waiting for their ready marker (ready_marker)",
+                    lambda: float(len(stabiliser.markers or ())),
+                ),
                 "watch_deaf": (
                     "1 while the drop folder cannot be watched",
                     lambda: float(watcher.deaf_reason is not None),
@@ -141,6 +146,7 @@ class Operations:
             last_error=outage.last_error if outage else None,
             failing=outage.label if outage else None,
             folders=tuple(self._finisher.folders.texts()),
+            unmarked=len(self._stabiliser.markers or ()),
         )
 
     def publish(self, state: str, **extra: str) -> None:
@@ -177,6 +183,7 @@ class Operations:
             "folders": list(counts.folders),
             "last_upload": statusfile.iso(self._finisher.last_upload),
             "watch": self._watcher.deaf_reason or "ok",
+            **self._marker_waiters(counts.unmarked),
         }
         now = time.time()
         if doc == self._last_doc and now - self._last_write < IDLE_REFRESH_SECONDS:
@@ -222,6 +229,23 @@ class Operations:
             event(log, "retention_failed", level=logging.WARNING, files=len(kept), first=first)
             with contextlib.suppress(OSError):
                 self._journal.append(kept)
+
+    def _marker_waiters(self, count: int) -> dict[str, Any]:
+        """The files waiting for their ready marker, longest first, each with its age: a stuck
+        producer is told from a stuck daemon. Ages in whole seconds, so that an unchanged list
+        does not rewrite the status file every turn."""
+        markers = self._stabiliser.markers
+        if markers is None:
+            return {}
+        now = self._clock()
+        shown = markers.waiting(MARKER_WAITERS_SHOWN)
+        return {
+            "ready_marker": markers.suffix,
+            "waiting_for_marker": count,
+            "waiting_for_marker_files": [
+                {"file": c.spot.rel, "seconds": int(now - c.since)} for c in shown
+            ],
+        }
 
     def _oldest_age(self) -> float:
         times = [t for t in (self._stabiliser.oldest(), self._work.oldest()) if t is not None]

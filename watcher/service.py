@@ -16,8 +16,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from . import __version__, logs, statusfile
+from . import __version__, latewrite, logs, markers, statusfile
 from .access import prepare_folders
 from .api import ApiClient
 from .finisher import Finisher
@@ -25,7 +26,7 @@ from .folders import Folders, resolve
 from .gate import Gates
 from .health import Counts, Heartbeat, status_line, stuck
 from .instance import DropLock, Holder, Standby
-from .items import Spot
+from .items import Item, Spot
 from .logs import REDACT, Detail, event
 from .metrics import Metrics
 from .mover import Mover
@@ -90,8 +91,17 @@ class Service:
         )
         self.work = WorkQueue(clock, self._noticed)
         idle = timings.idle_wake_seconds
+        self.markers = markers.from_settings(settings, self.drop)
         self.stabiliser = Stabiliser(
-            settings.settle_seconds, self.work, clock, self.drop.lstat, idle_wake_seconds=idle
+            settings.settle_seconds,
+            self.work,
+            clock,
+            self.drop.lstat,
+            self.markers,
+            idle_wake_seconds=idle,
+        )
+        self.late = latewrite.from_settings(
+            settings, self.paths.done, self.work, clock, self.metrics
         )
         self.gates = Gates(
             settings.retry_initial_seconds, settings.retry_max_seconds, clock, self.metrics
@@ -109,6 +119,7 @@ class Service:
             self.journal,
             self.metrics,
             idle_wake_seconds=idle,
+            placed=self._placed,
         )
         self.uploader = Uploader(
             settings,
@@ -118,13 +129,13 @@ class Service:
                 settings.upload_concurrency,
                 settings.content_type,
                 network=self.network,
-                opener=self.drop.open,
+                opener=self.drop.open if self.late is None else self.late.opener(self.drop.open),
                 clock=clock,
             ),
             self.finisher,
             self.work,
             self.gates,
-            self._noticed,
+            self._handed_back,
             self.metrics,
             idle_wake_seconds=idle,
         )
@@ -154,11 +165,17 @@ class Service:
             clock,
         )
         # What a reload reconfigures, each from its own reconfigure(settings).
-        self._live: tuple[Reconfigurable, ...] = (
-            self.stabiliser,
-            self.gates,
-            self.uploader,
-            self.operations,
+        self._live: tuple[Reconfigurable, ...] = tuple(
+            part
+            for part in (
+                self.stabiliser,
+                self.gates,
+                self.uploader,
+                self.operations,
+                self.markers,
+                self.late,
+            )
+            if part is not None
         )
 
     def handle_signals(self) -> None:
@@ -205,6 +222,8 @@ class Service:
         self._spawn("dispatcher", self.uploader.dispatch_step)
         self._spawn("finisher", lambda stop, beat: self.finisher.run(self._moves_stop, beat))
         self._spawn("transfers", self.uploader.run_puts)
+        if self.late is not None:
+            self._spawn("late_writes", self.late.step)
         self.watcher.start()
         waiting = self.watcher.scan()
         self._notifier.send("READY=1", f"STATUS=watching, {waiting} file(s) waiting at start")
@@ -363,6 +382,25 @@ class Service:
         if self._quiet and spots:
             self._wakeup.set()
 
+    def _handed_back(self, spots: list[Spot]) -> None:
+        """A file that changed during its upload: to the stabiliser, or, sent again from done/
+        after a late write, back to the late-write watch."""
+        late = self.late
+        if late is not None and any(late.owns(spot.path) for spot in spots):
+            late.handed_back([spot for spot in spots if late.owns(spot.path)])
+            spots = [spot for spot in spots if not late.owns(spot.path)]
+        self._noticed(spots)
+
+    def _placed(self, placed: list[tuple[Item, Path, bool]]) -> None:
+        """The finisher's thread, after moves are receipted: ready markers are consumed, and
+        uploaded files watched for late writes."""
+        if self.markers is not None:
+            for item, _, _ in placed:
+                if item.marker is not None:
+                    self.markers.consume(item.spot, item.marker)
+        if self.late is not None:
+            self.late.placed(placed)
+
     def _ping(self, now: float, period: float) -> None:
         """WATCHDOG=1 only while the upload threads show life; say once when they do not."""
         beats = [beat for name, (_, beat) in self._threads.items() if name != "stabiliser"]
@@ -410,6 +448,8 @@ class Service:
         self._stop.set()
         self.work.close()
         self.stabiliser.wake()
+        if self.late is not None:
+            self.late.wake()
         self.uploader.close()
         deadline = self._clock() + self.settings.shutdown_timeout_seconds
         uploads = [thread for name, (thread, _) in self._threads.items() if name not in UNWAITED]
@@ -421,6 +461,8 @@ class Service:
         self._join([self._threads["finisher"][0]], deadline)
         self.watcher.join(max(0.0, deadline - self._clock()))
         self.mover.close()
+        if self.late is not None:
+            self.late.close()
         self.drop.close()
         self.metrics.stop()
         self.operations.publish("stopped")

@@ -7,6 +7,7 @@ then the defaults below. Nothing here runs at import time.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import stat
@@ -176,6 +177,9 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     metrics_textfile: Path | None = None
     canary_seconds: float | None = Field(default=None, gt=0, le=DAY_SECONDS)
+    # e.g. ".done": NAME goes once NAME.done exists beside it (markers.py); empty: off
+    ready_marker: str = Field(default="", max_length=64)
+    late_write_seconds: float = Field(default=600.0, ge=0, le=DAY_SECONDS)  # 0: off
 
     @field_validator("api_url", "token_url")
     @classmethod
@@ -221,6 +225,13 @@ class Settings(BaseSettings):
             raise ValueError("must be printable ASCII on one line (a media type, e.g. text/csv)")
         return value
 
+    @field_validator("ready_marker")
+    @classmethod
+    def _suffix(cls, value: str) -> str:
+        if value and (value.strip() != value or "/" in value or "\0" in value):
+            raise ValueError("must be a name suffix such as .done, without /, NUL or spaces")
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: Any) -> Any:
@@ -245,6 +256,13 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.access_token is None and (self.client_id is None or self.client_secret is None):
             raise ValueError("client_id and client_secret are required unless access_token is set")
+        if self.ready_marker and any(
+            fnmatch.fnmatchcase(f"report.csv{self.ready_marker}", p) for p in self.ignore_patterns
+        ):
+            raise ValueError(
+                f"ready_marker {self.ready_marker}: names ending in it match ignore_patterns,"
+                " so markers would go unseen"
+            )
         if self.retry_max_seconds < self.retry_initial_seconds:
             raise ValueError("retry_max_seconds must be at least retry_initial_seconds")
         if self.drop_dir is not None:

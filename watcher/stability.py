@@ -20,6 +20,7 @@ from .folders import kind_of
 from .health import IDLE_WAKE_SECONDS
 from .items import Item, Snapshot, Spot
 from .logs import event
+from .markers import Markers
 from .settings import Settings
 from .workqueue import WorkQueue
 
@@ -65,10 +66,13 @@ class Stabiliser:
         queue: WorkQueue,
         clock: Callable[[], float],
         lstat: Callable[[Path], os.stat_result] = os.lstat,
+        markers: Markers | None = None,
         idle_wake_seconds: float = IDLE_WAKE_SECONDS,
     ) -> None:
+        """`markers`: with `ready_marker` set, a stable file waits there for its marker."""
         self.settle_seconds = settle_seconds
         self._idle_wake_seconds = idle_wake_seconds
+        self.markers = markers
         self._lstat = lstat  # the drop folder's, through its folders' descriptors
         self._queue = queue
         self._clock = clock
@@ -93,9 +97,12 @@ class Stabiliser:
         self._wake.set()
 
     def __len__(self) -> int:
-        """Files settling, counting those noticed but not yet looked at."""
+        """Files settling, counting those noticed but not yet looked at (not those waiting for
+        their ready marker: a rescan notices them again, but they are not settling)."""
         with self._lock:
             unseen = self._noticed.keys() | self._looking.keys()
+        if self.markers is not None:
+            unseen = {path for path in unseen if path not in self.markers}
         # Only membership tests on _candidates: the stabiliser's thread changes it without a lock.
         return len(self._candidates) + sum(1 for path in unseen if path not in self._candidates)
 
@@ -113,10 +120,16 @@ class Stabiliser:
         """Look at new notices and at files whose settle time is up; seconds until the next."""
         with self._lock:
             self._looking, self._noticed = self._noticed, {}
+            marks = self._take_markers()
             # A name still held on the queue (a rescan finds every waiting file again): the notice
             # waits there for the name's release, counted by the queue rather than here.
             for spot in self._queue.park(list(self._looking.values())):
                 del self._looking[spot.path]
+        if self.markers is not None:  # their files, looked at through the park on the next turn
+            held, lone = self.markers.due(now)
+            again = held + self.markers.seen(marks + lone, now)
+            if again:
+                self.notice(again)
         spots = dict(self._looking)
         looked = 0
         while self._due and self._due[0][0] <= now and looked < STEP_LIMIT:
@@ -134,15 +147,31 @@ class Stabiliser:
             self._candidates.pop(item.path, None)
         with self._lock:
             self._looking = {}
-        return max(0.0, self._due[0][0] - now) if self._due else self._idle_wake_seconds
+        waits = [self._due[0][0] - now] if self._due else [self._idle_wake_seconds]
+        if self.markers is not None and (marker_wait := self.markers.next_look(now)) is not None:
+            waits.append(marker_wait)
+        return max(0.0, min(waits))
+
+    def _take_markers(self) -> list[Spot]:
+        """Under the lock: the notices that are ready markers, taken out (never uploaded)."""
+        if self.markers is None:
+            return []
+        marks = [spot for spot in self._looking.values() if self.markers.is_marker(spot)]
+        for spot in marks:
+            del self._looking[spot.path]
+        return marks
 
     def _look(self, spot: Spot, now: float) -> Item | None:
         """Stat one file; the item when it has just become stable."""
         previous = self._candidates.get(spot.path)
+        held = False  # waiting for its ready marker until now: held anew if need be
+        if previous is None and self.markers is not None:
+            previous = self.markers.release(spot.path)
+            held = previous is not None
         try:
             st = self._lstat(spot.path)
         except FileNotFoundError:
-            if self._candidates.pop(spot.path, None) is not None:
+            if self._candidates.pop(spot.path, None) is not None or held:
                 event(log, "vanished", file=spot.rel, reason="removed before it was uploaded")
             return None
         except OSError as exc:  # its folder not searchable, a name too long...: the next scan
@@ -155,6 +184,12 @@ class Stabiliser:
         self._skipped.discard(spot.path)
         candidate = observe(previous, spot, Snapshot.of(st), now)
         if is_stable(candidate, now, self.settle_seconds):
+            marker = None
+            if self.markers is not None:
+                marker = self.markers.present(spot)
+                if marker is None:
+                    self._hold(self.markers, candidate, now, held)
+                    return None
             # DEBUG: at INFO a file's whole life is one line (uploaded, failed, skipped...)
             event(
                 log,
@@ -164,11 +199,24 @@ class Stabiliser:
                 type=spot.file_type,
                 bytes=st.st_size,
             )
-            return Item(spot, candidate.snapshot, noticed_at=candidate.since)
+            return Item(spot, candidate.snapshot, noticed_at=candidate.since, marker=marker)
         self._candidates[spot.path] = candidate
         if candidate is not previous:
             heapq.heappush(self._due, (candidate.since + self.settle_seconds, spot.path))
         return None
+
+    def _hold(self, markers: Markers, candidate: Candidate, now: float, again: bool) -> None:
+        """A stable file without its ready marker waits for it, out of the settling count."""
+        self._candidates.pop(candidate.spot.path, None)
+        markers.hold(candidate, now)
+        if not again:
+            event(
+                log,
+                "waiting_for_marker",
+                level=logging.DEBUG,
+                file=candidate.spot.rel,
+                marker=candidate.spot.name + markers.suffix,
+            )
 
     def _skip_once(self, spot: Spot, reason: str) -> None:
         self._candidates.pop(spot.path, None)

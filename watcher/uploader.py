@@ -126,7 +126,7 @@ class Uploader:
             reason = refusal(item, self._settings.max_file_size)
             if reason is not None:
                 self._finish.fail(item, reason, None)
-            elif (problem := self._finish.blocker(item.path, seen)) is not None:
+            elif not item.late and (problem := self._finish.blocker(item.path, seen)) is not None:
                 self._hold(item, problem)
             else:
                 sendable.append(item)
