@@ -104,6 +104,7 @@ class Transfer:
             curl.setopt(pycurl.URL, url)
             curl.setopt(pycurl.REQUEST_TARGET, target.encode("ascii"))
             curl.setopt(pycurl.INFILESIZE_LARGE, item.snapshot.size)
+            slot.fit_buffer(item.snapshot.size)
             if slot.proxy != proxy:
                 curl.setopt(pycurl.PROXY, proxy)
                 slot.proxy = proxy
