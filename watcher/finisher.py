@@ -48,6 +48,9 @@ from .workqueue import WorkQueue
 log = logging.getLogger(__name__)
 
 BATCH = 256
+# In a burst, the next batch is gathered this long: each batch costs a round of fsyncs and a
+# thread wake (about 1 ms of CPU on the 2-core bench machine), which its files share.
+GROUP_SECONDS = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,9 +110,16 @@ class Finisher:
 
     def run(self, stop: threading.Event, beat: Heartbeat) -> None:
         """Until `stop` is set and nothing is left to move (the uploader stops first). Moves still
-        waiting for a folder at a stop stay in drop/: the next start uploads them again."""
+        waiting for a folder at a stop stay in drop/: the next start uploads them again.
+
+        Group commit: when outcomes are already waiting after a step (a burst), the next step
+        waits GROUP_SECONDS for more, so that one round of fsyncs (each folder, the journal)
+        serves a larger batch; a file that ends alone is moved and reported at once."""
         while not (stop.is_set() and self._outcomes.empty()):
             self.step(beat)
+            if not self._outcomes.empty():
+                beat.idle()
+                stop.wait(GROUP_SECONDS)
 
     def blocker(self, path: Path, seen: dict[Path, list[Looked]] | None = None) -> Blocked | None:
         """The folder that would refuse this file's move, said for an operator; None if none

@@ -62,6 +62,7 @@ class Transfer:
         self._slots: list[Slot] = []
         self._by_handle: dict[pycurl.Curl, Slot] = {}
         self._done: list[Done] = []
+        self.running = 0  # transfers in flight (read several times a turn: kept, not counted)
         self.limit = RateLimit(rate_limit, clock)
         self.concurrency = concurrency
         self.min_rate = min_rate
@@ -70,10 +71,6 @@ class Transfer:
         """A reload: applies to transfers started from now on (the rate limit at once)."""
         self.concurrency, self.min_rate = concurrency, min_rate
         self.limit.set_rate(rate_limit)
-
-    @property
-    def running(self) -> int:
-        return sum(slot.job is not None for slot in self._slots)
 
     def beats(self) -> list[Heartbeat]:
         return [slot.beat for slot in self._slots]
@@ -104,6 +101,7 @@ class Transfer:
             curl.setopt(pycurl.URL, url)
             curl.setopt(pycurl.REQUEST_TARGET, target.encode("ascii"))
             curl.setopt(pycurl.INFILESIZE_LARGE, item.snapshot.size)
+            slot.fit_buffer(item.snapshot.size)
             if slot.proxy != proxy:
                 curl.setopt(pycurl.PROXY, proxy)
                 slot.proxy = proxy
@@ -112,6 +110,7 @@ class Transfer:
             slot.job = None
             os.close(fd)
             raise Fault(Kind.FINAL, "the signed URL cannot be used", where="put") from None
+        self.running += 1
         slot.beat.busy()
 
     def perform(self, wait: float) -> list[Done]:
@@ -284,6 +283,7 @@ class Transfer:
         if job is None:
             raise RuntimeError(f"PUT engine: slot {slot.beat.name} finished without a transfer")
         slot.job = None
+        self.running -= 1
         slot.beat.idle()
         os.close(job.body.fd)
         self._done.append(Done(job.tag, job.item, sent, error))

@@ -16,9 +16,7 @@ so its files go as soon as it is fixed.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
 import random
 import threading
 import time
@@ -32,6 +30,7 @@ from .fates import LET_GO, Blocked, Happened, Next, decide
 from .faults import Fault, Kind, backoff_seconds, names_fault
 from .finisher import Finisher
 from .gate import Gates
+from .handoff import Handoff
 from .health import IDLE_WAKE_SECONDS, Heartbeat
 from .items import Item, Spot
 from .logs import event
@@ -104,7 +103,7 @@ class Uploader:
         self._hand_back = hand_back
         self._metrics = metrics
         depth = max(settings.batch_size, settings.upload_concurrency)
-        self._ready: queue.Queue[Ticket | None] = queue.Queue(maxsize=depth)
+        self._ready: Handoff[Ticket] = Handoff(depth)
         self._lock = threading.Lock()
         self.sending = 0
         self.progress: dict[str, tuple[int, int]] = {}  # file -> (bytes sent, bytes), for status
@@ -176,21 +175,17 @@ class Uploader:
         self._gates.api.fine()
         received = time.time()
         beat.idle()  # handing over waits for a free worker, by design
+        tickets = []
         for item in items:
             url = answer.get(item.spot.name)
             if isinstance(url, SignedUrl):
-                self._hand_over(Ticket(item, url, received), stop)
+                tickets.append(Ticket(item, url, received))
             else:
                 missing = Fault(Kind.FILE, "the API's answer has no URL for this file name")
                 self._settle(item, url or missing)
-
-    def _hand_over(self, ticket: Ticket, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                self._ready.put(ticket, timeout=0.5)
+        while tickets and not stop.is_set():  # stopping: the files stay in the drop folder
+            if self._ready.put_all(tickets, timeout=0.5):
                 return
-            except queue.Full:
-                continue
 
     # -- the transfer thread ---------------------------------------------------------------
 
@@ -206,8 +201,7 @@ class Uploader:
         self._wake()
 
     def _wake(self) -> None:
-        with contextlib.suppress(queue.Full):  # a full queue: the thread is not waiting
-            self._ready.put_nowait(None)
+        self._ready.wake()
 
     def transfer_beats(self) -> list[Heartbeat]:
         """The transfer slots' heartbeats, for the watchdog (read from the main thread)."""
@@ -239,10 +233,7 @@ class Uploader:
         beat.progress()
 
     def _first(self, stop: threading.Event) -> bool:
-        try:
-            ticket = self._ready.get(timeout=self._idle_wake_seconds)
-        except queue.Empty:
-            return False
+        ticket = self._ready.get(timeout=self._idle_wake_seconds)
         if ticket is None or stop.is_set():
             return False  # stopping: the file stays in the drop folder
         if not self._gates.storage.wait(stop):
@@ -256,12 +247,10 @@ class Uploader:
         while not stop.is_set() and self._transfer.running < self._settings.upload_concurrency:
             if self._gates.storage.remaining() > 0:
                 return
-            try:
-                ticket = self._ready.get_nowait()
-            except queue.Empty:
+            ticket = self._ready.get_nowait()
+            if ticket is None:
                 return
-            if ticket is not None:
-                self._start(ticket)
+            self._start(ticket)
 
     def _start(self, ticket: Ticket) -> None:
         item = ticket.item
