@@ -30,10 +30,10 @@ from tests.helpers import (
 )
 from tests.unprivileged import Unavailable, Unprivileged, unprivileged
 from watcher import logs
-from watcher.sandbox import Sandbox
-from watcher.service import Service
+from watcher.daemon.service import Service
+from watcher.daemon.timings import Timings
+from watcher.sandbox.productiv import Sandbox
 from watcher.settings import Settings
-from watcher.timings import Timings
 
 # The examples are cheap, but on 2 shared cores a busy neighbour can make drawing them look slow:
 # no deadline, and no too_slow verdict, so a loaded machine cannot fail a fuzz test.

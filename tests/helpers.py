@@ -21,11 +21,11 @@ from typing import Any
 
 import pytest
 
-from watcher.instance import LOCK_NAME
-from watcher.items import Item, Snapshot, Spot
-from watcher.network import Network, ca_file
-from watcher.sandbox import CLIENT_SECRET, ISSUED, Sandbox
-from watcher.timings import Timings
+from watcher.daemon.instance import LOCK_NAME
+from watcher.daemon.timings import Timings
+from watcher.pipeline.items import Item, Snapshot, Spot
+from watcher.remote.network import Network, ca_file
+from watcher.sandbox.productiv import CLIENT_SECRET, ISSUED, Sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +38,7 @@ QUICK = Timings(
 QUICK_WATCHER = (
     sys.executable,
     "-c",
-    "import sys; from watcher.cli import main; from watcher.timings import Timings; "
+    "import sys; from watcher.commands.cli import main; from watcher.daemon.timings import Timings; "
     f"sys.exit(main(timings={QUICK!r}))",
 )
 DIRECT = Network(None, {}, ca_file(None), None)  # no proxy, certifi's CAs

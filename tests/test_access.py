@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import cli
-from watcher.access import MOVE, STICKY, Seen, User, blocker, fix, permits, problem, refusal
+from watcher.disk.access import MOVE, STICKY, Seen, User, blocker, fix, permits, problem, refusal
 
 NOBODY, NOGROUP = 65534, 65534
 ALICE, DROP = 1001, 2001
@@ -213,7 +213,7 @@ def test_check_lists_the_folders_the_service_user_cannot_work_in_and_how_to_fix_
 def test_a_sticky_folder_blocks_moving_other_users_files_unless_the_service_owns_it(
     mode, owner, blocks
 ):
-    from watcher.access import ANOTHER_USER, STICKY, refusal
+    from watcher.disk.access import ANOTHER_USER, STICKY, refusal
 
     def sticky_blocks(seen: Seen, user: User) -> bool:  # for a producer's file, bits aside
         return refusal(seen, user, "", ANOTHER_USER) == STICKY

@@ -9,9 +9,9 @@ import pytest
 
 from tests.conftest import make_settings
 from tests.helpers import wait_for
-from watcher.api import ApiClient, SignedUrl
-from watcher.faults import Fault, Kind
-from watcher.sandbox import Sandbox
+from watcher.remote.api import ApiClient, SignedUrl
+from watcher.remote.faults import Fault, Kind
+from watcher.sandbox.productiv import Sandbox
 
 
 @pytest.fixture

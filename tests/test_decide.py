@@ -10,18 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from watcher.body import FileChanged, FileGone, NotRegular
-from watcher.fates import EXPIRED_IN_A_ROW, Fate, Happened, Next, decide
-from watcher.faults import Fault, Kind
-from watcher.finisher import Finisher
-from watcher.health import Heartbeat
-from watcher.items import Item, Snapshot, Spot
-from watcher.metrics import Metrics
-from watcher.mover import Mover
-from watcher.receipts import Journal
+from watcher.daemon.heartbeats import Heartbeat
+from watcher.daemon.metrics import Metrics
+from watcher.pipeline.fates import EXPIRED_IN_A_ROW, Fate, Happened, Next, decide
+from watcher.pipeline.finisher import Finisher
+from watcher.pipeline.items import Item, Snapshot, Spot
+from watcher.pipeline.mover import Mover
+from watcher.pipeline.receipts import Journal
+from watcher.pipeline.workqueue import WorkQueue
+from watcher.remote.body import FileChanged, FileGone, NotRegular
+from watcher.remote.faults import Fault, Kind
+from watcher.remote.transfer import Sent
 from watcher.settings import Settings
-from watcher.transfer import Sent
-from watcher.workqueue import WorkQueue
 
 MAX = 3
 SPOT = Spot(Path("/d/a.csv"), "a.csv", "a.csv", None)

@@ -9,23 +9,23 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from watcher.api import SignedUrl, token_needs_refresh, url_expiry, url_problem
-from watcher.faults import (
+from watcher.daemon.heartbeats import IDLE_WAKE_SECONDS
+from watcher.logs import Redactor
+from watcher.pipeline.items import Item, Snapshot, Spot
+from watcher.pipeline.mover import NAME_MAX_BYTES, Mover, candidate_names
+from watcher.pipeline.stability import Candidate, Stabiliser, is_stable, observe
+from watcher.pipeline.uploader import refusal, url_is_stale
+from watcher.pipeline.watching import is_ignored, locate
+from watcher.pipeline.workqueue import WorkQueue
+from watcher.remote.api import SignedUrl, token_needs_refresh, url_expiry, url_problem
+from watcher.remote.faults import (
     Kind,
     backoff_seconds,
     classify_api_status,
     classify_put,
     retry_after_seconds,
 )
-from watcher.health import IDLE_WAKE_SECONDS
-from watcher.items import Item, Snapshot, Spot
-from watcher.logs import Redactor
-from watcher.mover import NAME_MAX_BYTES, Mover, candidate_names
 from watcher.settings import DEFAULT_IGNORE
-from watcher.stability import Candidate, Stabiliser, is_stable, observe
-from watcher.uploader import refusal, url_is_stale
-from watcher.watching import is_ignored, locate
-from watcher.workqueue import WorkQueue
 
 SNAP = Snapshot(1, 2, 10, 100, 100)
 SPOT = Spot(Path("/d/a.csv"), "a.csv", "a.csv", None)

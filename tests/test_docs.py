@@ -37,7 +37,7 @@ def logged_event_names() -> set[str]:
     """Every event name the code logs: `event(log, "name", ...)`, `extra={"event": "name"}` and
     the chores' `Trouble("name", ...)`, read from the source."""
     names = set()
-    for path in (ROOT / "watcher").glob("*.py"):
+    for path in (ROOT / "watcher").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.Call):
                 continue

@@ -19,14 +19,14 @@ import pytest
 
 from tests.conftest import make_settings
 from tests.helpers import done_soon, item_for, receipts, wait_for, write
-from watcher.api import SignedUrl
-from watcher.body import etag_matches
-from watcher.curlerrors import Failure, curl_fault, openssl_words
-from watcher.faults import Fault, Kind
-from watcher.network import Network
-from watcher.pacing import RateLimit, stall_rate, stalled
-from watcher.service import Service
-from watcher.transfer import FileChanged, Transfer
+from watcher.daemon.service import Service
+from watcher.remote.api import SignedUrl
+from watcher.remote.body import etag_matches
+from watcher.remote.curlerrors import Failure, curl_fault, openssl_words
+from watcher.remote.faults import Fault, Kind
+from watcher.remote.network import Network
+from watcher.remote.pacing import RateLimit, stall_rate, stalled
+from watcher.remote.transfer import FileChanged, Transfer
 
 DIRECT = Network(None, {}, certifi.where(), None)
 QUERY = "X-Amz-Credential=AKIA%2F20250101%2Fus-east-1&X-Amz-Signature=5ecret+sig%3D&a=b%20c"

@@ -13,7 +13,9 @@ import pytest
 
 from tests.conftest import Captured
 from tests.helpers import wait_for, write
-from watcher.fates import (
+from watcher.daemon.heartbeats import Counts, Heartbeat, status_line
+from watcher.daemon.metrics import Metrics
+from watcher.pipeline.fates import (
     FolderTrouble,
     MoveRetries,
     Next,
@@ -21,17 +23,15 @@ from watcher.fates import (
     decide,
     moved_intact,
 )
-from watcher.faults import Fault, Kind
-from watcher.finisher import Finisher
-from watcher.gate import Gates, gate_for
-from watcher.health import Counts, Heartbeat, status_line
-from watcher.items import Item, Snapshot, Spot
-from watcher.metrics import Metrics
-from watcher.mover import Mover
-from watcher.receipts import Journal
+from watcher.pipeline.finisher import Finisher
+from watcher.pipeline.items import Item, Snapshot, Spot
+from watcher.pipeline.mover import Mover
+from watcher.pipeline.receipts import Journal
+from watcher.pipeline.workqueue import WorkQueue
+from watcher.remote.breakers import Gates, gate_for
+from watcher.remote.faults import Fault, Kind
+from watcher.remote.transfer import Sent
 from watcher.settings import Settings
-from watcher.transfer import Sent
-from watcher.workqueue import WorkQueue
 
 ME, OTHER, GROUP, ELSE = 1000, 2000, 500, 600
 

@@ -17,7 +17,7 @@ from collections import Counter
 
 from tests.helpers import NotifySocket, clean_env, done_soon, wait_for, write
 from tests.unprivileged import field
-from watcher.sandbox import Sandbox
+from watcher.sandbox.productiv import Sandbox
 
 
 def puts_per_object(sandbox: Sandbox) -> Counter[str]:

@@ -11,11 +11,11 @@ from pathlib import Path
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from watcher.api import SignedUrl, parse_token, parse_urls, url_expiry, url_problem
-from watcher.faults import Fault, Kind, classify_put, retry_after_seconds, s3_error
-from watcher.notify import watchdog_interval
+from watcher.daemon.notify import watchdog_interval
+from watcher.pipeline.watching import locate
+from watcher.remote.api import SignedUrl, parse_token, parse_urls, url_expiry, url_problem
+from watcher.remote.faults import Fault, Kind, classify_put, retry_after_seconds, s3_error
 from watcher.settings import DEFAULT_IGNORE, FILE_TYPES
-from watcher.watching import locate
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(),

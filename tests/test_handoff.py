@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from watcher.handoff import Handoff
+from watcher.pipeline.handoff import Handoff
 
 
 def test_a_batch_goes_whole_and_in_order_once_it_fits() -> None:

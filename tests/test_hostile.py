@@ -22,8 +22,10 @@ from hypothesis import strategies as st
 
 from tests.conftest import make_settings
 from tests.helpers import assert_no_secrets, cli, daemon_env, finishes, item_for, wait_for, write
-from watcher import statusfile
-from watcher.api import (
+from watcher.daemon import statusfile
+from watcher.daemon.notify import SystemdNotifier
+from watcher.logs import REDACT, TOKENS_KEPT, Redactor
+from watcher.remote.api import (
     MAX_REQUEST_LINE_BYTES,
     URL_PATH,
     ApiClient,
@@ -32,13 +34,11 @@ from watcher.api import (
     packed,
     parse_token,
 )
-from watcher.faults import Fault, Kind, classify_put
-from watcher.logs import REDACT, TOKENS_KEPT, Redactor
-from watcher.network import Network, ca_file
-from watcher.notify import SystemdNotifier
-from watcher.sandbox import CLIENT_ID, CLIENT_SECRET, Sandbox
+from watcher.remote.faults import Fault, Kind, classify_put
+from watcher.remote.network import Network, ca_file
+from watcher.remote.transfer import FileChanged, Sent, Transfer
+from watcher.sandbox.productiv import CLIENT_ID, CLIENT_SECRET, Sandbox
 from watcher.settings import FILE_TYPES, Settings
-from watcher.transfer import FileChanged, Sent, Transfer
 
 DEEP = "[" * 200_000  # json's C parser raises RecursionError, not ValueError
 DIRECT = Network(None, {}, ca_file(None), None)  # no proxy, certifi's CAs

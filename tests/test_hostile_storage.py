@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.helpers import DIRECT, finishes, item_for, write
-from watcher.api import SignedUrl
-from watcher.faults import Fault, Kind
-from watcher.transfer import Sent, Transfer
+from watcher.remote.api import SignedUrl
+from watcher.remote.faults import Fault, Kind
+from watcher.remote.transfer import Sent, Transfer
 
 Script = Callable[[socket.socket], None]
 SECRET = "Signature=s3cr3t"

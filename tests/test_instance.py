@@ -17,11 +17,11 @@ import pytest
 
 from tests.conftest import make_settings
 from tests.helpers import ROOT, Child, Folders, assert_no_secrets, daemon_env, wait_for
-from watcher.instance import LOCK_NAME, DropLock, Holder, active_holder, parse_holder
-from watcher.liveness import CANARY_NAME
-from watcher.sandbox import Sandbox
-from watcher.service import Service
-from watcher.watching import locate
+from watcher.daemon.instance import LOCK_NAME, DropLock, Holder, active_holder, parse_holder
+from watcher.daemon.service import Service
+from watcher.pipeline.deafness import CANARY_NAME
+from watcher.pipeline.watching import locate
+from watcher.sandbox.productiv import Sandbox
 
 HOST = socket.gethostname()
 

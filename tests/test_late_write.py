@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import Child, Folders, cli, daemon_env, done_soon, wait_for, write
-from watcher import latewrite
-from watcher.health import Heartbeat
-from watcher.items import Item, Snapshot, Spot
-from watcher.latewrite import MAX_AGAIN, LateWrites, Look, baseline, compare
-from watcher.receipts import NAME
-from watcher.workqueue import WorkQueue
+from watcher.daemon.heartbeats import Heartbeat
+from watcher.pipeline import latewrite
+from watcher.pipeline.items import Item, Snapshot, Spot
+from watcher.pipeline.latewrite import MAX_AGAIN, LateWrites, Look, baseline, compare
+from watcher.pipeline.receipts import NAME
+from watcher.pipeline.workqueue import WorkQueue
 
 UP = Snapshot(dev=1, ino=7, size=100, mtime_ns=1000, ctime_ns=2000)
 MOVED = Snapshot(dev=1, ino=7, size=100, mtime_ns=1000, ctime_ns=3000)  # the rename's ctime

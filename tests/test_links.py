@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import Captured, Daemon, make_settings
 from tests.helpers import done_soon, receipts, wait_for, write
 from tests.tcpproxy import Relay
-from watcher.sandbox import Sandbox
+from watcher.sandbox.productiv import Sandbox
 
 MiB = 1024 * 1024
 # A dead link is given up request_timeout_seconds after its last byte, give or take this much

@@ -18,10 +18,10 @@ from pydantic import SecretStr
 
 from tests.conftest import Captured
 from tests.helpers import Child, Folders, cli, daemon_env, wait_for, write
-from watcher.admin import matches, receipt_key
-from watcher.sandbox import Sandbox
+from watcher.commands.admin import matches, receipt_key
+from watcher.daemon.wakeup import Wakeup
+from watcher.sandbox.productiv import Sandbox
 from watcher.settings import Settings, reloaded, unknown_variables
-from watcher.wakeup import Wakeup
 
 
 def status_stamp(folders: Folders) -> float:

@@ -17,11 +17,11 @@ from pydantic import ValidationError
 
 from tests.conftest import make_settings
 from tests.helpers import Child, cli, daemon_env, done_soon, wait_for, write
-from watcher import statusfile
-from watcher.health import Counts, status_line
-from watcher.markers import ORPHAN_REASON, marked_name, orphan_due
-from watcher.receipts import NAME
-from watcher.sandbox import Sandbox
+from watcher.daemon import statusfile
+from watcher.daemon.heartbeats import Counts, status_line
+from watcher.pipeline.markers import ORPHAN_REASON, marked_name, orphan_due
+from watcher.pipeline.receipts import NAME
+from watcher.sandbox.productiv import Sandbox
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from urllib3.exceptions import MaxRetryError, ProxyError, SSLError
 
 from tests.conftest import make_settings
 from watcher.logs import REDACT
-from watcher.network import (
+from watcher.remote.network import (
     Network,
     bypassed,
     ca_file,

@@ -19,9 +19,9 @@ import pytest
 
 from tests.conftest import Captured
 from tests.helpers import Child, Folders, cli, done_soon, receipts, wait_for, write
-from watcher.liveness import HUNG, StatProbe
-from watcher.receipts import Journal
-from watcher.sandbox import Sandbox
+from watcher.pipeline.deafness import HUNG, StatProbe
+from watcher.pipeline.receipts import Journal
+from watcher.sandbox.productiv import Sandbox
 
 
 def test_every_outcome_is_receipted_with_the_streamed_checksum(daemon, folders, sandbox):

@@ -15,13 +15,13 @@ import pytest
 import urllib3
 
 from tests.conftest import Captured
-from watcher.answers import PIECE_BYTES, bounded
-from watcher.faults import Fault, Kind
-from watcher.gate import Gates, ServiceGate
-from watcher.items import Item, Snapshot, Spot
-from watcher.metrics import Metrics
+from watcher.daemon.metrics import Metrics
+from watcher.pipeline.items import Item, Snapshot, Spot
+from watcher.pipeline.workqueue import WorkQueue
+from watcher.remote.answers import PIECE_BYTES, bounded
+from watcher.remote.breakers import Gates, ServiceGate
+from watcher.remote.faults import Fault, Kind
 from watcher.settings import Settings
-from watcher.workqueue import WorkQueue
 
 
 class Clock:

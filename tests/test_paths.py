@@ -13,9 +13,9 @@ import pytest
 
 from tests.conftest import Captured
 from tests.helpers import Child, Folders, cli, daemon_env, done_soon, inotify_masks, wait_for, write
-from watcher.folders import Folders as Descriptors
-from watcher.mover import Mover
-from watcher.overlap import Place, overlapping
+from watcher.disk.folders import Folders as Descriptors
+from watcher.disk.overlap import Place, overlapping
+from watcher.pipeline.mover import Mover
 
 # -- item 2: a type folder that is a symlink ---------------------------------------------------
 

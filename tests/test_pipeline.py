@@ -15,9 +15,9 @@ import pytest
 
 from tests.conftest import Captured
 from tests.helpers import Child, done_soon, inotify_masks, wait_for, write
-from watcher import statusfile
-from watcher.timings import DEFAULT
-from watcher.watching import Watcher
+from watcher.daemon import statusfile
+from watcher.daemon.timings import DEFAULT
+from watcher.pipeline.watching import Watcher
 
 
 def test_files_waiting_at_start_go_up_whole_and_move_to_done(daemon, folders, sandbox):

@@ -19,13 +19,13 @@ from tests.conftest import Daemon, make_settings
 from tests.helpers import ROOT, Folders, wait_for
 from tests.proxyserver import Proxy, connect_proxy
 from tests.s3server import rclone_s3, s3_client
-from watcher.api import SignedUrl
-from watcher.faults import Fault
-from watcher.items import Item, Snapshot, Spot
-from watcher.network import VARIABLES, Network
-from watcher.sandbox import Sandbox
+from watcher.pipeline.items import Item, Snapshot, Spot
+from watcher.remote.api import SignedUrl
+from watcher.remote.faults import Fault
+from watcher.remote.network import VARIABLES, Network
+from watcher.remote.transfer import Transfer
+from watcher.sandbox.productiv import Sandbox
 from watcher.settings import ConfigError, load
-from watcher.transfer import Transfer
 
 BUCKET = "bucket"
 LOGIN = "watcher:s3cret:p@ss"  # what proxy.py demands

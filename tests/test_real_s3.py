@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import Daemon, make_settings
 from tests.helpers import Folders, wait_for
 from tests.s3server import rclone_s3, s3_client
-from watcher.sandbox import Sandbox
+from watcher.sandbox.productiv import Sandbox
 
 BUCKET = "bucket"
 

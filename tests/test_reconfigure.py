@@ -12,13 +12,13 @@ import pytest
 
 import watcher
 from tests.conftest import Captured, Daemon, Folders, make_settings, wait_for
-from watcher.gate import Gates
-from watcher.sandbox import Sandbox
-from watcher.service import Service
+from watcher.daemon.service import Service
+from watcher.pipeline.stability import Stabiliser
+from watcher.pipeline.watching import locate
+from watcher.pipeline.workqueue import WorkQueue
+from watcher.remote.breakers import Gates
+from watcher.sandbox.productiv import Sandbox
 from watcher.settings import ConfigError, Paths, Settings
-from watcher.stability import Stabiliser
-from watcher.watching import locate
-from watcher.workqueue import WorkQueue
 
 
 def settings(**values: object) -> Settings:
@@ -44,7 +44,7 @@ def test_production_code_has_no_assert_statement():
     package = Path(watcher.__file__).parent
     found = [
         f"{path.name}:{node.lineno}"
-        for path in sorted(package.glob("*.py"))
+        for path in sorted(package.rglob("*.py"))
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
         if isinstance(node, ast.Assert)
     ]

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import Captured
 from tests.helpers import Child, Folders, daemon_env, done_soon, wait_for, write
-from watcher.sandbox import Sandbox
+from watcher.sandbox.productiv import Sandbox
 
 
 def child_env(sandbox: Sandbox, folders: Folders, **extra: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import Captured, Daemon, make_settings, subprocess_daemon
 from tests.helpers import ROOT, NotifySocket, daemon_env, wait_for
-from watcher.sandbox import Sandbox
+from watcher.sandbox.productiv import Sandbox
 
 
 def test_ready_status_watchdog_and_stopping_reach_systemd(sandbox, folders, notify):

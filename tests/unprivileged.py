@@ -36,7 +36,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from tests.helpers import ROOT, Child, Folders, wait_for, write
-from watcher.sandbox import Sandbox
+from watcher.sandbox.productiv import Sandbox
 
 VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 PROBE = (
@@ -159,7 +159,7 @@ def unprivileged(site: Path, user: str = "nobody") -> Unprivileged:
     entry = pwd.getpwnam(user)  # privilege_drop checked it exists
     nobody = Unprivileged(user, entry.pw_uid, entry.pw_gid, python, site, prefix)
     check = subprocess.run(
-        [*prefix, python, "-c", "import watcher.cli, watcher.service"],
+        [*prefix, python, "-c", "import watcher.commands.cli, watcher.daemon.service"],
         env={**os.environ, **nobody.env},
         capture_output=True,
         text=True,

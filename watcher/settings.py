@@ -191,7 +191,7 @@ class Settings(BaseSettings):
     @field_validator("proxy")
     @classmethod
     def _proxy_url(cls, value: SecretStr | None) -> SecretStr | None:
-        from .network import proxy_problem, with_scheme  # network imports this module
+        from .remote.network import proxy_problem, with_scheme  # network imports this module
 
         if value is None or not value.get_secret_value().strip():
             return None
@@ -204,7 +204,7 @@ class Settings(BaseSettings):
     @field_validator("ca_bundle")
     @classmethod
     def _pem_file(cls, value: Path | None) -> Path | None:
-        from .network import pem_problem
+        from .remote.network import pem_problem
 
         path = value.expanduser().absolute() if value is not None else None
         problem = pem_problem(path) if path is not None else None
@@ -297,7 +297,7 @@ class Settings(BaseSettings):
             if view.get(name) is not None:
                 view[name] = "***"
         if self.proxy is not None:
-            from .network import masked_proxy
+            from .remote.network import masked_proxy
 
             view["proxy"] = masked_proxy(self.proxy.get_secret_value())
         return view
@@ -312,7 +312,7 @@ class Settings(BaseSettings):
 
     def secret_values(self) -> list[str]:
         """Values that must never appear in any output (the log filter scrubs them)."""
-        from .network import proxy_secrets
+        from .remote.network import proxy_secrets
 
         secrets = [getattr(self, name) for name in SECRET_FIELDS]
         values = [s.get_secret_value() for s in secrets if s is not None and s.get_secret_value()]

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.s3server import KEY, RCLONE, SECRET, rclone_s3, s3_client  # noqa: E402
 from tests.tcpproxy import Relay  # noqa: E402
-from watcher.sandbox import Sandbox, object_key  # noqa: E402
+from watcher.sandbox.productiv import Sandbox, object_key  # noqa: E402
 
 BUCKET = "bench"
 SETTLE = 0.5

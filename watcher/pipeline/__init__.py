@@ -1,0 +1,3 @@
+"""The pipeline's stages, in the order a file goes through them:
+watch, stabilise, queue, upload, finish.
+"""

@@ -1,0 +1,1 @@
+"""A local stand-in for Productiv's push API and its storage, for the demo and the tests."""
