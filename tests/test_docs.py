@@ -78,3 +78,17 @@ def test_the_readme_fits_on_a_few_screens_and_links_every_page():
     assert len(readme.encode()) < README_LIMIT_BYTES
     for page in sorted((ROOT / "docs").glob("*.md")):
         assert f"(docs/{page.name})" in readme, f"the README does not link docs/{page.name}"
+
+
+def test_the_module_map_names_every_module():
+    """docs/design.md's map is where a newcomer starts: a module missing from it is hidden."""
+    page = (ROOT / "docs" / "design.md").read_text()
+    modules = [
+        p.relative_to(ROOT / "watcher")
+        for p in (ROOT / "watcher").rglob("*.py")
+        if p.name not in {"__init__.py", "__main__.py"}
+    ]
+    assert modules
+    assert [str(m) for m in modules if m.name not in page] == []
+    packages = {m.parent.name for m in modules if m.parent.name}
+    assert [p for p in sorted(packages) if f"{p}/" not in page] == []

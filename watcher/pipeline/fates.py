@@ -2,7 +2,7 @@
 
 The rules (docs/reliability.md, "A file's fate"):
 - A fault of the API or the storage never costs the file an attempt: the gate of the thing that
-  failed backs off (gate.py) and the file waits in the queue.
+  failed backs off (remote/breakers.py) and the file waits in the queue.
 - A file is uploaded only if it can then be moved: a folder that would refuse the move holds its
   files, unsent, until it is fixed, and is reported once (`folder_not_writable`), not per file.
 - A move that fails after the upload keeps the file's outcome and is tried again as a move, with
