@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from watcher.daemon.instance import LOCK_NAME
 from watcher.daemon.timings import Timings
-from watcher.pipeline.items import Item, Snapshot, Spot
+from watcher.disk.folders import LOCK_NAME
+from watcher.items import Item, Snapshot, Spot
 from watcher.remote.network import Network, ca_file
 from watcher.sandbox.productiv import CLIENT_SECRET, ISSUED, Sandbox
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from watcher.daemon.heartbeats import Heartbeat
-from watcher.daemon.metrics import Metrics
+from watcher.heartbeats import Heartbeat
+from watcher.items import Item, Snapshot, Spot
+from watcher.metrics import Metrics
 from watcher.pipeline.fates import EXPIRED_IN_A_ROW, Fate, Happened, Next, decide
 from watcher.pipeline.finisher import Finisher
-from watcher.pipeline.items import Item, Snapshot, Spot
 from watcher.pipeline.mover import Mover
 from watcher.pipeline.receipts import Journal
 from watcher.pipeline.workqueue import WorkQueue

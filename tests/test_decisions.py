@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from watcher.daemon.heartbeats import IDLE_WAKE_SECONDS
+from watcher.heartbeats import IDLE_WAKE_SECONDS
+from watcher.items import Item, Snapshot, Spot
 from watcher.logs import Redactor
-from watcher.pipeline.items import Item, Snapshot, Spot
 from watcher.pipeline.mover import NAME_MAX_BYTES, Mover, candidate_names
 from watcher.pipeline.stability import Candidate, Stabiliser, is_stable, observe
 from watcher.pipeline.uploader import refusal, url_is_stale

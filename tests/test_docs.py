@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import re
+from pathlib import Path
 
 from tests.helpers import ROOT
 from watcher.events import EVENTS
@@ -92,3 +93,39 @@ def test_the_module_map_names_every_module():
     assert [str(m) for m in modules if m.name not in page] == []
     packages = {m.parent.name for m in modules if m.parent.name}
     assert [p for p in sorted(packages) if f"{p}/" not in page] == []
+
+
+# The layers of the package, lowest first: a module imports only from lower layers or its own
+# package, so that a newcomer can read it bottom-up (the shared vocabulary at the top level:
+# settings, logs, events, items, heartbeats, metrics).
+LAYERS = {"": 0, "disk": 1, "remote": 1, "sandbox": 1, "pipeline": 2, "daemon": 3, "commands": 4}
+
+
+def imported_packages(path: Path) -> set[str]:
+    """The watcher subpackages (or "" for a top-level module) a module imports from."""
+    package = path.parent.relative_to(ROOT / "watcher").as_posix().replace(".", "")
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = [package] if package and node.level == 1 else []
+            parts = [*base, *(node.module or "").split(".")]
+            head = parts[0] if parts and parts[0] in LAYERS else ""
+            if not node.module and node.level == 1 and package:
+                head = package
+            found.add(head)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("watcher."):
+            name = node.module.split(".")[1]
+            found.add(name if name in LAYERS else "")
+    return found
+
+
+def test_each_subpackage_imports_only_from_lower_layers():
+    wrong = []
+    for path in (ROOT / "watcher").rglob("*.py"):
+        if path.name in {"__init__.py", "__main__.py"}:
+            continue
+        own = path.parent.relative_to(ROOT / "watcher").as_posix().replace(".", "")
+        for other in imported_packages(path) - {own}:
+            if LAYERS[other] >= LAYERS[own]:
+                wrong.append(f"{path.relative_to(ROOT)} imports from watcher/{other or '*.py'}")
+    assert wrong == []

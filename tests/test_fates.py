@@ -13,8 +13,9 @@ import pytest
 
 from tests.conftest import Captured
 from tests.helpers import wait_for, write
-from watcher.daemon.heartbeats import Counts, Heartbeat, status_line
-from watcher.daemon.metrics import Metrics
+from watcher.heartbeats import Counts, Heartbeat, status_line
+from watcher.items import Item, Snapshot, Spot
+from watcher.metrics import Metrics
 from watcher.pipeline.fates import (
     FolderTrouble,
     MoveRetries,
@@ -24,7 +25,6 @@ from watcher.pipeline.fates import (
     moved_intact,
 )
 from watcher.pipeline.finisher import Finisher
-from watcher.pipeline.items import Item, Snapshot, Spot
 from watcher.pipeline.mover import Mover
 from watcher.pipeline.receipts import Journal
 from watcher.pipeline.workqueue import WorkQueue

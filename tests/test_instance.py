@@ -17,8 +17,9 @@ import pytest
 
 from tests.conftest import make_settings
 from tests.helpers import ROOT, Child, Folders, assert_no_secrets, daemon_env, wait_for
-from watcher.daemon.instance import LOCK_NAME, DropLock, Holder, active_holder, parse_holder
+from watcher.daemon.instance import DropLock, Holder, active_holder, parse_holder
 from watcher.daemon.service import Service
+from watcher.disk.folders import LOCK_NAME
 from watcher.pipeline.deafness import CANARY_NAME
 from watcher.pipeline.watching import locate
 from watcher.sandbox.productiv import Sandbox

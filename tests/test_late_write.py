@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import Child, Folders, cli, daemon_env, done_soon, wait_for, write
-from watcher.daemon.heartbeats import Heartbeat
+from watcher.heartbeats import Heartbeat
+from watcher.items import Item, Snapshot, Spot
 from watcher.pipeline import latewrite
-from watcher.pipeline.items import Item, Snapshot, Spot
 from watcher.pipeline.latewrite import MAX_AGAIN, LateWrites, Look, baseline, compare
 from watcher.pipeline.receipts import NAME
 from watcher.pipeline.workqueue import WorkQueue

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from tests.conftest import make_settings
 from tests.helpers import Child, cli, daemon_env, done_soon, wait_for, write
 from watcher.daemon import statusfile
-from watcher.daemon.heartbeats import Counts, status_line
+from watcher.heartbeats import Counts, status_line
 from watcher.pipeline.markers import ORPHAN_REASON, marked_name, orphan_due
 from watcher.pipeline.receipts import NAME
 from watcher.sandbox.productiv import Sandbox

@@ -20,10 +20,9 @@ from watcher.remote.network import (
     ca_file,
     choose_proxy,
     explain,
-    masked_proxy,
-    proxy_secrets,
 )
 from watcher.settings import load
+from watcher.values import masked_proxy, proxy_secrets
 
 P = "http://proxy.corp:3128"
 

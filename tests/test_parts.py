@@ -15,8 +15,8 @@ import pytest
 import urllib3
 
 from tests.conftest import Captured
-from watcher.daemon.metrics import Metrics
-from watcher.pipeline.items import Item, Snapshot, Spot
+from watcher.items import Item, Snapshot, Spot
+from watcher.metrics import Metrics
 from watcher.pipeline.workqueue import WorkQueue
 from watcher.remote.answers import PIECE_BYTES, bounded
 from watcher.remote.breakers import Gates, ServiceGate

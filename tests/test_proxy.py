@@ -19,7 +19,7 @@ from tests.conftest import Daemon, make_settings
 from tests.helpers import ROOT, Folders, wait_for
 from tests.proxyserver import Proxy, connect_proxy
 from tests.s3server import rclone_s3, s3_client
-from watcher.pipeline.items import Item, Snapshot, Spot
+from watcher.items import Item, Snapshot, Spot
 from watcher.remote.api import SignedUrl
 from watcher.remote.faults import Fault
 from watcher.remote.network import VARIABLES, Network

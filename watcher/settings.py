@@ -33,6 +33,8 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from .values import masked_proxy, pem_problem, proxy_problem, proxy_secrets, with_scheme
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on Python 3.10
@@ -191,7 +193,6 @@ class Settings(BaseSettings):
     @field_validator("proxy")
     @classmethod
     def _proxy_url(cls, value: SecretStr | None) -> SecretStr | None:
-        from .remote.network import proxy_problem, with_scheme  # network imports this module
 
         if value is None or not value.get_secret_value().strip():
             return None
@@ -204,7 +205,6 @@ class Settings(BaseSettings):
     @field_validator("ca_bundle")
     @classmethod
     def _pem_file(cls, value: Path | None) -> Path | None:
-        from .remote.network import pem_problem
 
         path = value.expanduser().absolute() if value is not None else None
         problem = pem_problem(path) if path is not None else None
@@ -297,8 +297,6 @@ class Settings(BaseSettings):
             if view.get(name) is not None:
                 view[name] = "***"
         if self.proxy is not None:
-            from .remote.network import masked_proxy
-
             view["proxy"] = masked_proxy(self.proxy.get_secret_value())
         return view
 
@@ -312,7 +310,6 @@ class Settings(BaseSettings):
 
     def secret_values(self) -> list[str]:
         """Values that must never appear in any output (the log filter scrubs them)."""
-        from .remote.network import proxy_secrets
 
         secrets = [getattr(self, name) for name in SECRET_FIELDS]
         values = [s.get_secret_value() for s in secrets if s is not None and s.get_secret_value()]

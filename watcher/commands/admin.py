@@ -17,7 +17,7 @@ from typing import Any
 from ..daemon import statusfile
 from ..daemon.instance import active_holder
 from ..disk.owners import make_folders
-from ..pipeline.items import display
+from ..items import display
 from ..pipeline.mover import SIDECAR_SUFFIX, candidate_names, rename_noreplace
 from ..pipeline.receipts import Journal
 from ..settings import FILE_TYPES, ConfigError, Paths, Settings, require_state_dir

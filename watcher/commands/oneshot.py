@@ -11,8 +11,8 @@ import random
 import threading
 from pathlib import Path
 
+from ..items import Item, Snapshot, Spot, display
 from ..pipeline.fates import Next, decide
-from ..pipeline.items import Item, Snapshot, Spot, display
 from ..pipeline.uploader import refusal
 from ..remote.api import ApiClient, SignedUrl
 from ..remote.faults import Fault, Kind, backoff_seconds

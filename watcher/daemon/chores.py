@@ -16,9 +16,11 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import __version__
+from ..heartbeats import Counts
+from ..items import display, utc_iso
 from ..logs import event
+from ..metrics import Metrics
 from ..pipeline.finisher import Finisher
-from ..pipeline.items import display, utc_iso
 from ..pipeline.receipts import Journal
 from ..pipeline.stability import Stabiliser
 from ..pipeline.uploader import Uploader
@@ -27,8 +29,6 @@ from ..pipeline.workqueue import WorkQueue
 from ..remote.breakers import Gates
 from ..settings import Paths, Settings
 from . import statusfile
-from .heartbeats import Counts
-from .metrics import Metrics
 from .retention import expired, sweep_interval
 
 log = logging.getLogger(__name__)

@@ -36,15 +36,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..disk.folders import kind_of
+from ..disk.folders import LOCK_NAME, kind_of
 from ..disk.owners import adopt_open
+from ..items import utc_iso
 from ..logs import event
-from ..pipeline.items import utc_iso
 from .notify import Notifier
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = ".productiv-watcher.lock"
 LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 # A symlink, a folder, a socket; a file this user may not open (perhaps a producer's).
 LOOK_AGAIN = (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EACCES)

@@ -21,10 +21,12 @@ from pathlib import Path
 from .. import __version__, logs
 from ..disk.access import prepare_folders
 from ..disk.folders import Folders, resolve
+from ..heartbeats import Counts, Heartbeat, status_line, stuck
+from ..items import Item, Spot
 from ..logs import REDACT, Detail, event
+from ..metrics import Metrics
 from ..pipeline import latewrite, markers
 from ..pipeline.finisher import Finisher
-from ..pipeline.items import Item, Spot
 from ..pipeline.mover import Mover
 from ..pipeline.receipts import Journal
 from ..pipeline.stability import Stabiliser
@@ -38,9 +40,7 @@ from ..remote.transfer import Transfer
 from ..settings import ConfigError, Paths, Reconfigurable, Settings, reloaded
 from . import statusfile
 from .chores import Operations
-from .heartbeats import Counts, Heartbeat, status_line, stuck
 from .instance import DropLock, Holder, Standby
-from .metrics import Metrics
 from .notify import Notifier, SystemdNotifier
 from .timings import DEFAULT, Timings
 from .wakeup import Wakeup

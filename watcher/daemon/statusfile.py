@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ..disk.owners import adopt, make_folders
+from ..items import utc_iso
 from ..logs import REDACT
-from ..pipeline.items import utc_iso
 
 NAME = "status.json"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..disk.folders import CHECK_SECONDS as FOLDER_CHECK_SECONDS
-from .heartbeats import IDLE_WAKE_SECONDS
+from ..heartbeats import IDLE_WAKE_SECONDS
 from .instance import RETRY_SECONDS as STANDBY_RETRY_SECONDS
 
 CHECK_SECONDS = 10.0  # how often the drop folder's identity (and the canary) is checked

@@ -27,8 +27,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..items import Identity
 from ..logs import event
-from ..pipeline.items import Identity
 from ..settings import FILE_TYPES
 from .owners import adopt, make_folders
 
@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC  # readable: scandir and fsync need it
 SUB_FLAGS = ROOT_FLAGS | os.O_NOFOLLOW
 CHECK_SECONDS = 1.0
+# The daemon's own lock in the drop folder (daemon/instance.py), here so that the watch, which
+# never uploads it, need not reach up into the daemon's modules for its name.
+LOCK_NAME = ".productiv-watcher.lock"
 
 
 def kind_of(mode: int) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path, PurePath
 
-from ..pipeline.items import Identity
+from ..items import Identity
 
 
 @dataclass(frozen=True, slots=True)

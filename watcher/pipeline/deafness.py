@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from .items import Identity
+from ..items import Identity
 
 CANARY_NAME = ".productiv-watcher-canary"
 

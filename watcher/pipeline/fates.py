@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from ..disk.access import UNIT_GROUP, WORK, Seen, User, current_user, drop_group, fix, lacks, owners
+from ..items import Item, Snapshot
 from ..logs import event
 from ..remote.faults import Kind
-from .items import Item, Snapshot
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..daemon.heartbeats import IDLE_WAKE_SECONDS, Heartbeat
-from ..daemon.metrics import Metrics
 from ..disk.access import Seen, nearest
+from ..heartbeats import IDLE_WAKE_SECONDS, Heartbeat
+from ..items import Item, Snapshot, Spot, display, utc_iso
 from ..logs import event
+from ..metrics import Metrics
 from ..remote.faults import Kind
 from ..remote.transfer import Sent
 from .fates import (
@@ -40,7 +41,6 @@ from .fates import (
     fix_for_error,
     moved_intact,
 )
-from .items import Item, Snapshot, Spot, display, utc_iso
 from .mover import Looked, Mover
 from .receipts import Journal
 from .workqueue import WorkQueue

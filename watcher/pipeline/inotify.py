@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
+from ..items import display
 from ..logs import event
 from ..settings import FILE_TYPES
-from .items import display
 
 log = logging.getLogger(__name__)
 

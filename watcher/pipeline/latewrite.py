@@ -27,14 +27,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..daemon.heartbeats import IDLE_WAKE_SECONDS, Heartbeat
-from ..daemon.metrics import Metrics
 from ..disk.folders import Folders
+from ..heartbeats import IDLE_WAKE_SECONDS, Heartbeat
+from ..items import Item, Snapshot, Spot, display
 from ..logs import event
+from ..metrics import Metrics
 from ..remote.body import Opener
 from ..settings import Settings
 from .donewatch import DoneEvents
-from .items import Item, Snapshot, Spot, display
 from .stability import Candidate, is_stable, observe
 from .workqueue import WorkQueue
 

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..disk.folders import Folders
+from ..items import Identity, Spot, display
 from ..logs import event
 from ..settings import Settings
-from .items import Identity, Spot, display
 from .watching import locate
 
 if TYPE_CHECKING:

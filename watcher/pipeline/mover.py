@@ -21,9 +21,9 @@ from typing import Any
 
 from ..disk.access import MOVE, UNIT_GROUP, Seen, current_user, drop_group, fix, nearest, refusal
 from ..disk.folders import CHECK_SECONDS, Folders
+from ..items import display, utc_iso
 from ..logs import REDACT
 from .fates import Blocked, blocked
-from .items import display, utc_iso
 
 NAME_MAX_BYTES = 255
 SIDECAR_SUFFIX = ".error.json"

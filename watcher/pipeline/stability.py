@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..daemon.heartbeats import IDLE_WAKE_SECONDS
 from ..disk.folders import kind_of
+from ..heartbeats import IDLE_WAKE_SECONDS
+from ..items import Item, Snapshot, Spot
 from ..logs import event
 from ..settings import Settings
-from .items import Item, Snapshot, Spot
 from .markers import Markers
 from .workqueue import WorkQueue
 

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..daemon.heartbeats import IDLE_WAKE_SECONDS, Heartbeat
-from ..daemon.metrics import Metrics
+from ..heartbeats import IDLE_WAKE_SECONDS, Heartbeat
+from ..items import Item, Spot
 from ..logs import event
+from ..metrics import Metrics
 from ..remote.api import ApiClient, SignedUrl, name_cost, packed
 from ..remote.breakers import Gates
 from ..remote.faults import Fault, Kind, backoff_seconds, names_fault
@@ -36,7 +37,6 @@ from ..settings import Settings
 from .fates import LET_GO, Blocked, Happened, Next, decide
 from .finisher import Finisher
 from .handoff import Handoff
-from .items import Item, Spot
 from .mover import Looked
 from .workqueue import WorkQueue
 

@@ -30,13 +30,12 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from ..daemon.instance import LOCK_NAME
-from ..disk.folders import Folders
+from ..disk.folders import LOCK_NAME, Folders
+from ..items import Identity, Spot, display
 from ..logs import event
 from ..settings import FILE_TYPES, ConfigError
 from . import inotify
 from .deafness import CANARY_NAME, Canary, Hung, StatProbe
-from .items import Identity, Spot, display
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from .items import Item, Spot
+from ..items import Item, Spot
 
 
 class WorkQueue:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pycurl
 
-from ..pipeline.items import Snapshot
+from ..items import Snapshot
 from .faults import Fault, Kind
 
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC

@@ -17,8 +17,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..daemon.metrics import Metrics
 from ..logs import event
+from ..metrics import Metrics
 from ..settings import Settings
 from .faults import Fault, backoff_seconds
 

@@ -16,13 +16,14 @@ import os
 import ssl
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import certifi
 from urllib3.exceptions import ProxyError
 
 from ..logs import REDACT
 from ..settings import ConfigError, Settings
+from ..values import masked_proxy, proxy_problem, proxy_secrets, with_scheme
 
 PROXY_VARIABLES = {"https": ("https_proxy", "HTTPS_PROXY"), "http": ("http_proxy", "HTTP_PROXY")}
 NO_PROXY_VARIABLES = ("no_proxy", "NO_PROXY")
@@ -31,63 +32,6 @@ DEFAULT_PORTS = {"https": 443, "http": 80}
 CACHE_LIMIT = 1024  # routes remembered; URLs naming endless hosts cannot grow it further
 # OpenSSL's "I do not know who signed this": the case a TLS-inspecting proxy causes.
 UNTRUSTED_CODES = frozenset({18, 19, 20, 21})
-
-
-def with_scheme(url: str) -> str:
-    """`proxy.corp:3128` means `http://proxy.corp:3128`, as it does for curl and requests."""
-    url = url.strip()
-    return url if "://" in url else f"http://{url}"
-
-
-def proxy_problem(url: str) -> str | None:
-    """Why `url` cannot be a proxy, or None. http:// and https:// proxies only: SOCKS would need
-    PySocks for requests and is refused by urllib3."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - parsing the port is the check
-    except ValueError:
-        return "is not a proxy URL (http://[user:password@]host:port)"
-    if parts.scheme not in ("http", "https"):
-        return f"proxy scheme {parts.scheme} is not supported: use an http:// or https:// proxy"
-    if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.fragment:
-        return "is not a proxy URL (http://[user:password@]host:port, nothing after the port)"
-    return None
-
-
-def masked_proxy(url: str) -> str:
-    """The proxy URL with its password (or a lone user name, often a token) shown as ***."""
-    parts = urlsplit(url)
-    if parts.username is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    user = "***" if parts.password is None else f"{parts.username}:***"
-    return parts._replace(netloc=f"{user}@{host}").geturl()
-
-
-def proxy_secrets(url: str) -> list[str]:
-    """What `masked_proxy` hides, as written and percent-decoded: for the log scrubber."""
-    parts = urlsplit(url)
-    secret = parts.password if parts.password is not None else parts.username
-    return sorted({secret, unquote(secret)}) if secret else []
-
-
-def pem_problem(path: Path) -> str | None:
-    """Why `path` cannot be the `ca_bundle` (missing, unreadable, no PEM certificate), or None."""
-    try:
-        text = path.read_text(encoding="ascii")
-    except FileNotFoundError:
-        return f"{path} does not exist"
-    except OSError as exc:
-        return f"{path} cannot be read: {exc.strerror}"
-    except UnicodeDecodeError:
-        return f"{path} is not PEM (DER? convert it: openssl x509 -inform der -in {path.name})"
-    if "-----BEGIN CERTIFICATE-----" not in text:
-        return f"{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
-    try:
-        ssl.create_default_context(cadata=text)
-    except ssl.SSLError as exc:
-        return f"{path} holds a certificate that cannot be loaded ({exc.reason or exc})"
-    return None
 
 
 def choose_proxy(

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import pycurl
 
 from .. import __version__
-from ..daemon.heartbeats import Heartbeat
-from ..pipeline.items import Item
+from ..heartbeats import Heartbeat
+from ..items import Item
 from .api import SignedUrl
 from .body import ABORT, Body, Sent
 

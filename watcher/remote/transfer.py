@@ -23,8 +23,8 @@ from urllib.parse import SplitResult, urlsplit
 
 import pycurl
 
-from ..daemon.heartbeats import Heartbeat
-from ..pipeline.items import Item
+from ..heartbeats import Heartbeat
+from ..items import Item
 from .api import SignedUrl
 from .body import Body, FileChanged, FileGone, NotRegular, Opener, Sent, etag_matches, open_version
 from .curlerrors import Failure, curl_fault

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..settings import ConfigError, Settings
+from .settings import ConfigError, Settings
 
 PORT_ERRORS = (errno.EADDRINUSE, errno.EACCES)  # the port's fault; anything else: the host's
 
