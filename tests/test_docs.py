@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tests.helpers import ROOT
 from watcher.events import EVENTS
+from watcher.pipeline.fates import LET_GO
 from watcher.settings import LIVE_SETTINGS, Settings
 
 CONFIGURATION = ROOT / "docs" / "configuration.md"
@@ -65,6 +66,7 @@ def test_every_logged_event_is_in_the_one_list_of_names():
     names = logged_event_names()
     assert {"started", "folder_not_writable", "scan_failed", "metrics"} <= names  # the reader
     assert sorted(names - set(EVENTS)) == []
+    assert set(LET_GO.values()) <= set(EVENTS)  # logged by a lookup the source scan cannot see
     assert len(set(EVENTS)) == len(EVENTS)
 
 

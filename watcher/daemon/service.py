@@ -267,7 +267,8 @@ class Service:
                 ) from None
             if not self._lock_deferred:
                 self._lock_deferred = True
-                reason = f"cannot make {self.lock.path}: {exc.strerror}; trying again every 10 s"
+                every = self.timings.check_seconds
+                reason = f"cannot make {self.lock.path}: {exc.strerror}; again every {every:g} s"
                 event(log, "lock_deferred", reason, level=logging.WARNING)
             return None
 

@@ -277,7 +277,7 @@ class Uploader:
         try:
             if done.sent is not None:
                 self._stored(item, done.sent, done.tag)
-            elif isinstance(done.error, Fault):
+            elif done.error is not None:
                 self._settle(item, done.error)
         finally:
             with self._lock:

@@ -89,7 +89,7 @@ def open_version(path: Path, expected: Snapshot, opener: Opener = os.open) -> in
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise NotRegular("not a regular file")
+            raise NotRegular("something else")  # said: "something else, not a regular file"
         if Snapshot.of(st) != expected:
             raise FileChanged("the file changed after it settled")
     except BaseException:

@@ -18,6 +18,7 @@ from ..heartbeats import Heartbeat
 from ..items import Item
 from .api import SignedUrl
 from .body import ABORT, Body, Sent
+from .faults import Fault
 
 ANSWER_LIMIT = 64 * 1024  # of an answer's body, kept for an S3 error's code and message
 DEFAULT_BUFFER = 64 * 1024  # libcurl's upload buffer, and so the most READFUNCTION is asked for
@@ -58,7 +59,7 @@ class Done:
     tag: object
     item: Item
     sent: Sent | None
-    error: Exception | None  # Fault, FileGone, FileChanged or NotRegular
+    error: Fault | None  # FileGone, FileChanged and NotRegular are Faults too
 
 
 class Slot:

@@ -234,7 +234,7 @@ class Transfer:
         self._multi.remove_handle(slot.curl)
         try:
             sent = self._outcome(slot, job, code, message)
-        except (Fault, FileChanged) as exc:
+        except Fault as exc:  # FileChanged is one
             self._finish(slot, None, exc)
         else:
             self._finish(slot, sent, None)
@@ -278,7 +278,7 @@ class Transfer:
             connected=curl.getinfo(pycurl.CONNECT_TIME) > 0,
         )
 
-    def _finish(self, slot: Slot, sent: Sent | None, error: Exception | None) -> None:
+    def _finish(self, slot: Slot, sent: Sent | None, error: Fault | None) -> None:
         job = slot.job
         if job is None:
             raise RuntimeError(f"PUT engine: slot {slot.beat.name} finished without a transfer")
