@@ -44,3 +44,12 @@ def test_wake_ends_a_get_that_waits() -> None:
     ready.wake()  # before or after the taker waits: either way its get ends
     taker.join(30)
     assert got == [None]
+
+
+def test_a_larger_depth_after_a_reload_lets_a_waiting_batch_in() -> None:
+    handoff: Handoff[int] = Handoff(2)
+    handoff.put_all([1, 2], timeout=0)
+    assert not handoff.put_all([3, 4], timeout=0)  # 4 > 2: waits for room
+    handoff.resize(4)
+    assert handoff.put_all([3, 4], timeout=0)
+    assert [handoff.get_nowait() for _ in range(4)] == [1, 2, 3, 4]

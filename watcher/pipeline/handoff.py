@@ -50,6 +50,12 @@ class Handoff(Generic[T]):
         with self._lock:
             return self._take()
 
+    def resize(self, depth: int) -> None:
+        """A reload's new depth: a dispatcher waiting for room is told at once."""
+        with self._lock:
+            self._depth = depth
+            self._room.notify()
+
     def wake(self) -> None:
         """End a `get` that waits (a stop, a reload)."""
         with self._lock:

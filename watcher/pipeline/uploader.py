@@ -67,6 +67,11 @@ def url_is_stale(url: SignedUrl, received_at: float, now: float) -> bool:
     return now >= deadline > received_at
 
 
+def ready_depth(settings: Settings) -> int:
+    """How many tickets may wait for the transfer thread: a batch, or one per transfer."""
+    return max(settings.batch_size, settings.upload_concurrency)
+
+
 def refusal(item: Item, max_file_size: int) -> str | None:
     """Why a file can never be uploaded as it is, decided before asking for a URL."""
     if item.snapshot.size > max_file_size:
@@ -102,8 +107,7 @@ class Uploader:
         self._gates = gates
         self._hand_back = hand_back
         self._metrics = metrics
-        depth = max(settings.batch_size, settings.upload_concurrency)
-        self._ready: Handoff[Ticket] = Handoff(depth)
+        self._ready: Handoff[Ticket] = Handoff(ready_depth(settings))
         self._lock = threading.Lock()
         self.sending = 0
         self.progress: dict[str, tuple[int, int]] = {}  # file -> (bytes sent, bytes), for status
@@ -193,6 +197,7 @@ class Uploader:
         """A reload: batch size, attempts, backoff and size limit apply from the next file on;
         the concurrency at the transfer thread's next turn, the bandwidth limit at once."""
         self._settings = settings
+        self._ready.resize(ready_depth(settings))
         self._reconfigured = True
         self._wake()
 
