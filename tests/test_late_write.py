@@ -14,8 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Child, Folders, cli, daemon_env, done_soon, wait_for, write
-from watcher import latewrite
+from tests.helpers import (
+    Child,
+    Folders,
+    cli,
+    daemon_env,
+    done_soon,
+    inotify_masks,
+    wait_for,
+    write,
+)
+from watcher import donewatch, latewrite
 from watcher.health import Heartbeat
 from watcher.items import Item, Snapshot, Spot
 from watcher.latewrite import MAX_AGAIN, LateWrites, Look, baseline, compare
@@ -291,3 +300,17 @@ def test_a_write_between_the_move_and_the_watch_is_seen_at_once(watch, logs_json
     turn(late, clock, 1.5)
     [item] = work.take_batch(10, timeout=0)
     assert item.snapshot.size == 14
+
+
+def test_done_is_asked_for_writes_and_removals_only_and_its_watch_ends_with_the_watch(watch):
+    """Not IN_MOVED_TO nor IN_CREATE: the daemon's own moves into done/ cost no event. The watch
+    is watchdog's inotify reader; closing it removes the watch and ends its thread."""
+    late, _, clock, done = watch
+    moved(late, done, "a.csv", b"x")
+    turn(late, clock)
+    wanted = 0x002 | 0x004 | 0x008 | 0x040 | 0x200  # MODIFY ATTRIB CLOSE_WRITE MOVED_FROM DELETE
+    assert inotify_masks()[done.stat().st_ino] & 0xFFFF == wanted
+    assert donewatch.THREAD in {t.name for t in threading.enumerate()}
+    late.close()
+    assert done.stat().st_ino not in inotify_masks()
+    assert donewatch.THREAD not in {t.name for t in threading.enumerate()}
