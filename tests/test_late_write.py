@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
+    QUICK_WATCHER,
     Child,
     Folders,
     cli,
@@ -314,3 +315,31 @@ def test_done_is_asked_for_writes_and_removals_only_and_its_watch_ends_with_the_
     late.close()
     assert done.stat().st_ino not in inotify_masks()
     assert donewatch.THREAD not in {t.name for t in threading.enumerate()}
+
+
+def test_done_that_cannot_be_watched_names_the_limit_and_the_stat_finds_late_writes(
+    sandbox, folders
+):
+    """In a user namespace of its own the daemon gets one inotify watch (the drop folder's):
+    done/ cannot be watched, which is said naming the setting, and the periodic stat (every
+    rescan_seconds) is then the whole watch."""
+    budget = 'echo 1 > /proc/sys/user/max_inotify_watches && exec "$@"'
+    prefix = ["unshare", "--user", "--map-root-user", "sh", "-c", budget, "sh"]
+    if os.system("unshare --user --map-root-user true 2>/dev/null") != 0:
+        pytest.skip("no user namespaces here")
+    env = daemon_env(sandbox, folders, PRODUCTIV_RESCAN_SECONDS="1")
+    child = Child(env, command=[*prefix, *QUICK_WATCHER])
+    try:
+        wait_for(lambda: " ready " in child.stderr, what="READY")
+        path = folders.drop / "a.csv"
+        with path.open("wb") as out:
+            out.write(b"first half;")
+            out.flush()
+            wait_for(lambda: not path.exists(), what="the first half uploaded and moved")
+            out.write(b"second half")
+        wait_for(lambda: len(receipts(folders)) == 2, what="the second receipt")
+    finally:
+        child.close()
+    assert sandbox.stored("a.csv") == b"first half;second half"
+    line = next(line for line in child.lines if "watch_failed" in line)
+    assert "folder=done " in line and "max_user_watches" in line, line

@@ -31,6 +31,7 @@ from .body import Opener
 from .donewatch import DoneEvents
 from .folders import Folders
 from .health import IDLE_WAKE_SECONDS, Heartbeat
+from .inotify import WATCH_LIMIT
 from .items import Item, Snapshot, Spot, display
 from .logs import event
 from .metrics import Metrics
@@ -262,13 +263,14 @@ class LateWrites:
         if problem in (0, errno.ENOSYS, errno.ENOENT) or folder in self._said:
             return
         self._said.add(folder)
+        why = WATCH_LIMIT if problem == errno.ENOSPC else os.strerror(problem)
         event(
             log,
             "watch_failed",
             level=logging.ERROR,
             folder=self._relative(Path(folder)),
-            reason=f"cannot watch this folder: {os.strerror(problem)}; late writes in it are"
-            f" found by a stat every {self.sweep_seconds:g} s",
+            reason=f"cannot watch this folder: {why}; late writes in it are found by a stat"
+            f" every {self.sweep_seconds:g} s",
         )
 
     def _expire(self, now: float) -> None:
@@ -353,4 +355,6 @@ class LateWrites:
         root = self.folders.root
         text = os.fspath(path)
         prefix = f"{root}{os.sep}"
+        if text == os.fspath(root):
+            return display(root.name)
         return display(f"{root.name}/{text[len(prefix) :]}" if text.startswith(prefix) else text)
