@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from tests.conftest import make_settings
 from tests.helpers import Child, cli, daemon_env, done_soon, wait_for, write
 from watcher import statusfile
 from watcher.health import Counts, status_line
-from watcher.markers import ORPHAN_REASON, marked_name, orphan_due
+from watcher.markers import ORPHAN_REASON, counts_as_marker, marked_name, orphan_due
 from watcher.receipts import NAME
 from watcher.sandbox import Sandbox
 
@@ -216,3 +217,18 @@ def test_a_marker_is_removed_also_after_a_move_to_failed(daemon, folders, sandbo
         wait_for(lambda: folders.files(folders.drop) == [], what="the marker removed")
     assert requested(sandbox) == {"refused.csv"}  # the marker itself never goes
     assert folders.files(folders.done) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "mode", "counts"),
+    [
+        ("a.csv.done", stat.S_IFREG | 0o644, True),
+        ("a.csv.done", stat.S_IFLNK | 0o777, True),  # removed, never followed
+        ("a.csv.done", stat.S_IFIFO | 0o644, True),  # never opened
+        ("a.csv.done", stat.S_IFDIR | 0o755, False),  # could never be removed
+        (".productiv-watcher.lock", stat.S_IFREG | 0o600, False),  # the drop folder's lock
+        (".productiv-watcher-canary", stat.S_IFREG | 0o600, False),
+    ],
+)
+def test_what_counts_as_a_marker(name, mode, counts):
+    assert counts_as_marker(name, mode) is counts

@@ -1,0 +1,57 @@
+"""Ready markers and late writes against unlucky operators and hostile producers.
+
+Markers that are not files, the daemon's own files taken for markers, a late write the daemon
+cannot send again (the API down until a stop, a file made unreadable): the daemon in-process
+and as nobody, the sandbox on loopback, real files.
+"""
+
+from __future__ import annotations
+
+import os
+
+from tests.helpers import done_soon, wait_for, write
+from tests.test_markers import requested, status, waiting_files
+
+
+def test_a_fifo_or_a_symlink_is_a_marker_never_opened_and_removed_after_the_move(
+    daemon, folders, sandbox
+):
+    os.mkfifo(folders.drop / "a.csv.done")  # opening it would block the daemon
+    os.symlink("/etc/passwd", folders.drop / "b.csv.done")
+    write(folders.drop / "a.csv", b"a")
+    write(folders.drop / "b.csv", b"b")
+    with daemon(ready_marker=".done"):
+        done_soon(folders, "a.csv", "b.csv")
+        wait_for(lambda: folders.files(folders.drop) == [], what="both markers removed")
+    assert os.path.exists("/etc/passwd")  # the link went, not what it points at
+    assert requested(sandbox) == {"a.csv", "b.csv"}
+
+
+def test_a_folder_is_no_marker(daemon, folders, sandbox, logs_json):
+    """A folder `a.csv.done` cannot be consumed: taken as a marker, it would be a marker for
+    every later a.csv, which would then go at once, before its producer says so."""
+    (folders.drop / "a.csv.done").mkdir(parents=True)
+    write(folders.drop / "a.csv", b"x")
+    with daemon(ready_marker=".done", status_seconds=0.1) as service:
+        wait_for(lambda: waiting_files(service) == ["a.csv"], what="a.csv waits for its marker")
+        os.rmdir(folders.drop / "a.csv.done")
+        write(folders.drop / "a.csv.done", b"")  # the real marker
+        done_soon(folders, "a.csv")
+    assert sandbox.count("put") == 1
+    assert logs_json.events("marker_kept") == []
+
+
+def test_the_daemons_own_lock_file_is_never_a_marker(daemon, folders, sandbox, logs_json):
+    """ready_marker `.lock` with dot files not ignored: a file `.productiv-watcher` would take
+    the drop folder's lock file for its marker, and the marker's removal would remove the lock
+    (a second daemon could then lock a new one and work the same folder)."""
+    settings = {"ready_marker": ".lock", "ignore_patterns": ("*.tmp",), "status_seconds": 0.1}
+    with daemon(**settings) as service:
+        lock = folders.drop / ".productiv-watcher.lock"
+        inode = lock.stat().st_ino
+        write(folders.drop / ".productiv-watcher", b"a producer's file")
+        wait_for(lambda: waiting_files(service) == [".productiv-watcher"], what="it waits")
+        assert lock.stat().st_ino == inode
+        assert status(service)["waiting_for_marker"] == 1
+    assert sandbox.count("put") == 0
+    assert logs_json.events("lock_restored") == []
