@@ -55,3 +55,27 @@ def test_the_daemons_own_lock_file_is_never_a_marker(daemon, folders, sandbox, l
         assert status(service)["waiting_for_marker"] == 1
     assert sandbox.count("put") == 0
     assert logs_json.events("lock_restored") == []
+
+
+def test_a_late_write_waits_out_an_api_outage_and_one_not_sent_at_a_stop_is_said(
+    daemon, folders, sandbox, logs_json
+):
+    """The API is down when the late write has settled: the file waits (no `failed`, no
+    attempt spent). The daemon then stops: a restart forgets the window, so Productiv keeps
+    the first half for good, and that is said, naming the file and what to do."""
+    with daemon() as service:
+        path = folders.drop / "a.csv"
+        with path.open("wb") as out:
+            out.write(b"first half;")
+            out.flush()
+            done_soon(folders, "a.csv")
+            sandbox.inject("urls", count=10**6, status=503)
+            out.write(b"second half")
+        wait_for(lambda: logs_json.events("late_write"), what="the late write")
+        wait_for(lambda: sandbox.count("urls", 503) >= 3, what="the API asked again and again")
+        assert logs_json.events("failed") == [] and len(service.late or ()) == 1
+    assert sandbox.stored("a.csv") == b"first half;"
+    [lost] = logs_json.events("late_write_abandoned")
+    assert lost["level"] == "error" and lost["file"] == "a.csv"
+    assert (lost["moved_to"], lost["bytes_uploaded"], lost["bytes_now"]) == ("done/a.csv", 11, 22)
+    assert "drop the complete file again" in lost["reason"]

@@ -183,7 +183,27 @@ class LateWrites:
         self._events.wake()
 
     def close(self) -> None:
+        """At a stop, once the late-write thread has ended: a late write not sent again yet is
+        said (a restart forgets the window, so Productiv keeps the first version for good)."""
         self._events.close()
+        with self._lock:
+            arrived, self._arrived = self._arrived, []
+        for item, final, _ in arrived:  # sent again during the stop's drain
+            if item.late:
+                self._queued.pop(os.fspath(final), None)
+        for recent in [*self._queued.values(), *(r for r, _ in self._settling.values())]:
+            snapshot = self._stat(recent.path)
+            event(
+                log,
+                "late_write_abandoned",
+                level=logging.ERROR,
+                file=recent.spot.rel,
+                moved_to=self._relative(recent.path),
+                bytes_uploaded=recent.base.size,
+                bytes_now=snapshot.size if snapshot is not None else None,
+                reason="written to after its upload and not sent again before the stop:"
+                " Productiv holds the earlier version; drop the complete file again",
+            )
         self.folders.close()
 
     def __len__(self) -> int:
