@@ -7,10 +7,13 @@ and as nobody, the sandbox on loopback, real files.
 
 from __future__ import annotations
 
+import json
 import os
 
 from tests.helpers import done_soon, wait_for, write
 from tests.test_markers import requested, status, waiting_files
+from tests.unprivileged import field
+from watcher.receipts import NAME
 
 
 def test_a_fifo_or_a_symlink_is_a_marker_never_opened_and_removed_after_the_move(
@@ -79,3 +82,28 @@ def test_a_late_write_waits_out_an_api_outage_and_one_not_sent_at_a_stop_is_said
     assert lost["level"] == "error" and lost["file"] == "a.csv"
     assert (lost["moved_to"], lost["bytes_uploaded"], lost["bytes_now"]) == ("done/a.csv", 11, 22)
     assert "drop the complete file again" in lost["reason"]
+
+
+def test_a_late_written_file_made_unreadable_is_said_as_not_sent_again(sandbox, as_nobody):
+    """The daemon as nobody; the producer keeps writing into the file in done/, then takes its
+    read permission away: the file cannot be sent again. It stays in done/ (not failed/), and
+    the line and the receipt say that Productiv holds the earlier version, and why."""
+    with field(as_nobody) as f:
+        f.start(sandbox)
+        path = f.produce(f.folders.drop / "a.csv", b"")
+        with path.open("ab") as out:
+            out.write(b"first half;")
+            out.flush()
+            done_soon(f.folders, "a.csv")
+            out.write(b"second half")
+        (f.folders.done / "a.csv").chmod(0o000)
+        wait_for(lambda: f.events("failed"), what="the verdict")
+        f.stop()
+        assert sandbox.stored("a.csv") == b"first half;"
+        [line] = f.events("failed")
+        assert line["late_write"] is True and "Permission denied" in line["reason"]
+        assert "Productiv holds the earlier version" in line["reason"]
+        assert (f.folders.done / "a.csv").exists() and not list(f.folders.failed.iterdir())
+        receipt = json.loads((f.folders.root / "state" / NAME).read_text().splitlines()[-1])
+        assert receipt["late_write"] is True and receipt["moved_to"] == "done/a.csv"
+        assert receipt["reason"] == line["reason"]

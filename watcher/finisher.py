@@ -48,6 +48,11 @@ from .workqueue import WorkQueue
 log = logging.getLogger(__name__)
 
 BATCH = 256
+# A file sent again after a late write, refused or unreadable (it is not moved: latewrite.py).
+LATE_NOT_SENT = (
+    "not sent again after its late write: it stays in done/, and Productiv holds the"
+    " earlier version"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +104,10 @@ class Finisher:
         self._outcomes.put(Outcome(item, True, sent.status, sent=sent, object_path=object_path))
 
     def fail(self, item: Item, reason: str, status: int | None) -> None:
+        """A file refused or unreadable: to failed/, or, sent again after a late write, said as
+        such (its line and receipt say it stays in done/ and what Productiv holds)."""
+        if item.late:
+            reason = f"{reason}; {LATE_NOT_SENT}"
         self._outcomes.put(Outcome(item, False, status=status, reason=reason))
 
     def close(self) -> None:
