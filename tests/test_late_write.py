@@ -331,12 +331,7 @@ def test_done_that_cannot_be_watched_names_the_limit_and_the_stat_finds_late_wri
     child = Child(env, command=[*prefix, *QUICK_WATCHER])
     try:
         wait_for(lambda: " ready " in child.stderr, what="READY")
-        path = folders.drop / "a.csv"
-        with path.open("wb") as out:
-            out.write(b"first half;")
-            out.flush()
-            wait_for(lambda: not path.exists(), what="the first half uploaded and moved")
-            out.write(b"second half")
+        slow_producer(folders, "a.csv", b"first half;", b"second half")
         wait_for(lambda: len(receipts(folders)) == 2, what="the second receipt")
     finally:
         child.close()
