@@ -57,27 +57,18 @@ class DoneEvents:
         self._lost = False
         self._folders: dict[int, str] = {}  # watch descriptor -> folder
         self._watched: set[str] = set()
-        self._reader: InotifyFD | None = None
-        self._refused = errno.ENOSYS  # why there is no reader
-        if LINUX:
-            try:
-                self._reader = InotifyFD()
-            except OSError as exc:  # the user's inotify instances are used up (EMFILE)
-                self._refused = exc.errno or errno.EMFILE
-            else:
-                self._reader.name = THREAD
-                self._reader.start()
+        self._reader: InotifyFD | None = None  # started at the first folder (a Service made
+        self._refused = 0 if LINUX else errno.ENOSYS  # but never run starts no thread)
 
     def add(self, folder: str) -> int:
         """Watch this folder (once); 0 when it is watched, else the errno that refused it."""
         if folder in self._watched:
             return 0
-        if self._reader is None:
+        reader = self._reader or self._start()
+        if reader is None:
             return self._refused
         try:
-            wd = self._reader.add_callback(
-                os.fsencode(folder), Mask(mask()), self, CallbackId(id(self))
-            )
+            wd = reader.add_callback(os.fsencode(folder), Mask(mask()), self, CallbackId(id(self)))
         except OSError as exc:
             return exc.errno or errno.EIO
         if wd < 0:  # watchdog returns -1 for EACCES instead of raising
@@ -86,6 +77,20 @@ class DoneEvents:
             self._folders[wd] = folder
             self._watched.add(folder)
         return 0
+
+    def _start(self) -> InotifyFD | None:
+        """watchdog's reader and its thread, None when there can be none (not Linux, closed,
+        the user's inotify instances used up: EMFILE), which is then `_refused`."""
+        if self._refused:
+            return None
+        try:
+            self._reader = InotifyFD()
+        except OSError as exc:
+            self._refused = exc.errno or errno.EMFILE
+            return None
+        self._reader.name = THREAD
+        self._reader.start()
+        return self._reader
 
     def wake(self) -> None:
         """Any thread (not a signal handler): end the current `wait` at once."""
@@ -102,7 +107,8 @@ class DoneEvents:
         return list(written), lost
 
     def close(self) -> None:
-        """Remove the watches and end the reader's thread."""
+        """Remove the watches and end the reader's thread; none starts after this."""
+        self._refused = self._refused or errno.EBADF
         if self._reader is not None:
             self._reader.stop()
             self._reader.join(JOIN_SECONDS)
