@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from watcher.daemon import statusfile
 from watcher.daemon.timings import Timings
 from watcher.disk.folders import LOCK_NAME
 from watcher.items import Item, Snapshot, Spot
@@ -256,3 +257,18 @@ def inotify_masks() -> dict[int, int]:
                 fields = dict(part.split(":", 1) for part in line.split()[1:5])
                 masks[int(fields["ino"], 16)] = int(fields["mask"], 16)
     return masks
+
+
+def status_of(service: Any) -> dict[str, Any]:
+    """The status file of an in-process daemon (`Service`)."""
+    return statusfile.read(service.journal.folder) or {}
+
+
+def waiting_for_marker(service: Any) -> list[str]:
+    """The files its status file lists as waiting for their ready marker."""
+    return [f["file"] for f in status_of(service).get("waiting_for_marker_files", [])]
+
+
+def requested(sandbox: Sandbox) -> set[str]:
+    """Every name the daemon asked the sandbox a signed URL for."""
+    return {name for r in sandbox.requests if r.endpoint == "urls" for name in r.names}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import time
 from pathlib import Path
 
@@ -16,12 +17,20 @@ import pytest
 from pydantic import ValidationError
 
 from tests.conftest import make_settings
-from tests.helpers import Child, cli, daemon_env, done_soon, wait_for, write
-from watcher.daemon import statusfile
+from tests.helpers import (
+    Child,
+    cli,
+    daemon_env,
+    done_soon,
+    requested,
+    status_of,
+    wait_for,
+    waiting_for_marker,
+    write,
+)
 from watcher.heartbeats import Counts, status_line
-from watcher.pipeline.markers import ORPHAN_REASON, marked_name, orphan_due
+from watcher.pipeline.markers import ORPHAN_REASON, counts_as_marker, marked_name, orphan_due
 from watcher.pipeline.receipts import NAME
-from watcher.sandbox.productiv import Sandbox
 
 
 @pytest.mark.parametrize(
@@ -67,18 +76,6 @@ def test_the_status_line_counts_the_files_waiting_for_their_marker():
     assert line.endswith(", 2 waiting for their ready marker")
 
 
-def status(service) -> dict:
-    return statusfile.read(service.journal.folder) or {}
-
-
-def waiting_files(service) -> list[str]:
-    return [f["file"] for f in status(service).get("waiting_for_marker_files", [])]
-
-
-def requested(sandbox: Sandbox) -> set[str]:
-    return {name for r in sandbox.requests if r.endpoint == "urls" for name in r.names}
-
-
 def test_with_a_marker_a_producer_that_pauses_mid_file_is_uploaded_once_whole(
     daemon, folders, sandbox, logs_json
 ):
@@ -90,13 +87,15 @@ def test_with_a_marker_a_producer_that_pauses_mid_file_is_uploaded_once_whole(
             out.write(first)
             out.flush()
             # the pause: far past settle_seconds, until status shows it waiting for its marker
-            wait_for(lambda: waiting_files(service) == ["export.csv"], what="waiting in status")
+            wait_for(
+                lambda: waiting_for_marker(service) == ["export.csv"], what="waiting in status"
+            )
             assert "productiv_watcher_waiting_for_marker 1.0" in metrics.read_text()
             out.write(rest)
         write(folders.drop / "export.csv.done", b"")
         done_soon(folders, "export.csv")
         wait_for(lambda: not (folders.drop / "export.csv.done").exists(), what="marker removed")
-        wait_for(lambda: status(service).get("waiting_for_marker") == 0, what="none waiting")
+        wait_for(lambda: status_of(service).get("waiting_for_marker") == 0, what="none waiting")
     assert sandbox.stored("export.csv") == first + rest
     assert sandbox.count("put") == 1
     assert requested(sandbox) == {"export.csv"}  # the marker is never uploaded
@@ -110,7 +109,9 @@ def test_markers_in_type_folders_and_files_waiting_at_start(daemon, folders, san
     write(folders.drop / "contracts" / "deal.pdf", b"%PDF")  # its marker comes later
     with daemon(ready_marker=".ok", status_seconds=0.1) as service:
         done_soon(folders, "users/people.csv")
-        wait_for(lambda: waiting_files(service) == ["contracts/deal.pdf"], what="deal.pdf waits")
+        wait_for(
+            lambda: waiting_for_marker(service) == ["contracts/deal.pdf"], what="deal.pdf waits"
+        )
         assert (folders.drop / "contracts" / "deal.pdf").exists()
         write(folders.drop / "contracts" / "deal.pdf.ok", b"")
         done_soon(folders, "contracts/deal.pdf")
@@ -157,7 +158,7 @@ def test_the_polling_observer_sees_a_marker_for_a_held_file(daemon, folders, san
         ready_marker=".ready", polling=True, poll_interval_seconds=0.2, status_seconds=0.1
     ) as service:
         write(folders.drop / "nfs.csv", b"from a network mount")
-        wait_for(lambda: waiting_files(service) == ["nfs.csv"], what="nfs.csv waits")
+        wait_for(lambda: waiting_for_marker(service) == ["nfs.csv"], what="nfs.csv waits")
         write(folders.drop / "nfs.csv.ready", b"")
         done_soon(folders, "nfs.csv")
     assert sandbox.stored("nfs.csv") == b"from a network mount"
@@ -216,3 +217,18 @@ def test_a_marker_is_removed_also_after_a_move_to_failed(daemon, folders, sandbo
         wait_for(lambda: folders.files(folders.drop) == [], what="the marker removed")
     assert requested(sandbox) == {"refused.csv"}  # the marker itself never goes
     assert folders.files(folders.done) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "mode", "counts"),
+    [
+        ("a.csv.done", stat.S_IFREG | 0o644, True),
+        ("a.csv.done", stat.S_IFLNK | 0o777, True),  # removed, never followed
+        ("a.csv.done", stat.S_IFIFO | 0o644, True),  # never opened
+        ("a.csv.done", stat.S_IFDIR | 0o755, False),  # could never be removed
+        (".productiv-watcher.lock", stat.S_IFREG | 0o600, False),  # the drop folder's lock
+        (".productiv-watcher-canary", stat.S_IFREG | 0o600, False),
+    ],
+)
+def test_what_counts_as_a_marker(name, mode, counts):
+    assert counts_as_marker(name, mode) is counts

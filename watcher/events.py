@@ -41,6 +41,7 @@ EVENTS = (
     "marker_kept",
     "late_write",
     "late_write_given_up",
+    "late_write_abandoned",
     "late_write_window_full",
     # the watch
     "rescan",

@@ -6,114 +6,132 @@ IN_MOVED_TO, which is not asked for: a burst of 20,000 moves costs no event here
 hints, never facts: the late-write watch stats the name and compares. A queue overflow is
 reported as such (the caller stats every recent name).
 
-A plain ctypes binding rather than watchdog's observer: no dispatcher thread, no event objects,
-and only the folders that hold recent names are watched. Linux only: elsewhere (or with the
-watch limit used up) `add` says False and the periodic stat is the whole watch.
+watchdog's own inotify reader (`InotifyFD`: the descriptor, its thread, the event parsing, the
+watches' book-keeping), without its observer: no emitter, no event objects for a dispatcher,
+and only the folders that hold recent names are watched. An instance of its own (a kernel
+queue of its own: a burst in the drop folder cannot overflow it). Its thread calls back here: a
+callback only notes the name and wakes the late-write thread (one exception would leave the
+reader deaf, PITFALLS 1). Linux only: elsewhere (or with the watch limit used up) `add` says
+why not and the periodic stat is the whole watch.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
 import os
-import select
-import socket
-import struct
+import threading
+from typing import TYPE_CHECKING
 
-IN_MODIFY = 0x002
-IN_ATTRIB = 0x004
-IN_CLOSE_WRITE = 0x008
-IN_MOVED_FROM = 0x040
-IN_DELETE = 0x200
-IN_Q_OVERFLOW = 0x4000
-IN_IGNORED = 0x8000
-IN_ONLYDIR = 0x01000000
-IN_DONT_FOLLOW = 0x02000000
-MASK = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_DELETE
-_HEADER = struct.Struct("iIII")  # wd, mask, cookie, len
+from watchdog.utils import UnsupportedLibcError
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_init = getattr(_libc, "inotify_init1", None)  # None: not Linux
-_add = getattr(_libc, "inotify_add_watch", None)
+try:
+    from watchdog.observers.inotify_c import CallbackId, InotifyFD, Mask
+    from watchdog.observers.inotify_c import InotifyConstants as In
+except (ImportError, UnsupportedLibcError):  # not Linux: the periodic stat only
+    LINUX = False
+else:
+    LINUX = True
+
+if TYPE_CHECKING:
+    from watchdog.observers.inotify_c import InotifyEvent
+
+THREAD = "late_writes_inotify"
+JOIN_SECONDS = 5.0
 
 
-def parse(data: bytes) -> list[tuple[int, int, str]]:
-    """(watch descriptor, mask, name) of each event in one read of an inotify descriptor."""
-    events, offset = [], 0
-    while offset + _HEADER.size <= len(data):
-        wd, mask, _, length = _HEADER.unpack_from(data, offset)
-        offset += _HEADER.size
-        raw = data[offset : offset + length].rstrip(b"\0")
-        offset += length
-        events.append((wd, mask, os.fsdecode(raw)))
-    return events
+def mask() -> int:
+    """What is asked of the kernel for each folder: writes and a name gone, in a real folder
+    (IN_ONLYDIR, IN_DONT_FOLLOW: never through a symlink)."""
+    wanted = In.IN_MODIFY | In.IN_ATTRIB | In.IN_CLOSE_WRITE | In.IN_MOVED_FROM | In.IN_DELETE
+    return wanted | In.IN_ONLYDIR | In.IN_DONT_FOLLOW
 
 
 class DoneEvents:
-    """One inotify descriptor plus a wake-up socket pair, read by the late-write thread only
-    (`wake` from any thread)."""
+    """watchdog's inotify reader with one callback for every watched folder. `add` and `wait`
+    are the late-write thread's; `wake` any thread's; the `on_*` callbacks are the reader's."""
 
     def __init__(self) -> None:
-        self._fd = -1
-        if _init is not None:
-            fd = _init(os.O_NONBLOCK | os.O_CLOEXEC)
-            self._fd = fd if fd >= 0 else -1
+        self._lock = threading.Lock()
+        self._woken = threading.Event()
+        self._written: set[str] = set()  # since the last wait: one entry per name, not per write
+        self._lost = False
         self._folders: dict[int, str] = {}  # watch descriptor -> folder
         self._watched: set[str] = set()
-        self._reader, self._writer = socket.socketpair()
-        self._reader.setblocking(False)
-        self._writer.setblocking(False)
-        self._poll = select.poll()
-        self._poll.register(self._reader, select.POLLIN)
-        if self._fd >= 0:
-            self._poll.register(self._fd, select.POLLIN)
+        self._reader: InotifyFD | None = None  # started at the first folder (a Service made
+        self._refused = 0 if LINUX else errno.ENOSYS  # but never run starts no thread)
 
     def add(self, folder: str) -> int:
         """Watch this folder (once); 0 when it is watched, else the errno that refused it."""
         if folder in self._watched:
             return 0
-        if self._fd < 0 or _add is None:
-            return errno.ENOSYS
-        wd = _add(self._fd, os.fsencode(folder), MASK | IN_ONLYDIR | IN_DONT_FOLLOW)
-        if wd < 0:
-            return ctypes.get_errno()
-        self._folders[wd] = folder
-        self._watched.add(folder)
+        reader = self._reader or self._start()
+        if reader is None:
+            return self._refused
+        try:
+            wd = reader.add_callback(os.fsencode(folder), Mask(mask()), self, CallbackId(id(self)))
+        except OSError as exc:
+            return exc.errno or errno.EIO
+        if wd < 0:  # watchdog returns -1 for EACCES instead of raising
+            return errno.EACCES
+        with self._lock:
+            self._folders[wd] = folder
+            self._watched.add(folder)
         return 0
 
+    def _start(self) -> InotifyFD | None:
+        """watchdog's reader and its thread, None when there can be none (not Linux, closed,
+        the user's inotify instances used up: EMFILE), which is then `_refused`."""
+        if self._refused:
+            return None
+        try:
+            self._reader = InotifyFD()
+        except OSError as exc:
+            self._refused = exc.errno or errno.EMFILE
+            return None
+        self._reader.name = THREAD
+        self._reader.start()
+        return self._reader
+
     def wake(self) -> None:
-        """Any thread: end the current `wait` at once."""
-        with contextlib.suppress(OSError):
-            self._writer.send(b"\0")
+        """Any thread (not a signal handler): end the current `wait` at once."""
+        self._woken.set()
 
     def wait(self, seconds: float) -> tuple[list[str], bool]:
         """Wait up to `seconds` for events or a wake-up: (paths written to or gone, as text,
         whether events were lost)."""
-        self._poll.poll(max(0.0, seconds) * 1000)
-        with contextlib.suppress(OSError):
-            while self._reader.recv(4096):
-                pass
-        paths: list[str] = []
-        lost = False
-        while self._fd >= 0:
-            try:
-                data = os.read(self._fd, 65536)
-            except BlockingIOError:
-                break
-            for wd, mask, name in parse(data):
-                lost = lost or bool(mask & IN_Q_OVERFLOW)
-                folder = self._folders.get(wd)
-                if mask & IN_IGNORED and folder is not None:  # the folder went
-                    del self._folders[wd]
-                    self._watched.discard(folder)
-                elif folder is not None and name:
-                    paths.append(f"{folder}{os.sep}{name}")
-        return paths, lost
+        self._woken.wait(max(0.0, seconds))
+        self._woken.clear()  # before taking the names: a later one sets it again
+        with self._lock:
+            written, self._written = self._written, set()
+            lost, self._lost = self._lost, False
+        return list(written), lost
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self._reader.close()
-        self._writer.close()
+        """Remove the watches and end the reader's thread; none starts after this."""
+        self._refused = self._refused or errno.EBADF
+        if self._reader is not None:
+            self._reader.stop()
+            self._reader.join(JOIN_SECONDS)
+            self._reader = None
+
+    # -- watchdog's WatchCallback, on its reader's thread ------------------------------------
+
+    def on_event(self, event: InotifyEvent) -> None:
+        with self._lock:
+            folder = self._folders.get(event.wd)
+            if folder is None or not event.name:
+                return
+            self._written.add(f"{folder}{os.sep}{os.fsdecode(event.name)}")
+        self._woken.set()
+
+    def on_watch_deleted(self, wd: int) -> None:
+        """The folder went (or the reader closed): a new folder of that name is watched anew."""
+        with self._lock:
+            folder = self._folders.pop(wd, None)
+            if folder is not None:
+                self._watched.discard(folder)
+
+    def on_queue_overflow(self) -> None:
+        with self._lock:
+            self._lost = True
+        self._woken.set()

@@ -51,6 +51,11 @@ BATCH = 256
 # In a burst, the next batch is gathered this long: each batch costs a round of fsyncs and a
 # thread wake (about 1 ms of CPU on the 2-core bench machine), which its files share.
 GROUP_SECONDS = 0.05
+# A file sent again after a late write, refused or unreadable (it is not moved: latewrite.py).
+LATE_NOT_SENT = (
+    "not sent again after its late write: it stays in done/, and Productiv holds the"
+    " earlier version"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +107,10 @@ class Finisher:
         self._outcomes.put(Outcome(item, True, sent.status, sent=sent, object_path=object_path))
 
     def fail(self, item: Item, reason: str, status: int | None) -> None:
+        """A file refused or unreadable: to failed/, or, sent again after a late write, said as
+        such (its line and receipt say it stays in done/ and what Productiv holds)."""
+        if item.late:
+            reason = f"{reason}; {LATE_NOT_SENT}"
         self._outcomes.put(Outcome(item, False, status=status, reason=reason))
 
     def close(self) -> None:

@@ -17,15 +17,14 @@ changing is sent again at most MAX_AGAIN times, once per settle.
 
 from __future__ import annotations
 
-import enum
 import errno
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from ..disk.folders import Folders
 from ..heartbeats import IDLE_WAKE_SECONDS, Heartbeat
@@ -35,6 +34,8 @@ from ..metrics import Metrics
 from ..remote.body import Opener
 from ..settings import Settings
 from .donewatch import DoneEvents
+from .inotify import WATCH_LIMIT
+from .latelook import Look, Recent, baseline, compare
 from .stability import Candidate, is_stable, observe
 from .workqueue import WorkQueue
 
@@ -42,47 +43,6 @@ log = logging.getLogger(__name__)
 
 MAX_RECENT = 10_000  # names watched at once (about 1 KiB each); beyond, the oldest go early
 MAX_AGAIN = 5  # uploads again per file; a file still changing after that is said, not sent
-
-
-class Look(enum.Enum):
-    SAME = "same"
-    CHANGED = "changed"  # written to since it was uploaded
-    GONE = "gone"  # removed, or another file under its name: forgotten
-
-
-def baseline(uploaded: Snapshot, moved: Snapshot) -> Snapshot:
-    """The version in done/ to compare with from now on. The rename into done/ changed its
-    ctime, so the first look there is the baseline, provided its content's marks (identity,
-    size, mtime) are those uploaded; otherwise it was written to before that look, and the
-    uploaded version itself is the baseline, which then differs."""
-    same = (moved.dev, moved.ino, moved.size, moved.mtime_ns) == (
-        uploaded.dev,
-        uploaded.ino,
-        uploaded.size,
-        uploaded.mtime_ns,
-    )
-    return moved if same else uploaded
-
-
-def compare(base: Snapshot, now: Snapshot | None) -> Look:
-    """A recent file as found now, against its baseline."""
-    if now is None or (now.dev, now.ino) != (base.dev, base.ino):
-        return Look.GONE
-    return Look.SAME if now == base else Look.CHANGED
-
-
-@dataclass(frozen=True, slots=True)
-class Recent:
-    """A file in done/ under watch: where it is, what it was uploaded as, until when."""
-
-    path: Path  # in done/
-    spot: Spot  # as it was uploaded: the object's name and type, its drop-folder name
-    base: Snapshot
-    until: float  # monotonic
-    again: int = 0  # uploads again so far
-
-    def late_spot(self) -> Spot:
-        return replace(self.spot, path=self.path)
 
 
 def from_settings(
@@ -182,7 +142,20 @@ class LateWrites:
         self._events.wake()
 
     def close(self) -> None:
+        """At a stop, once the late-write thread has ended: a late write not sent again yet is
+        said (a restart forgets the window, so Productiv keeps the first version for good)."""
         self._events.close()
+        with self._lock:
+            arrived, self._arrived = self._arrived, []
+        for item, final, _ in arrived:  # sent again during the stop's drain
+            if item.late:
+                self._queued.pop(os.fspath(final), None)
+        for recent in [*self._queued.values(), *(r for r, _ in self._settling.values())]:
+            reason = (
+                "written to after its upload and not sent again before the stop: Productiv"
+                " holds the earlier version; drop the complete file again"
+            )
+            self._say("late_write_abandoned", logging.ERROR, recent, reason=reason, uploaded=True)
         self.folders.close()
 
     def __len__(self) -> int:
@@ -262,13 +235,14 @@ class LateWrites:
         if problem in (0, errno.ENOSYS, errno.ENOENT) or folder in self._said:
             return
         self._said.add(folder)
+        why = WATCH_LIMIT if problem == errno.ENOSPC else os.strerror(problem)
         event(
             log,
             "watch_failed",
             level=logging.ERROR,
             folder=self._relative(Path(folder)),
-            reason=f"cannot watch this folder: {os.strerror(problem)}; late writes in it are"
-            f" found by a stat every {self.sweep_seconds:g} s",
+            reason=f"cannot watch this folder: {why}; late writes in it are found by a stat"
+            f" every {self.sweep_seconds:g} s",
         )
 
     def _expire(self, now: float) -> None:
@@ -311,32 +285,33 @@ class LateWrites:
 
     def _changed(self, recent: Recent, now: float) -> None:
         """Said once per change; then the file settles and goes again, or is given up."""
-        snapshot = self._stat(recent.path)
-        size = snapshot.size if snapshot is not None else None
-        where = self._relative(recent.path)
         if recent.again >= MAX_AGAIN:
-            event(
-                log,
-                "late_write_given_up",
-                level=logging.ERROR,
-                file=recent.spot.rel,
-                moved_to=where,
-                bytes_now=size,
-                reason=f"changed again after {MAX_AGAIN} uploads again: not sent again; drop"
-                " the complete file again, or have its producer use a ready marker",
+            reason = (
+                f"changed again after {MAX_AGAIN} uploads again: not sent again; drop the"
+                " complete file again, or have its producer use a ready marker"
             )
+            self._say("late_write_given_up", logging.ERROR, recent, reason=reason)
             return
         self._counted()
-        event(
-            log,
-            "late_write",
-            level=logging.WARNING,
-            file=recent.spot.rel,
-            moved_to=where,
-            bytes_uploaded=recent.base.size,
-            bytes_now=size,
-        )
+        self._say("late_write", logging.WARNING, recent, uploaded=True)
         self._settle(recent, now)
+
+    def _say(
+        self, name: str, level: int, recent: Recent, reason: str = "", uploaded: bool = False
+    ) -> None:
+        """One line about a late-written file: its name, where it is in done/, its size now
+        (and the size uploaded, the reason)."""
+        snapshot = self._stat(recent.path)
+        fields: dict[str, Any] = {
+            "file": recent.spot.rel,
+            "moved_to": self._relative(recent.path),
+        }
+        if uploaded:
+            fields["bytes_uploaded"] = recent.base.size
+        fields["bytes_now"] = snapshot.size if snapshot is not None else None
+        if reason:
+            fields["reason"] = reason
+        event(log, name, level=level, **fields)
 
     def _settle(self, recent: Recent, now: float) -> None:
         snapshot = self._stat(recent.path)
@@ -353,4 +328,6 @@ class LateWrites:
         root = self.folders.root
         text = os.fspath(path)
         prefix = f"{root}{os.sep}"
+        if text == os.fspath(root):
+            return display(root.name)
         return display(f"{root.name}/{text[len(prefix) :]}" if text.startswith(prefix) else text)

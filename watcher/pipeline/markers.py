@@ -16,6 +16,7 @@ from __future__ import annotations
 import heapq
 import logging
 import os
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from ..disk.folders import Folders
 from ..items import Identity, Spot, display
 from ..logs import event
 from ..settings import Settings
-from .watching import locate
+from .watching import OWN_NAMES, locate
 
 if TYPE_CHECKING:
     from .stability import Candidate
@@ -43,6 +44,13 @@ def marked_name(name: str, suffix: str) -> str | None:
     if not suffix or not name.endswith(suffix) or len(name) == len(suffix):
         return None
     return name[: -len(suffix)]
+
+
+def counts_as_marker(name: str, mode: int) -> bool:
+    """Is this entry beside a file its marker? Not a folder (it could never be removed, so it
+    would stand for every later file of that name), nor one of the daemon's own files (the
+    drop folder's lock: removing it would let a second daemon in)."""
+    return name not in OWN_NAMES and not stat.S_ISDIR(mode)
 
 
 def orphan_due(since: float, now: float, rescan_seconds: float) -> bool:
@@ -109,11 +117,12 @@ class Markers:
 
     def present(self, spot: Spot) -> Identity | None:
         """The identity of this file's marker, None when there is none (or it cannot be seen)."""
+        name = spot.name + self.suffix
         try:
-            st = self._folders.lstat(spot.path.with_name(spot.name + self.suffix))
+            st = self._folders.lstat(spot.path.with_name(name))
         except OSError:
             return None
-        return st.st_dev, st.st_ino
+        return (st.st_dev, st.st_ino) if counts_as_marker(name, st.st_mode) else None
 
     # -- held files ----------------------------------------------------------------------------
 

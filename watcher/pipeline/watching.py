@@ -39,6 +39,8 @@ from .deafness import CANARY_NAME, Canary, Hung, StatProbe
 
 log = logging.getLogger(__name__)
 
+OWN_NAMES = (CANARY_NAME, LOCK_NAME)  # the daemon's own files in the drop folder
+
 # Created, closed after writing, moved in. Not modified: a write storm would cost an event per
 # write() for nothing, since the stabiliser compares snapshots settle_seconds apart anyway. Not
 # opened or closed-without-writing: those are our own reads. With inotify the kernel does not even
@@ -66,7 +68,7 @@ def locate(
     parts = rel.split(os.sep)
     if rel.startswith(os.pardir) or parts == ["."] or is_ignored(parts[-1], ignore):
         return None
-    if parts in ([CANARY_NAME], [LOCK_NAME]) or (len(parts) == 1 and parts[0] in FILE_TYPES):
+    if len(parts) == 1 and (parts[0] in OWN_NAMES or parts[0] in FILE_TYPES):
         return None  # ours, whatever ignore_patterns say
     if len(parts) == 1:
         return Spot(Path(path), display(rel), parts[0], default_type)
