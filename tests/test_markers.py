@@ -22,15 +22,24 @@ from tests.helpers import (
     cli,
     daemon_env,
     done_soon,
+    item_for,
     requested,
     status_of,
     wait_for,
     waiting_for_marker,
     write,
 )
+from watcher.disk.folders import Folders
 from watcher.heartbeats import Counts, status_line
-from watcher.pipeline.markers import ORPHAN_REASON, counts_as_marker, marked_name, orphan_due
+from watcher.pipeline.markers import (
+    ORPHAN_REASON,
+    counts_as_marker,
+    from_settings,
+    marked_name,
+    orphan_due,
+)
 from watcher.pipeline.receipts import NAME
+from watcher.pipeline.stability import Candidate
 
 
 @pytest.mark.parametrize(
@@ -232,3 +241,16 @@ def test_a_marker_is_removed_also_after_a_move_to_failed(daemon, folders, sandbo
 )
 def test_what_counts_as_a_marker(name, mode, counts):
     assert counts_as_marker(name, mode) is counts
+
+
+def test_a_reload_with_a_shorter_rescan_looks_at_held_files_now(sandbox, folders):
+    """Not after the old period has run out (an hour, say): the new one starts at the reload."""
+    settings = make_settings(sandbox, folders, ready_marker=".done", rescan_seconds=3600)
+    markers = from_settings(settings, Folders(folders.drop))
+    assert markers is not None
+    path = write(folders.drop / "held.csv", b"x")
+    item = item_for(path)
+    markers.hold(Candidate(item.spot, item.snapshot, 100.0), now=100.0)
+    assert markers.next_look(100.0) == 3600
+    markers.reconfigure(settings.model_copy(update={"rescan_seconds": 5.0}))
+    assert markers.next_look(100.0) == 0

@@ -103,7 +103,13 @@ class Service:
             idle_wake_seconds=idle,
         )
         self.late = latewrite.from_settings(
-            settings, self.paths.done, self.work, clock, self.metrics
+            settings,
+            self.paths.done,
+            self.work,
+            clock,
+            self.metrics,
+            idle,
+            timings.folder_check_seconds,
         )
         self.gates = Gates(
             settings.retry_initial_seconds, settings.retry_max_seconds, clock, self.metrics

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ..disk.folders import Folders
+from ..disk.folders import CHECK_SECONDS, Folders
 from ..heartbeats import IDLE_WAKE_SECONDS, Heartbeat
 from ..items import Item, Snapshot, Spot, display
 from ..logs import event
@@ -51,6 +51,8 @@ def from_settings(
     work: WorkQueue,
     clock: Callable[[], float],
     metrics: Metrics,
+    idle_wake_seconds: float = IDLE_WAKE_SECONDS,
+    folder_check_seconds: float = CHECK_SECONDS,
 ) -> LateWrites | None:
     """The watch on done/, None when `late_write_seconds` is 0. Its safety-net stat runs every
     `rescan_seconds`, or every `poll_interval_seconds` with `polling` (no events from NFS)."""
@@ -64,6 +66,8 @@ def from_settings(
         work,
         clock,
         metrics.late_write,
+        idle_wake_seconds,
+        folder_check_seconds,
     )
 
 
@@ -86,10 +90,14 @@ class LateWrites:
         work: WorkQueue,
         clock: Callable[[], float] = time.monotonic,
         counted: Callable[[], None] = lambda: None,
+        idle_wake_seconds: float = IDLE_WAKE_SECONDS,
+        folder_check_seconds: float = CHECK_SECONDS,
     ) -> None:
         """`sweep_seconds`: how often every recent name is stat-ed (the safety net);
         `counted`: told of each late write (the metrics)."""
-        self.folders = Folders(done_dir)  # stat and open through descriptors, like drop/
+        # stat and open through descriptors, like drop/
+        self.folders = Folders(done_dir, check_seconds=folder_check_seconds)
+        self._idle_wake_seconds = idle_wake_seconds
         self.window_seconds = window_seconds
         self.settle_seconds = settle_seconds
         self.sweep_seconds = sweep_seconds
@@ -137,6 +145,8 @@ class LateWrites:
         """A reload: the settle rule and the safety net's period (the window needs a restart)."""
         self.settle_seconds = settings.settle_seconds
         self.sweep_seconds = sweep_seconds(settings)
+        self._next_sweep = 0.0  # a shorter period applies now, not after the old one ran out
+        self.wake()
 
     def wake(self) -> None:
         self._events.wake()
@@ -194,7 +204,7 @@ class LateWrites:
             self._look(path, now)
 
     def _timeout(self, now: float) -> float:
-        waits = [IDLE_WAKE_SECONDS]
+        waits = [self._idle_wake_seconds]
         if self._recent or self._queued:
             waits.append(self._next_sweep - now)
         waits += [c.since + self.settle_seconds - now for _, c in self._settling.values()]

@@ -103,6 +103,7 @@ class Markers:
     def reconfigure(self, settings: Settings) -> None:
         """A reload: held files and lone markers are looked at on the new rescan period."""
         self.rescan_seconds = settings.rescan_seconds
+        self._next_look = 0.0  # a shorter period applies now, not after the old one ran out
 
     def is_marker(self, spot: Spot) -> bool:
         return marked_name(spot.name, self.suffix) is not None
