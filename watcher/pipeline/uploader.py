@@ -127,8 +127,8 @@ class Uploader:
         seen: dict[Path, list[Looked]] = {}  # a stat per folder for the whole batch
         for item in batch:
             reason = refusal(item, self._settings.max_file_size)
-            if reason is not None:
-                self._finish.fail(item, reason, None)
+            if reason is not None:  # never sendable as it is: decide says FAIL
+                self._settle(item, Fault(Kind.FINAL, reason))
             elif not item.late and (problem := self._finish.blocker(item.path, seen)) is not None:
                 self._hold(item, problem)
             else:
