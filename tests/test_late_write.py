@@ -187,7 +187,8 @@ def watch(tmp_path: Path):
     done.mkdir()
     clock = Clock()
     work = WorkQueue(clock, lambda spots: None)
-    late = LateWrites(done, 600.0, 1.0, 60.0, work, clock)
+    # a real second, not the 30-s idle wake: a turn with no event waits this long for one
+    late = LateWrites(done, 600.0, 1.0, 60.0, work, clock, idle_wake_seconds=1.0)
     yield late, work, clock, done
     late.close()
 
