@@ -40,7 +40,7 @@ soak: $(BIN)/productiv-watcher
 systemd-test:
 	$(PYTHON) tests/systemd_real/run.py
 
-# rclone serve s3 + boto3 presigned URLs vs the daemon; writes docs/benchmarks.md (12-16 minutes on
+# rclone serve s3 + boto3 presigned URLs vs the daemon; writes docs/benchmarks.md (15-21 minutes on
 # a quiet machine; `.venv/bin/python tests/bench/bench.py --quick --runs 1` tries it in ~1.5)
 bench: $(BIN)/productiv-watcher
 	$(BIN)/python tests/bench/bench.py --scaling 1000,5000,20000,50000 --write docs/benchmarks.md
