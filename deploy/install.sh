@@ -91,17 +91,29 @@ if system; then
     run usermod --append --groups "$group" "$user"
 fi
 
-# 2. The program, in its own virtual environment (rebuilt from this checkout on every run).
+# 2. The program, in its own virtual environment, built from this checkout. A re-run from the same
+# checkout (same sources, same constraints) keeps it: the fingerprint beside it says what it was
+# built from, and is written only once pip has finished.
 run mkdir -p "$opt"
-[ -x "$opt/venv/bin/python" ] || run "$python" -m venv "$opt/venv"
-run "$opt/venv/bin/python" -m pip install --quiet --upgrade pip
-# pip builds in the source folder (it writes egg-info there): build from a copy, so that the
-# checkout (read-only, or someone else's) is left untouched.
-src=$(mktemp -d)
-trap 'rm -rf "$src"' EXIT
-run cp -R "$here/pyproject.toml" "$here/README.md" "$here/watcher" "$src/"
-# The versions tested (constraints.txt), not whatever is newest today.
-run "$opt/venv/bin/python" -m pip install --quiet --upgrade -c "$here/constraints.txt" "$src[metrics]"
+fingerprint=$(cd "$here" && find pyproject.toml constraints.txt README.md watcher -type f \
+    ! -name '*.pyc' -exec sha256sum {} + | LC_ALL=C sort -k2 | sha256sum | cut -d' ' -f1)
+if [ -x "$opt/venv/bin/python" ] && [ "$(cat "$opt/built-from" 2>/dev/null)" = "$fingerprint" ]; then
+    say "keeping $opt/venv: already built from this checkout"
+else
+    if [ ! -x "$opt/venv/bin/python" ]; then
+        run "$python" -m venv "$opt/venv"
+        run "$opt/venv/bin/python" -m pip install --quiet --upgrade pip
+    fi
+    # pip builds in the source folder (it writes egg-info there): build from a copy, so that
+    # the checkout (read-only, or someone else's) is left untouched.
+    src=$(mktemp -d)
+    trap 'rm -rf "$src"' EXIT
+    run cp -R "$here/pyproject.toml" "$here/README.md" "$here/watcher" "$src/"
+    # The versions tested (constraints.txt), not whatever is newest today.
+    run "$opt/venv/bin/python" -m pip install --quiet --upgrade -c "$here/constraints.txt" \
+        "$src[metrics]"
+    [ "$dry" = 1 ] || printf '%s\n' "$fingerprint" >"$opt/built-from"
+fi
 
 # 3. Settings and secret: created once, never overwritten.
 run mkdir -p "$etc"

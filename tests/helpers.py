@@ -7,6 +7,7 @@ Fixtures live in conftest.py; running as `nobody` in tests/unprivileged.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from tests.zygote import Forked, spawn
 from watcher.daemon import statusfile
 from watcher.daemon.timings import Timings
 from watcher.disk.folders import LOCK_NAME
@@ -108,19 +110,19 @@ def daemon_env(sandbox: Sandbox, folders: Folders, **extra: str) -> dict[str, st
 def cli(
     *args: str, env: dict[str, str] | None = None, config: Path | None = None, timeout: float = 30
 ) -> subprocess.CompletedProcess[str]:
-    """`productiv-watcher ARGS [--config CONFIG]` to its end; no secret in what it printed."""
-    more = ("--config", str(config)) if config is not None else ()
-    result = subprocess.run(
-        [sys.executable, "-m", "watcher", *args, *more],
-        env={**clean_env(), **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        check=False,
+    """`productiv-watcher ARGS [--config CONFIG]` to its end (forked by the zygote: see
+    tests/zygote.py); no secret in what it printed."""
+    argv = [*args, *(("--config", str(config)) if config is not None else ())]
+    child = spawn(
+        argv, {**clean_env(), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    assert_no_secrets(result.stdout + result.stderr)
-    return result
+    try:
+        out, err = child.communicate(timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        raise
+    assert_no_secrets(out + err)
+    return subprocess.CompletedProcess(argv, child.wait(), out, err)
 
 
 class Child:
@@ -130,19 +132,30 @@ class Child:
         self,
         env: dict[str, str],
         *args: str,
-        command: Sequence[str] = QUICK_WATCHER,
+        command: Sequence[str] | None = None,
         cwd: Path = ROOT,
     ) -> None:
-        """`command` runs `python -m watcher` (with QUICK timings unless told otherwise):
-        `as_nobody.argv` runs it as nobody (cwd="/")."""
-        self.proc = subprocess.Popen(
-            [*command, "run", *args],
-            env={**clean_env(), **env},
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            text=True,
-            cwd=cwd,
-        )
+        """Forked by the zygote with QUICK timings (tests/zygote.py), or, given a `command`
+        such as `as_nobody.argv`, started by it (it runs `python -m watcher`; cwd="/")."""
+        self.proc: subprocess.Popen[str] | Forked
+        if command is None:
+            self.proc = spawn(
+                ["run", *args],
+                {**clean_env(), **env},
+                cwd=cwd,
+                timings=dataclasses.asdict(QUICK),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        else:
+            self.proc = subprocess.Popen(
+                [*command, "run", *args],
+                env={**clean_env(), **env},
+                stderr=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                text=True,
+                cwd=cwd,
+            )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, name="child-stderr")
         self._reader.start()

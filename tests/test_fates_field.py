@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import os
 import secrets
-import subprocess
-import sys
 from collections import Counter
 
-from tests.helpers import NotifySocket, clean_env, done_soon, wait_for, write
+from tests.helpers import NotifySocket, cli, done_soon, wait_for, write
 from tests.unprivileged import field
 from watcher.sandbox.productiv import Sandbox
 
@@ -58,13 +56,7 @@ def test_files_in_a_folder_the_service_cannot_write_wait_unsent_until_it_is_fixe
             assert str(users) in status["folders"][0] and status["last_error"] is None
             [line] = [s for s in notify.texts("STATUS=") if "files wait" in s][:1]
             assert str(users) in line and "service unavailable" not in line
-            shown = subprocess.run(
-                [sys.executable, "-m", "watcher", "status"],
-                env={**clean_env(), **sandbox.env(), "PRODUCTIV_DROP_DIR": str(f.folders.drop)},
-                capture_output=True,
-                text=True,
-                check=False,
-            )
+            shown = cli("status", env={**sandbox.env(), "PRODUCTIV_DROP_DIR": str(f.folders.drop)})
             assert f"FOLDER: files wait: {users} is not writable by nobody" in shown.stdout
 
             users.chmod(0o2770)  # fixed: every file goes, without a restart or a rescan

@@ -8,15 +8,13 @@ import os
 import signal
 import socket
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import make_settings
-from tests.helpers import ROOT, Child, Folders, assert_no_secrets, daemon_env, wait_for
+from tests.helpers import Child, Folders, cli, daemon_env, wait_for
 from watcher.daemon.instance import DropLock, Holder, active_holder, parse_holder
 from watcher.daemon.service import Service
 from watcher.disk.folders import LOCK_NAME
@@ -184,17 +182,7 @@ def events(child: Child, name: str) -> list[dict[str, object]]:
 
 
 def status(env: dict[str, str]) -> dict[str, object]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PRODUCTIV_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "watcher", "status", "--json"],
-        env={**full_env, **env},
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=30,
-        check=False,
-    )
-    assert_no_secrets(result.stdout + result.stderr)
+    result = cli("status", "--json", env=env)
     doc: dict[str, object] = json.loads(result.stdout)
     return doc
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
-from tests.helpers import clean_env, done_soon, wait_for
+from tests.helpers import cli, done_soon, wait_for
 from tests.unprivileged import field, installed_layout
 
 
@@ -25,13 +24,7 @@ def test_a_type_folder_made_with_umask_0077_is_named_once_with_a_fix_that_works(
         assert "cannot list it" in problem["reason"]
         assert problem["fix"].startswith(f"chmod g+rwx {other}")
         wait_for(lambda: f.status().get("folders"))
-        shown = subprocess.run(
-            [sys.executable, "-m", "watcher", "status"],
-            env={**clean_env(), "PRODUCTIV_DROP_DIR": str(f.folders.drop)},
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        shown = cli("status", env={"PRODUCTIV_DROP_DIR": str(f.folders.drop)})
         assert f"FOLDER: files wait: {other}" in shown.stdout, shown.stdout
 
         subprocess.run(problem["fix"].split(" (")[0], shell=True, check=True)  # as it says

@@ -5,8 +5,6 @@ over https. Every call, the token, the signed URLs and the PUTs, must take the s
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +14,7 @@ import pytest
 import trustme
 
 from tests.conftest import Daemon, make_settings
-from tests.helpers import ROOT, Folders, wait_for
+from tests.helpers import Folders, cli, wait_for
 from tests.proxyserver import Proxy, connect_proxy
 from tests.s3server import rclone_s3, s3_client
 from watcher.items import Item, Snapshot, Spot
@@ -236,17 +234,8 @@ def test_an_unusable_ca_bundle_or_proxy_is_a_config_error_naming_it(
 
 def test_check_exits_78_on_an_unusable_proxy_variable(sandbox, folders):
     """The same ConfigError ends the commands with EX_CONFIG, so systemd does not loop."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PRODUCTIV_")}
-    env |= {**sandbox.env(), "PRODUCTIV_DROP_DIR": str(folders.drop), "HTTPS_PROXY": "ftp://p"}
-    result = subprocess.run(
-        [sys.executable, "-m", "watcher", "check"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-        check=False,
-    )
+    env = {**sandbox.env(), "PRODUCTIV_DROP_DIR": str(folders.drop), "HTTPS_PROXY": "ftp://p"}
+    result = cli("check", env=env)
     assert result.returncode == 78, result.stderr
     assert "invalid environment variable HTTPS_PROXY: proxy scheme ftp" in result.stderr
     assert "Traceback" not in result.stderr

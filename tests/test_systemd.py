@@ -244,8 +244,19 @@ def test_install_is_idempotent_and_uninstall_keeps_the_files(tmp_path, sandbox):
 
     (etc / "config.toml").write_text("app_id = 'mine'\n")
     (root / "srv" / "productiv" / "drop" / "waiting.csv").write_text("x")
-    subprocess.run([*install, "--secret-file", str(secret)], capture_output=True, check=True)
+    again = subprocess.run(
+        [*install, "--secret-file", str(secret)], capture_output=True, text=True, check=True
+    )
     assert (etc / "config.toml").read_text() == "app_id = 'mine'\n"  # never overwritten
+    assert "already built from this checkout" in again.stdout  # the same sources: no rebuild
+    assert "pip install" not in again.stdout
+    changed = tmp_path / "changed"  # an upgrade: another checkout, one source file edited
+    shutil.copytree(ROOT, changed, ignore=shutil.ignore_patterns(".venv", ".git", "*.pyc"))
+    with (changed / "watcher" / "__init__.py").open("a") as init:
+        init.write("# edited\n")
+    upgrade = [str(changed / "deploy" / "install.sh"), "--root", str(root), "--dry-run"]
+    rebuild = subprocess.run(upgrade, capture_output=True, text=True, check=True).stdout
+    assert "pip install" in rebuild and "already built" not in rebuild
 
     units = root / "etc" / "systemd" / "system"
     wants = units / "multi-user.target.wants"

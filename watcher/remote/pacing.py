@@ -38,13 +38,18 @@ class RateLimit:
         self._tokens = min(self._tokens, self._capacity())
 
     def take(self, want: int) -> int:
-        """How many of `want` bytes may be sent now (taken from the bucket)."""
+        """How many of `want` bytes may be sent now (taken from the bucket): all of them, or a
+        piece of at least RESUME_BYTES (or a bucketful), else none. Dribbling out what the
+        bucket gained since the last call cost a callback per few hundred bytes (measured:
+        28,000 reads for 6 MB at 2 MiB/s, most of a core)."""
         if not self.rate:
             return want
         now = self._clock()
         self._tokens = min(self._capacity(), self._tokens + (now - self._at) * self.rate)
         self._at = now
         got = min(want, int(self._tokens))
+        if got < min(want, RESUME_BYTES, int(self._capacity())):
+            return 0
         self._tokens -= got
         return got
 
