@@ -100,10 +100,9 @@ fingerprint=$(cd "$here" && find pyproject.toml constraints.txt README.md watche
 if [ -x "$opt/venv/bin/python" ] && [ "$(cat "$opt/built-from" 2>/dev/null)" = "$fingerprint" ]; then
     say "keeping $opt/venv: already built from this checkout"
 else
-    if [ ! -x "$opt/venv/bin/python" ]; then
-        run "$python" -m venv "$opt/venv"
-        run "$opt/venv/bin/python" -m pip install --quiet --upgrade pip
-    fi
+    # The pip that comes with the venv (22 or later on Python 3.10+) installs everything here:
+    # no upgrade of pip itself, which would need the package index for nothing.
+    [ -x "$opt/venv/bin/python" ] || run "$python" -m venv "$opt/venv"
     # pip builds in the source folder (it writes egg-info there): build from a copy, so that
     # the checkout (read-only, or someone else's) is left untouched.
     src=$(mktemp -d)

@@ -419,7 +419,18 @@ class Scenario(Driver):
         new program, not the old one from files pip replaced under them."""
         units = (UNIT, INSTANCE_UNIT)
         before = {unit: self.show(unit)["MainPID"] for unit in units}
-        self.install_again()
+        # A newer checkout (a copy of the read-only one with a source file changed), so that
+        # pip replaces the program's files: from the same checkout install.sh keeps the venv.
+        newer = "/root/newer-checkout"
+        self.m.run(
+            "sh", "-c", f"cp -R {SOURCE} {newer} && echo '# newer' >> {newer}/watcher/__init__.py"
+        )
+        output = self.install_again(newer)
+        self.report.check(
+            "install.sh rebuilt the program from the changed checkout",
+            "already built" not in output and "pip install" in output,
+            output[-500:],
+        )
         restarted = wait_until(
             lambda: all(
                 (s := self.show(unit))["ActiveState"] == "active" and s["MainPID"] != before[unit]
@@ -437,15 +448,16 @@ class Scenario(Driver):
         self.drop(["users/after-upgrade.csv"])
         self.all_done("after the upgrade", ["users/after-upgrade.csv"], BASE, UNIT)
 
-    def install_again(self) -> None:
+    def install_again(self, source: str = SOURCE) -> str:
         done = self.m.run(
-            "sh", "-c", f"cd {SOURCE} && deploy/install.sh", check=False, timeout=120
+            "sh", "-c", f"cd {source} && deploy/install.sh", check=False, timeout=120
         )  # fmt: skip
         if done.returncode != 0:
             raise Broken(
                 f"deploy/install.sh (again) exited with {done.returncode}:\n"
                 + "\n".join((done.stdout + done.stderr).splitlines()[-20:])
             )
+        return done.stdout
 
     def uninstall(self) -> None:
         """Nothing of the program may be left running or enabled: the template's instance
