@@ -267,12 +267,15 @@ class Sandbox:
 
 
 def serve(host: str, port: int, store: Path) -> None:
-    """`productiv-watcher sandbox`: run until SIGINT/SIGTERM, after printing the settings."""
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    """`productiv-watcher sandbox`: run until SIGINT/SIGTERM, after printing the settings.
+
+    The signals are blocked (in the server's threads too, which inherit the mask) and taken
+    with sigwait: an Event set from a handler could deadlock on the lock its own wait() held
+    when the signal came (it did, once in a few hundred runs of the test)."""
+    stops = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     with Sandbox(store, host, port) as sandbox:
         for name, value in sandbox.env().items():
             print(f"{name}={value}")  # noqa: T201 - this is the command's output
         print(f"# objects are stored in {sandbox.store}", flush=True)  # noqa: T201
-        stop.wait()
+        signal.sigwait(stops)
