@@ -99,7 +99,8 @@ def test_with_a_marker_a_producer_that_pauses_mid_file_is_uploaded_once_whole(
             wait_for(
                 lambda: waiting_for_marker(service) == ["export.csv"], what="waiting in status"
             )
-            assert "productiv_watcher_waiting_for_marker 1.0" in metrics.read_text()
+            # the metrics file is written just after the status file, on the same turn
+            wait_for(lambda: "productiv_watcher_waiting_for_marker 1.0" in metrics.read_text())
             out.write(rest)
         write(folders.drop / "export.csv.done", b"")
         done_soon(folders, "export.csv")

@@ -89,7 +89,13 @@ def test_status_of_a_running_daemon_and_of_a_file(sandbox, folders):
     try:
         wait_for(lambda: sandbox.arrived["put"] == 1)
         # the status file follows within status_seconds, while the PUT is held
-        wait_for(lambda: "uploading contracts/deal.pdf" in cli("status", config=config).stdout)
+
+        def uploading() -> bool:
+            shown = cli("status", config=config)
+            print(shown.returncode, shown.stdout, shown.stderr)  # the last one, if it fails
+            return "uploading contracts/deal.pdf" in shown.stdout
+
+        wait_for(uploading, what="status naming the PUT in flight")
         busy = cli("status", config=config)
         assert busy.returncode == 0, busy.stdout + busy.stderr
         assert "running since" in busy.stdout
