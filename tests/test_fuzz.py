@@ -7,13 +7,21 @@ import json
 import math
 import os
 from pathlib import Path
+from urllib.parse import parse_qs
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from watcher.daemon.notify import watchdog_interval
 from watcher.pipeline.watching import locate
-from watcher.remote.api import SignedUrl, parse_token, parse_urls, url_expiry, url_problem
+from watcher.remote.api import (
+    SignedUrl,
+    parse_token,
+    parse_urls,
+    query_values,
+    url_expiry,
+    url_problem,
+)
 from watcher.remote.faults import Fault, Kind, classify_put, retry_after_seconds, s3_error
 from watcher.settings import DEFAULT_IGNORE, FILE_TYPES
 
@@ -69,6 +77,17 @@ def test_any_url_is_judged_without_crashing(url):
     problem = url_problem(url)
     assert problem is None or isinstance(problem, str)
     url_expiry(url)
+
+
+QUERY_PIECES = ["Expires", "X-Amz-Date", "X-Amz-Expires", "X%2DAmz%2DDate", "=", "&", "+", "%"]
+
+
+@given(st.lists(st.sampled_from(QUERY_PIECES) | st.text(max_size=3), max_size=12))
+def test_query_values_reads_a_query_as_parse_qs_does(pieces):
+    query = "".join(pieces)
+    wanted = frozenset({"Expires", "X-Amz-Date", "X-Amz-Expires"})
+    everything = parse_qs(query)
+    assert query_values(query, wanted) == {k: v[0] for k, v in everything.items() if k in wanted}
 
 
 @given(

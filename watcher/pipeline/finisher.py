@@ -188,9 +188,10 @@ class Finisher:
         """Make the moves durable, receipt them, then log them: a logged file is where it says."""
         if not placed:
             return
-        folders = {path.parent for _, path in placed} | {o.item.path.parent for o, _ in placed}
+        # As text: a Path's parent and hash cost more than the rest of a file's receipt.
+        folders = {os.path.dirname(p) for o, final in placed for p in (final, o.item.path)}
         try:
-            self._mover.sync(folders)
+            self._mover.sync(Path(folder) for folder in folders)
         except OSError as exc:  # the renames are done; only their durability is in doubt
             log.error("cannot sync the moves: %s", exc.strerror, extra={"event": "sync_failed"})
         now = self._clock()
