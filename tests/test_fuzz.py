@@ -3,6 +3,7 @@ classified Fault comes out, never a traceback."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -13,7 +14,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from watcher.daemon.notify import watchdog_interval
-from watcher.pipeline.watching import locate
+from watcher.pipeline.watching import is_ignored, locate
 from watcher.remote.api import (
     SignedUrl,
     parse_token,
@@ -77,6 +78,15 @@ def test_any_url_is_judged_without_crashing(url):
     problem = url_problem(url)
     assert problem is None or isinstance(problem, str)
     url_expiry(url)
+
+
+@given(
+    st.text(st.sampled_from("ab.~$x*?[]!\n"), max_size=8),
+    st.lists(st.text(st.sampled_from("ab.~$x*?[]!"), max_size=5), max_size=4),
+)
+def test_ignore_patterns_match_as_fnmatchcase_does(name, patterns):
+    for ignore in (tuple(patterns), DEFAULT_IGNORE + tuple(patterns)):
+        assert is_ignored(name, ignore) == any(fnmatch.fnmatchcase(name, p) for p in ignore)
 
 
 QUERY_PIECES = ["Expires", "X-Amz-Date", "X-Amz-Expires", "X%2DAmz%2DDate", "=", "&", "+", "%"]
