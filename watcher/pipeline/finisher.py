@@ -41,7 +41,7 @@ from .fates import (
     fix_for_error,
     moved_intact,
 )
-from .mover import Looked, Mover
+from .mover import FolderLook, Mover
 from .receipts import Journal
 from .workqueue import WorkQueue
 
@@ -130,7 +130,7 @@ class Finisher:
                 beat.idle()
                 stop.wait(GROUP_SECONDS)
 
-    def blocker(self, path: Path, seen: dict[Path, list[Looked]] | None = None) -> Blocked | None:
+    def blocker(self, path: Path, seen: dict[str, FolderLook] | None = None) -> Blocked | None:
         """The folder that would refuse this file's move, said for an operator; None if none
         (`seen`: the folders' status, shared by the files of one batch)."""
         return self._mover.blocker(path, seen)
