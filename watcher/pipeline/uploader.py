@@ -22,7 +22,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from ..heartbeats import IDLE_WAKE_SECONDS, Heartbeat
 from ..items import Item, Spot
@@ -294,7 +293,7 @@ class Uploader:
         """Do what `decide` says for a stored file (Next.MOVE): to the finisher, for done/."""
         fate = decide(item, Happened.STORED, self._settings.max_attempts)
         self._gates.storage.fine()
-        path = urlsplit(tag.url.url).path if isinstance(tag, Ticket) else ""
+        path = tag.url.split().path if isinstance(tag, Ticket) else ""
         self._finish.done(fate.item, sent, path)
 
     def _settle(self, item: Item, fault: Fault) -> None:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import quote, quote_plus, unquote_plus, urlsplit
+from urllib.parse import SplitResult, quote, quote_plus, unquote_plus, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -48,6 +48,13 @@ T = TypeVar("T")
 class SignedUrl:
     url: str  # exactly as received: never re-encoded, never logged whole
     expires_at: float | None  # local epoch seconds, corrected for the API's clock
+    parts: SplitResult | None = None  # urlsplit(url), kept by the check it passed
+
+    def split(self) -> SplitResult:
+        """The URL's parts, read-only: split once on the dispatcher's thread when the API client
+        made this, rather than again on the transfer thread (urlsplit's cache is too small for
+        a ready queue of URLs)."""
+        return urlsplit(self.url) if self.parts is None else self.parts
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,7 +336,7 @@ def parse_urls(body: Any, names: list[str], skew: float) -> dict[str, SignedUrl 
             answer[name] = Fault(Kind.FINAL, problem)
             continue
         expiry = url_expiry(value)
-        answer[name] = SignedUrl(value, None if expiry is None else expiry + skew)
+        answer[name] = SignedUrl(value, None if expiry is None else expiry + skew, urlsplit(value))
     return answer
 
 
