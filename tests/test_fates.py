@@ -245,3 +245,27 @@ def test_a_folder_its_bits_let_in_but_that_cannot_be_listed_gets_no_chmod_fix(tm
     trouble.listing(folder, PermissionError(errno.EACCES, "Permission denied"))
     [text] = trouble.texts()  # an ACL or NFS's root_squash refused: not the sticky bit
     assert "cannot list it" in text and "chmod" not in text and "getfacl" in text
+
+
+def test_one_batch_judges_a_folder_once_but_a_sticky_folder_for_each_file(tmp_path):
+    """The dispatcher shares one look per folder across a batch (`seen`): a plain folder's
+    verdict holds for all its files, a sticky one's depends on each file's owner."""
+    from watcher.disk.access import STICKY, User
+
+    drop = tmp_path / "drop"
+    (drop / "users").mkdir(parents=True)
+    mover = Mover(drop, tmp_path / "done", tmp_path / "failed", time.time)
+    mover.user = User("svc", ME, frozenset({ME}), "a test's service user")
+    os.chown(tmp_path, ME, ME)  # done/ and failed/ are made here: the service's own
+    for folder, mode in ((drop, 0o1777), (drop / "users", 0o700)):
+        os.chmod(folder, mode)
+    mine, theirs = write(drop / "mine.csv"), write(drop / "theirs.csv")
+    os.chown(mine, ME, ME)
+    os.chown(theirs, OTHER, OTHER)
+    seen: dict = {}
+    assert mover.blocker(mine, seen) is None
+    problem = mover.blocker(theirs, seen)
+    assert problem is not None and STICKY in problem.reason
+    assert mover.blocker(mine, seen) is None  # and again: sticky verdicts are never shared
+    first = mover.blocker(drop / "users" / "a.csv", seen)  # root's 0700 folder: refused
+    assert first is not None and mover.blocker(drop / "users" / "b.csv", seen) == first

@@ -3,17 +3,26 @@ classified Fault comes out, never a traceback."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
 from pathlib import Path
+from urllib.parse import parse_qs
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from watcher.daemon.notify import watchdog_interval
-from watcher.pipeline.watching import locate
-from watcher.remote.api import SignedUrl, parse_token, parse_urls, url_expiry, url_problem
+from watcher.pipeline.watching import is_ignored, locate
+from watcher.remote.api import (
+    SignedUrl,
+    parse_token,
+    parse_urls,
+    query_values,
+    url_expiry,
+    url_problem,
+)
 from watcher.remote.faults import Fault, Kind, classify_put, retry_after_seconds, s3_error
 from watcher.settings import DEFAULT_IGNORE, FILE_TYPES
 
@@ -69,6 +78,26 @@ def test_any_url_is_judged_without_crashing(url):
     problem = url_problem(url)
     assert problem is None or isinstance(problem, str)
     url_expiry(url)
+
+
+@given(
+    st.text(st.sampled_from("ab.~$x*?[]!\n"), max_size=8),
+    st.lists(st.text(st.sampled_from("ab.~$x*?[]!"), max_size=5), max_size=4),
+)
+def test_ignore_patterns_match_as_fnmatchcase_does(name, patterns):
+    for ignore in (tuple(patterns), DEFAULT_IGNORE + tuple(patterns)):
+        assert is_ignored(name, ignore) == any(fnmatch.fnmatchcase(name, p) for p in ignore)
+
+
+QUERY_PIECES = ["Expires", "X-Amz-Date", "X-Amz-Expires", "X%2DAmz%2DDate", "=", "&", "+", "%"]
+
+
+@given(st.lists(st.sampled_from(QUERY_PIECES) | st.text(max_size=3), max_size=12))
+def test_query_values_reads_a_query_as_parse_qs_does(pieces):
+    query = "".join(pieces)
+    wanted = frozenset({"Expires", "X-Amz-Date", "X-Amz-Expires"})
+    everything = parse_qs(query)
+    assert query_values(query, wanted) == {k: v[0] for k, v in everything.items() if k in wanted}
 
 
 @given(

@@ -10,6 +10,7 @@ the sidecars, receipts and status file (`REDACT.doc`) and the commands' output (
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import logging
@@ -31,7 +32,7 @@ _SIGNED_PARAM = re.compile(
     r"(?i)\b(?:x-amz-(?:signature|credential|security-token)|x-goog-(?:signature|credential)"
     r"|signature|awsaccesskeyid)(?:=|%3D)[^&\s\"'<>\\]*"
 )
-_SIGNED_WORDS = ("signature", "credential", "security-token", "awsaccesskeyid")
+_SIGNED_WORDS = re.compile("signature|credential|security-token|awsaccesskeyid")
 # An echoed `Authorization:` header (any scheme), up to the end of its value.
 _AUTH_HEADER = re.compile(r"(?i)(\b(?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?)[^\"'\\\r\n}]+")
 _BEARER = re.compile(r"(?i)\bbearer\s+[\w\-.~+/]{8,}=*")
@@ -98,7 +99,7 @@ class Redactor:
             text = _BASIC.sub(_basic, text)
         if "?" in text:
             text = _QUERY.sub("?<redacted>", text)
-        if any(word in low for word in _SIGNED_WORDS):
+        if _SIGNED_WORDS.search(low):
             text = _SIGNED_PARAM.sub("<redacted>", text)
         return self._known(text)  # and last, so that no pattern's output spells one either
 
@@ -147,6 +148,8 @@ def install_redaction() -> None:
 
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = previous(*args, **kwargs)
+        if not record.msg and not record.args:
+            return record  # an event's line is all fields, scrubbed by the formatter
         try:
             message = record.getMessage()
         except (TypeError, ValueError):
@@ -181,9 +184,14 @@ class Detail:
     brief: Mapping[str, Any]
 
 
+@functools.lru_cache(maxsize=4)
+def _second(epoch: int) -> str:
+    """A whole second as lines show it: formatted once for all the lines within it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch))
+
+
 def _timestamp(record: logging.LogRecord) -> str:
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-    return f"{stamp}.{int(record.msecs):03d}Z"
+    return f"{_second(int(record.created))}.{int(record.msecs):03d}Z"
 
 
 def _text_value(value: Any) -> str:

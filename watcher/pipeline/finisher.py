@@ -41,7 +41,7 @@ from .fates import (
     fix_for_error,
     moved_intact,
 )
-from .mover import Looked, Mover
+from .mover import FolderLook, Mover
 from .receipts import Journal
 from .workqueue import WorkQueue
 
@@ -130,7 +130,7 @@ class Finisher:
                 beat.idle()
                 stop.wait(GROUP_SECONDS)
 
-    def blocker(self, path: Path, seen: dict[Path, list[Looked]] | None = None) -> Blocked | None:
+    def blocker(self, path: Path, seen: dict[str, FolderLook] | None = None) -> Blocked | None:
         """The folder that would refuse this file's move, said for an operator; None if none
         (`seen`: the folders' status, shared by the files of one batch)."""
         return self._mover.blocker(path, seen)
@@ -188,9 +188,10 @@ class Finisher:
         """Make the moves durable, receipt them, then log them: a logged file is where it says."""
         if not placed:
             return
-        folders = {path.parent for _, path in placed} | {o.item.path.parent for o, _ in placed}
+        # As text: a Path's parent and hash cost more than the rest of a file's receipt.
+        folders = {os.path.dirname(p) for o, final in placed for p in (final, o.item.path)}
         try:
-            self._mover.sync(folders)
+            self._mover.sync(Path(folder) for folder in folders)
         except OSError as exc:  # the renames are done; only their durability is in doubt
             log.error("cannot sync the moves: %s", exc.strerror, extra={"event": "sync_failed"})
         now = self._clock()

@@ -16,6 +16,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,18 +126,28 @@ class Mover:
         sub = path.parent.relative_to(self._drop.root)
         return self._done.root / sub, self._failed.root / sub
 
-    def blocker(self, path: Path, seen: dict[Path, list[Looked]] | None = None) -> Blocked | None:
+    def blocker(self, path: Path, seen: dict[str, FolderLook] | None = None) -> Blocked | None:
         """The first folder that would refuse this file's move, by its permissions, said for an
         operator: its own folder, then where it would go in done/ and in failed/ (or the nearest
         existing parent, where the subfolder would be made). None when the move should work; a
         folder that cannot be looked at is left to the move itself to report. `seen` keeps what
         was found for each folder across the files of one batch: the stats are per folder, and
-        only a sticky folder needs the file's own status."""
-        looked = None if seen is None else seen.get(path.parent)
-        if looked is None:
-            looked = [_look(folder) for folder in (path.parent, *self.destinations(path))]
+        so is the verdict, unless the folder is sticky (its rule needs each file's owner)."""
+        folder = os.path.dirname(path)  # as text: a Path's parent costs more than the rest
+        look = None if seen is None else seen.get(folder)
+        if look is None:
+            look = FolderLook([_look(f) for f in (path.parent, *self.destinations(path))])
             if seen is not None:
-                seen[path.parent] = looked
+                seen[folder] = look
+        if look.judged:
+            return look.verdict
+        verdict = self._judge(path, look.looked)
+        own = look.looked[0][1]
+        if own is None or not own.st_mode & stat.S_ISVTX:  # the same for every file in it
+            look.judged, look.verdict = True, verdict
+        return verdict
+
+    def _judge(self, path: Path, looked: list[Looked]) -> Blocked | None:
         for n, (folder, st) in enumerate(looked):
             if st is None:
                 continue
@@ -259,6 +270,16 @@ class Mover:
 
 
 Looked = tuple[Path, os.stat_result | None]  # a folder (or its nearest parent) and its status
+
+
+@dataclass(slots=True)
+class FolderLook:
+    """What one batch found for a folder of files: the status of it and of the folders its files
+    would go to, and, once judged and unless it is sticky, the verdict for all its files."""
+
+    looked: list[Looked]
+    judged: bool = False
+    verdict: Blocked | None = None
 
 
 def _look(folder: Path) -> Looked:

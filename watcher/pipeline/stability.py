@@ -9,6 +9,7 @@ event is never trusted: scanners close and reopen between pages, `mv` across fil
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
 import os
 import threading
@@ -81,7 +82,10 @@ class Stabiliser:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._candidates: dict[Path, Candidate] = {}
-        self._due: list[tuple[float, Path]] = []
+        # The count breaks ties (files noticed in one step share a due time) before the paths
+        # would: comparing two Paths costs more than the rest of a push.
+        self._due: list[tuple[float, int, Path]] = []
+        self._order = itertools.count()
         self._skipped: set[Path] = set()
 
     def reconfigure(self, settings: Settings) -> None:
@@ -134,7 +138,7 @@ class Stabiliser:
         looked = 0
         while self._due and self._due[0][0] <= now and looked < STEP_LIMIT:
             looked += 1
-            _, path = heapq.heappop(self._due)
+            _, _, path = heapq.heappop(self._due)
             candidate = self._candidates.get(path)
             if candidate is not None and candidate.since + self.settle_seconds <= now:
                 spots.setdefault(path, candidate.spot)
@@ -202,7 +206,8 @@ class Stabiliser:
             return Item(spot, candidate.snapshot, noticed_at=candidate.since, marker=marker)
         self._candidates[spot.path] = candidate
         if candidate is not previous:
-            heapq.heappush(self._due, (candidate.since + self.settle_seconds, spot.path))
+            due = candidate.since + self.settle_seconds
+            heapq.heappush(self._due, (due, next(self._order), spot.path))
         return None
 
     def _hold(self, markers: Markers, candidate: Candidate, now: float, again: bool) -> None:

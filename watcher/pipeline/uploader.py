@@ -22,8 +22,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from urllib.parse import urlsplit
 
 from ..heartbeats import IDLE_WAKE_SECONDS, Heartbeat
 from ..items import Item, Spot
@@ -37,7 +35,7 @@ from ..settings import Settings
 from .fates import LET_GO, Blocked, Happened, Next, decide
 from .finisher import Finisher
 from .handoff import Handoff
-from .mover import Looked
+from .mover import FolderLook
 from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -124,7 +122,7 @@ class Uploader:
         batch = self._work.take_batch(self._settings.batch_size, timeout=wake)
         beat.busy()
         sendable = []
-        seen: dict[Path, list[Looked]] = {}  # a stat per folder for the whole batch
+        seen: dict[str, FolderLook] = {}  # a look per folder for the whole batch
         for item in batch:
             reason = refusal(item, self._settings.max_file_size)
             if reason is not None:  # never sendable as it is: decide says FAIL
@@ -295,7 +293,7 @@ class Uploader:
         """Do what `decide` says for a stored file (Next.MOVE): to the finisher, for done/."""
         fate = decide(item, Happened.STORED, self._settings.max_attempts)
         self._gates.storage.fine()
-        path = urlsplit(tag.url.url).path if isinstance(tag, Ticket) else ""
+        path = tag.url.split().path if isinstance(tag, Ticket) else ""
         self._finish.done(fate.item, sent, path)
 
     def _settle(self, item: Item, fault: Fault) -> None:

@@ -45,7 +45,8 @@ class Job:
     window_end: float  # the stall rule's window: min_rate x timeout bytes must arrive in it
     window_bytes: int = 0  # acknowledged by the server when the window began
     unacknowledged: int = 0  # in the socket's buffer, at the last look
-    answer_due: float | None = None  # every byte arrived: the answer must come by then
+    look_at: float = 0.0  # the next look at the socket's buffer (0: the body is not all read)
+    answer_due: float | None = None  # every byte arrived (no need to look again): answer by then
     answered: bool = False
     answered_at: float = 0.0  # when the answer's status line came
     cut: bool = False  # the answer's body was cut short (too long, or too slow): judged without it
@@ -106,7 +107,11 @@ class Slot:
         return self.job.body.read(n)
 
     def seek(self, offset: int, origin: int) -> int:
-        return self.job.body.seek(offset, origin) if self.job else SEEK_FAIL
+        job = self.job
+        if job is None:
+            return SEEK_FAIL
+        job.answer_due, job.look_at = None, 0.0  # sent again (a fresh connection): due anew
+        return job.body.seek(offset, origin)
 
     def header(self, line: bytes) -> None:
         job = self.job
