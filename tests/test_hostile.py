@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import re
 import socket
 import threading
@@ -22,9 +23,10 @@ from hypothesis import strategies as st
 
 from tests.conftest import make_settings
 from tests.helpers import assert_no_secrets, cli, daemon_env, finishes, item_for, wait_for, write
+from watcher import logs
 from watcher.daemon import statusfile
 from watcher.daemon.notify import SystemdNotifier
-from watcher.logs import REDACT, TOKENS_KEPT, Redactor
+from watcher.logs import REDACT, TOKENS_KEPT, JsonFormatter, Redactor, TextFormatter
 from watcher.remote.api import (
     MAX_REQUEST_LINE_BYTES,
     URL_PATH,
@@ -498,6 +500,44 @@ def test_scrubbed_json_stays_json_and_file_names_stay_exact():
         "reason": "Bearer ***",
         "up": [{"file": "b?y=2.csv"}],
     }
+
+
+def _record(secret: str) -> logging.LogRecord:
+    record = logging.LogRecord("watcher.pipeline.uploader", logging.WARNING, "", 0, "", (), None)
+    record.event = "retrying"
+    record.fields = {
+        "reason": f'the server said "{secret}" back',
+        "answer": {"echo": secret, "none": None},
+        "file": "a b.csv",
+        "seconds": 1.0,
+    }
+    return record
+
+
+@pytest.mark.parametrize("secret", ['se"cret', "back\\slash", "new\nline", "tab\there"])
+@pytest.mark.parametrize("formatter", [JsonFormatter(), TextFormatter()], ids=["json", "text"])
+def test_a_secret_that_quoting_escapes_is_scrubbed_in_both_log_formats(
+    secret, formatter, monkeypatch
+):
+    """Scrubbing the finished line missed it: there it was `se\\"cret`, not `se"cret`."""
+    redact = Redactor()
+    redact.add([secret])
+    monkeypatch.setattr(logs, "REDACT", redact)
+    line = formatter.format(_record(secret))
+    assert secret not in line and json.dumps(secret)[1:-1] not in line, line
+    if isinstance(formatter, JsonFormatter):
+        assert json.loads(line)["file"] == "a b.csv"
+
+
+@pytest.mark.parametrize("secret", ["null", "true", "level", "event", "1.0,"])
+def test_a_secret_that_spells_json_leaves_json_lines_valid(secret, monkeypatch):
+    """A token that happened to be `null` made every later line `"metrics_textfile": ***`."""
+    redact = Redactor()
+    redact.add([secret])
+    monkeypatch.setattr(logs, "REDACT", redact)
+    doc = json.loads(JsonFormatter().format(_record(secret)))
+    assert doc["event"] == "retrying" and doc["level"] == "warning" and doc["seconds"] == 1.0
+    assert doc["reason"] == 'the server said "***" back' and doc["answer"]["echo"] == "***"
 
 
 # -- item 10: the token cache is bounded ------------------------------------------------------

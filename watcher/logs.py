@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TextIO
@@ -33,6 +33,7 @@ _SIGNED_PARAM = re.compile(
     r"|signature|awsaccesskeyid)(?:=|%3D)[^&\s\"'<>\\]*"
 )
 _SIGNED_WORDS = re.compile("signature|credential|security-token|awsaccesskeyid")
+_QUOTED = re.compile(r'["\\\x00-\x1f]')  # what json.dumps escapes (ensure_ascii off)
 # An echoed `Authorization:` header (any scheme), up to the end of its value.
 _AUTH_HEADER = re.compile(r"(?i)(\b(?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?)[^\"'\\\r\n}]+")
 _BEARER = re.compile(r"(?i)\bbearer\s+[\w\-.~+/]{8,}=*")
@@ -63,6 +64,7 @@ class Redactor:
         self._configured: tuple[str, ...] = ()
         self._tokens: deque[str] = deque(maxlen=TOKENS_KEPT)
         self._values: tuple[str, ...] = ()  # both, longest first; replaced whole, read unlocked
+        self._quoted = False  # one of them has a character that JSON escapes
         self._lock = threading.Lock()
 
     def add(self, values: Iterable[str]) -> None:
@@ -83,6 +85,12 @@ class Redactor:
 
     def _refresh(self) -> None:
         self._values = tuple(sorted({*self._configured, *self._tokens}, key=len, reverse=True))
+        self._quoted = any(_QUOTED.search(value) for value in self._values)
+
+    def spotless(self, text: str) -> bool:
+        """Nothing in `text` to scrub, and no secret held that quoting would have escaped in
+        it (a quote, a backslash, a control character): then `text` may go out as it is."""
+        return not self._quoted and self(text) == text
 
     def __len__(self) -> int:
         return len(self._values)
@@ -108,18 +116,24 @@ class Redactor:
             text = text.replace(secret, "***")
         return text
 
-    def doc(self, doc: Any) -> Any:
-        """A JSON document with every string scrubbed, except file names (receipts and
-        sidecars are searched by them, and a name is the producer's, never a credential)."""
+    def doc(self, doc: Any, *, names: bool = False) -> Any:
+        """A JSON document with every string scrubbed, except file names unless `names`
+        (receipts and sidecars are searched by them, and a name is the producer's, never a
+        credential). Scrubbed before it is serialised: after, a secret that JSON escapes (a
+        quote, a backslash) is no longer found, and one that spells JSON (`null`, a key) breaks
+        the line."""
         if isinstance(doc, str):
             return self(doc)
-        if isinstance(doc, list):
-            return [self.doc(value) for value in doc]
+        if isinstance(doc, (list, tuple)):
+            return [self.doc(value, names=names) for value in doc]
         if isinstance(doc, dict):
             return {
-                key: value if key in EXACT_FIELDS else self.doc(value) for key, value in doc.items()
+                key: value if key in EXACT_FIELDS and not names else self.doc(value, names=names)
+                for key, value in doc.items()
             }
-        return doc
+        if doc is None or isinstance(doc, (bool, int, float)):
+            return doc
+        return self(str(doc))  # a Path, say: what JSON would have written
 
 
 class ScrubbedStream(io.TextIOBase):
@@ -206,19 +220,26 @@ class TextFormatter(logging.Formatter):
     """`2026-11-27T07:15:00.000Z INFO    uploaded file=a.csv bytes=10 seconds=0.1 message`."""
 
     def format(self, record: logging.LogRecord) -> str:
+        line = self._line(record, lambda value: value)
+        if REDACT.spotless(line):
+            return line
+        # each value scrubbed before it is quoted (quoting escapes a secret's quotes), then all
+        return REDACT(self._line(record, lambda value: REDACT.doc(value, names=True)))
+
+    def _line(self, record: logging.LogRecord, scrub: Callable[[Any], Any]) -> str:
         name = getattr(record, "event", None) or record.name
         parts = [_timestamp(record), f"{record.levelname:<7}", name]
         fields: dict[str, Any] = getattr(record, "fields", {})
         for key, value in fields.items():
             pairs = value.brief.items() if isinstance(value, Detail) else [(key, value)]
-            parts += [f"{k}={_text_value(v)}" for k, v in pairs if v is not None]
+            parts += [f"{k}={_text_value(scrub(v))}" for k, v in pairs if v is not None]
         message = record.getMessage()
         if message:
             parts.append(message)
         line = " ".join(parts)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return REDACT(line)
+        return line
 
 
 class JsonFormatter(logging.Formatter):
@@ -239,7 +260,11 @@ class JsonFormatter(logging.Formatter):
             doc["message"] = message
         if record.exc_info:
             doc["traceback"] = self.formatException(record.exc_info)
-        return REDACT(json.dumps(doc, ensure_ascii=False, default=str))
+        line = json.dumps(doc, ensure_ascii=False, default=str)
+        if REDACT.spotless(line):
+            return line
+        # scrubbed value by value: a secret JSON escapes is found, one that spells JSON is no harm
+        return json.dumps(REDACT.doc(doc, names=True), ensure_ascii=False)
 
 
 def setup(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:
