@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import Child, clean_env, done_soon
 from tests.unprivileged import field, installed_layout
 
@@ -20,6 +22,7 @@ def owners(*paths: Path) -> set[int]:
     return {path.stat().st_uid for path in paths}
 
 
+@pytest.mark.long
 def test_a_daemon_run_by_hand_as_root_leaves_nothing_the_service_cannot_use(sandbox, as_nobody):
     with field(as_nobody) as f:
         installed_layout(f)

@@ -220,6 +220,7 @@ def test_a_file_that_grows_while_it_is_sent_is_a_changed_file(server, tmp_path):
 # -- slow links, the stall rule and the bandwidth limit ------------------------------------------
 
 
+@pytest.mark.long
 def test_a_slow_link_finishes_when_it_keeps_moving(tmp_path):
     """1.25 MiB at 256 KiB/s takes 5 s, far past request_timeout_seconds: it is not a stall."""
     slow = RawServer(rate=256 * 1024)

@@ -13,6 +13,8 @@ import os
 import secrets
 from collections import Counter
 
+import pytest
+
 from tests.helpers import NotifySocket, cli, done_soon, wait_for, write
 from tests.unprivileged import field
 from watcher.sandbox.productiv import Sandbox
@@ -22,6 +24,7 @@ def puts_per_object(sandbox: Sandbox) -> Counter[str]:
     return Counter(r.path for r in list(sandbox.requests) if r.endpoint == "put")
 
 
+@pytest.mark.long
 def test_files_in_a_folder_the_service_cannot_write_wait_unsent_until_it_is_fixed(
     sandbox, as_nobody
 ):
@@ -71,6 +74,7 @@ def test_files_in_a_folder_the_service_cannot_write_wait_unsent_until_it_is_fixe
         notify.close()
 
 
+@pytest.mark.long
 def test_a_done_folder_that_turns_read_only_during_the_put_retries_the_move_not_the_put(
     sandbox, as_nobody
 ):
@@ -98,6 +102,7 @@ def test_a_done_folder_that_turns_read_only_during_the_put_retries_the_move_not_
     assert len(f.events("uploaded")) == 2 and not f.events("recovered")
 
 
+@pytest.mark.long
 def test_a_storage_outage_backs_off_further_at_each_step_while_the_api_answers(
     daemon, folders, sandbox, logs_json
 ):

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from urllib.parse import parse_qs
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -48,6 +49,7 @@ def test_any_token_answer_gives_a_token_or_a_service_fault(body):
         assert math.isfinite(lifetime) and lifetime > 0
 
 
+@pytest.mark.long
 @settings(max_examples=500)
 @given(JSON, NAMES, st.floats(-1e6, 1e6))
 def test_any_url_answer_gives_urls_for_asked_names_only_or_a_service_fault(body, names, skew):

@@ -146,6 +146,7 @@ def odd_answer(body: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]
     )
 
 
+@pytest.mark.long
 @settings(
     max_examples=120,
     deadline=None,

@@ -187,6 +187,7 @@ def status(env: dict[str, str]) -> dict[str, object]:
     return doc
 
 
+@pytest.mark.long
 def test_two_daemons_on_one_folder_one_uploads_the_other_takes_over_after_kill_9(
     sandbox: Sandbox, folders: Folders, tmp_path: Path
 ):

@@ -39,6 +39,7 @@ def storage_link(sandbox: Sandbox, **link: Any) -> Iterator[Relay]:
 # -- slow links finish, dead links are given up -----------------------------------------------
 
 
+@pytest.mark.long
 def test_a_large_file_over_a_slow_link_arrives_whole_in_one_put(
     daemon, folders, sandbox, logs_json
 ):
@@ -81,6 +82,7 @@ def test_a_dead_link_is_given_up_after_request_timeout_and_retried(
 # -- the bandwidth limit -----------------------------------------------------------------------
 
 
+@pytest.mark.long
 def test_upload_rate_limit_holds_for_all_puts_together_and_a_reload_changes_it(
     sandbox, folders, logs_json: Captured
 ):

@@ -179,6 +179,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@pytest.mark.long
 def test_a_file_without_its_marker_waits_across_a_restart(sandbox, folders):
     """As a subprocess: `status` shows the file waiting, with its age; a held file costs no
     CPU (no loop of looks); a restart finds it waiting again; the marker then lets it go."""

@@ -79,6 +79,7 @@ def config_file(folders: Folders, sandbox: Sandbox, extra: str = "") -> Path:
     return path
 
 
+@pytest.mark.long
 def test_status_of_a_running_daemon_and_of_a_file(sandbox, folders):
     config = config_file(folders, sandbox)
     assert cli("status", config=config).returncode == 3  # never started

@@ -67,6 +67,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_duplicates_nothing(sandbox, 
     assert not list((sandbox.store).rglob(".incoming-*"))  # no partial object kept
 
 
+@pytest.mark.long
 def test_a_long_outage_keeps_memory_and_log_volume_flat(sandbox, folders):
     for n in range(400):
         write(folders.drop / f"f{n:03}.csv", b"x" * 100)
@@ -244,6 +245,7 @@ def test_a_fifo_never_blocks_the_pipeline(daemon, folders, sandbox):
     assert (folders.drop / "pipe.csv").exists()
 
 
+@pytest.mark.long
 def test_a_backlog_and_a_burst_all_go_through(daemon, folders, sandbox):
     for n in range(2000):
         write(folders.drop / f"b{n:05}.csv", b"b")

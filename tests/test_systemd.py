@@ -212,6 +212,7 @@ def readme_check(root: Path, exe: Path, sandbox: Sandbox) -> None:
     assert f"state_dir {root}/var/lib/productiv-watcher/state will be created" in check.stdout
 
 
+@pytest.mark.long
 @pytest.mark.timeout(180)  # two pip installs: over a minute when the machine is busy
 def test_install_is_idempotent_and_uninstall_keeps_the_files(tmp_path, sandbox):
     root = tmp_path / "root"
