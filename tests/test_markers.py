@@ -39,7 +39,8 @@ from watcher.pipeline.markers import (
     orphan_due,
 )
 from watcher.pipeline.receipts import NAME
-from watcher.pipeline.stability import Candidate
+from watcher.pipeline.stability import Candidate, Stabiliser
+from watcher.pipeline.workqueue import WorkQueue
 
 
 @pytest.mark.parametrize(
@@ -264,3 +265,31 @@ def test_a_reload_with_a_shorter_rescan_looks_at_held_files_now(sandbox, folders
     assert markers.next_look(100.0) == 3600
     markers.reconfigure(settings.model_copy(update={"rescan_seconds": 5.0}))
     assert markers.next_look(100.0) == 0
+
+
+def test_a_held_file_looked_at_again_is_counted_as_waiting_for_its_marker_throughout(
+    sandbox, folders
+):
+    """Every rescan looks at a held file again. It was let go first and held anew after its
+    look: a status written meanwhile counted it as settling, not as waiting for its marker."""
+    settings = make_settings(sandbox, folders, ready_marker=".done", rescan_seconds=1.0)
+    markers = from_settings(settings, Folders(folders.drop))
+    counted = []
+
+    def lstat(path: Path) -> os.stat_result:  # the status's view, in the middle of each look
+        counted.append((len(stabiliser), len(markers or ())))
+        return os.lstat(path)
+
+    work = WorkQueue(lambda: 0.0, lambda spots: None)
+    stabiliser = Stabiliser(0.3, work, lambda: 0.0, lstat=lstat, markers=markers)
+    item = item_for(write(folders.drop / "held.csv", b"x"))
+    stabiliser.notice([item.spot])
+    for now in (0.0, 0.5, 1.5, 2.5, 3.5, 4.5):  # noticed, stable and held, then rescans
+        stabiliser.step(now)
+    assert counted[:2] == [(1, 0), (1, 0)]  # settling, then held by the second look
+    assert len(counted) >= 4 and set(counted[2:]) == {(0, 1)}  # the rescans' looks: held
+    assert (len(stabiliser), len(markers or ())) == (0, 1) and work.counts()[0] == 0
+    write(folders.drop / "held.csv.done", b"")
+    stabiliser.notice([item_for(folders.drop / "held.csv.done").spot])
+    stabiliser.step(5.0)
+    assert len(markers or ()) == 0 and work.counts()[0] == 1  # the marker let it go

@@ -133,10 +133,14 @@ class Markers:
         if len(self._held) == 1 and not self._orphans:
             self._next_look = now + self.rescan_seconds
 
-    def release(self, path: Path) -> Candidate | None:
-        """The candidate of a held file looked at again (or gone), no longer held here."""
+    def get(self, path: Path) -> Candidate | None:
+        """The candidate of a held file, which stays held."""
+        return self._held.get(path)
+
+    def release(self, path: Path) -> None:
+        """A held file that went on (or is gone): no longer held here."""
         with self._lock:
-            return self._held.pop(path, None)
+            self._held.pop(path, None)
 
     def waiting(self, most: int) -> list[Candidate]:
         """The `most` files waiting longest for their marker (for status)."""

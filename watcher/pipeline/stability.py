@@ -166,25 +166,37 @@ class Stabiliser:
         return marks
 
     def _look(self, spot: Spot, now: float) -> Item | None:
-        """Stat one file; the item when it has just become stable."""
+        """Stat one file; the item when it has just become stable. A file waiting for its
+        ready marker stays held (and counted so) while it is looked at again, and leaves the
+        held ones only if it does not go back: released first, it showed for a moment as
+        settling, not waiting for its marker, to a status written meanwhile."""
         previous = self._candidates.get(spot.path)
-        held = False  # waiting for its ready marker until now: held anew if need be
+        held = False
         if previous is None and self.markers is not None:
-            previous = self.markers.release(spot.path)
+            previous = self.markers.get(spot.path)
             held = previous is not None
+        item, kept = self._examine(spot, previous, held, now)
+        if held and not kept and self.markers is not None:
+            self.markers.release(spot.path)
+        return item
+
+    def _examine(
+        self, spot: Spot, previous: Candidate | None, held: bool, now: float
+    ) -> tuple[Item | None, bool]:
+        """The item when the file has just become stable; and whether it is held (again)."""
         try:
             st = self._lstat(spot.path)
         except FileNotFoundError:
             if self._candidates.pop(spot.path, None) is not None or held:
                 event(log, "vanished", file=spot.rel, reason="removed before it was uploaded")
-            return None
+            return None, False
         except OSError as exc:  # its folder not searchable, a name too long...: the next scan
             self._skip_once(spot, f"cannot look at it: {exc.strerror}")
-            return None
+            return None, False
         kind = kind_of(st.st_mode)
         if kind != "file":
             self._skip_once(spot, f"a {kind}, not a regular file")
-            return None
+            return None, False
         self._skipped.discard(spot.path)
         candidate = observe(previous, spot, Snapshot.of(st), now)
         if is_stable(candidate, now, self.settle_seconds):
@@ -193,7 +205,7 @@ class Stabiliser:
                 marker = self.markers.present(spot)
                 if marker is None:
                     self._hold(self.markers, candidate, now, held)
-                    return None
+                    return None, True
             # DEBUG: at INFO a file's whole life is one line (uploaded, failed, skipped...)
             event(
                 log,
@@ -203,12 +215,12 @@ class Stabiliser:
                 type=spot.file_type,
                 bytes=st.st_size,
             )
-            return Item(spot, candidate.snapshot, noticed_at=candidate.since, marker=marker)
+            return Item(spot, candidate.snapshot, noticed_at=candidate.since, marker=marker), False
         self._candidates[spot.path] = candidate
         if candidate is not previous:
             due = candidate.since + self.settle_seconds
             heapq.heappush(self._due, (due, next(self._order), spot.path))
-        return None
+        return None, False
 
     def _hold(self, markers: Markers, candidate: Candidate, now: float, again: bool) -> None:
         """A stable file without its ready marker waits for it, out of the settling count."""
