@@ -3,9 +3,11 @@ subprocess, deadline-based waiting, and a guard against leaked threads and leake
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -204,17 +206,35 @@ def no_leaked_threads() -> Iterator[None]:
     )
 
 
+def _nobody_site(config: pytest.Config) -> Path:
+    """Where the copy for `nobody` lives: one per test run, shared by its xdist workers (each
+    made its own: 1 CPU-s apiece), in /tmp because pytest's folders are private to root."""
+    run = os.getppid() if hasattr(config, "workerinput") else os.getpid()
+    started = Path(f"/proc/{run}/stat").read_text().rsplit(")", 1)[1].split()[19]  # no reuse
+    return Path(tempfile.gettempdir(), f"pw-site-{run}-{started}")
+
+
 @pytest.fixture(scope="session")
-def as_nobody() -> Iterator[Unprivileged]:
+def as_nobody(request: pytest.FixtureRequest) -> Unprivileged:
     """How to run the daemon as `nobody` from a copy it can read (tests/unprivileged.py), or a skip
-    that says what to do. Built once per session (per xdist worker) on first use."""
-    site = Path(tempfile.mkdtemp(prefix="pw-site-"))
-    try:
-        yield unprivileged(site)
-    except Unavailable as exc:
-        pytest.skip(str(exc))
-    finally:
-        shutil.rmtree(site)
+    that says what to do. Built on first use by the first worker to need it."""
+    site = _nobody_site(request.config)
+    site.mkdir(mode=0o755, exist_ok=True)
+    with open(f"{site}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other workers wait for the copy, then use it
+        try:
+            return unprivileged(site)
+        except Unavailable as exc:
+            pytest.skip(str(exc))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The run's copy for `nobody` goes with the run (removed by the controller, or by the one
+    process of a run without xdist)."""
+    if not hasattr(config, "workerinput"):
+        site = _nobody_site(config)
+        shutil.rmtree(site, ignore_errors=True)
+        Path(f"{site}.lock").unlink(missing_ok=True)
 
 
 @pytest.fixture

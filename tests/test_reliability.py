@@ -252,7 +252,9 @@ def test_a_backlog_and_a_burst_all_go_through(daemon, folders, sandbox):
     with daemon(batch_size=100, upload_concurrency=4):
         for n in range(500):
             write(folders.drop / "users" / f"u{n:04}.csv", b"u")
-        wait_for(lambda: len(folders.files(folders.done)) == 2500, timeout=120)
+        # a counter first: listing done/ at every poll cost more than the daemon's work
+        wait_for(lambda: sandbox.arrived["put"] >= 2500, timeout=120)
+        wait_for(lambda: len(folders.files(folders.done)) == 2500, timeout=30)
     assert folders.files(folders.drop) == []
     assert sandbox.count("put", 200) == 2500
 

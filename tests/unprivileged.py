@@ -152,12 +152,16 @@ def install_copy(site: Path) -> None:
 
 
 def unprivileged(site: Path, user: str = "nobody") -> Unprivileged:
-    """Fill `site` and return how to run the daemon as `user` from it (see the module docstring)."""
+    """Fill `site` and return how to run the daemon as `user` from it (see the module docstring).
+    A `site` already filled (by another test worker of the same run) is used as it is."""
     prefix = privilege_drop(user)
     python = find_python(prefix)
-    install_copy(site)
     entry = pwd.getpwnam(user)  # privilege_drop checked it exists
     nobody = Unprivileged(user, entry.pw_uid, entry.pw_gid, python, site, prefix)
+    filled = site / ".filled"
+    if filled.exists():
+        return nobody
+    install_copy(site)
     check = subprocess.run(
         [*prefix, python, "-c", "import watcher.commands.cli, watcher.daemon.service"],
         env={**os.environ, **nobody.env},
@@ -168,6 +172,7 @@ def unprivileged(site: Path, user: str = "nobody") -> Unprivileged:
     )
     if check.returncode != 0:
         raise RuntimeError(f"the copy in {site} does not import as {user}:\n{check.stderr}")
+    filled.touch()
     return nobody
 
 
