@@ -247,6 +247,7 @@ def test_a_folder_its_bits_let_in_but_that_cannot_be_listed_gets_no_chmod_fix(tm
     assert "cannot list it" in text and "chmod" not in text and "getfacl" in text
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files to other users")
 def test_one_batch_judges_a_folder_once_but_a_sticky_folder_for_each_file(tmp_path):
     """The dispatcher shares one look per folder across a batch (`seen`): a plain folder's
     verdict holds for all its files, a sticky one's depends on each file's owner."""

@@ -585,3 +585,24 @@ def test_a_status_text_is_one_line_of_the_notify_protocol(tmp_path, monkeypatch)
         SystemdNotifier().send("STATUS=retrying: bad\nWATCHDOG=1\nMAINPID=1", "READY=1")
         sent = server.recv(4096).decode()
     assert sent.splitlines() == ["STATUS=retrying: bad WATCHDOG=1 MAINPID=1", "READY=1"]
+
+
+@pytest.mark.parametrize("formatter", [JsonFormatter(), TextFormatter()], ids=["json", "text"])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"body": '{"authorization": "Token abcdefghijkl"}'},  # quoted: the pattern missed it
+        {"reason": "Authorization:\tToken abcdefghijkl"},  # a tab, escaped by the quoting
+        {"answer": {"echo": "s\u00e9cr\u00e9t-value"}},  # a dict in text: it was \\u00e9
+        {"answer": {"s\u00e9cr\u00e9t-value": 1}},  # a key
+    ],
+)
+def test_what_quoting_would_hide_is_scrubbed_before_it(fields, formatter, monkeypatch):
+    redact = Redactor()
+    redact.add(["s\u00e9cr\u00e9t-value"])
+    monkeypatch.setattr(logs, "REDACT", redact)
+    record = logging.LogRecord("watcher.remote.api", logging.WARNING, "", 0, "", (), None)
+    record.event, record.fields = "retrying", fields
+    line = formatter.format(record)
+    for secret in ("abcdefghijkl", "s\u00e9cr\u00e9t-value", "s\\\\u00e9cr\\\\u00e9t-value"):
+        assert secret not in line, line

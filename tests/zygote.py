@@ -63,7 +63,12 @@ def serve(path: str) -> dict[str, Any]:
             os.read(wake_r, 512)
         if listener in ready:
             conn, _ = listener.accept()
-            data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+            conn.settimeout(10)  # a client that connected and never asked must not stop the rest
+            try:
+                data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+            except OSError:
+                conn.close()
+                continue
             pid = os.fork()
             if pid == 0:
                 listener.close()
@@ -81,7 +86,10 @@ def serve(path: str) -> dict[str, Any]:
                 return request
             for fd in fds:
                 os.close(fd)
-            conn.send(str(pid).encode())
+            pidfd = os.pidfd_open(pid)  # the client signals through it: never another process
+            with contextlib.suppress(OSError):
+                socket.send_fds(conn, [str(pid).encode()], [pidfd])
+            os.close(pidfd)
             waiting[pid] = conn
         _reap(waiting)
 
@@ -91,7 +99,9 @@ def _reap(waiting: dict[int, socket.socket]) -> None:
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid == 0:
             return
-        conn = waiting.pop(pid)
+        conn = waiting.pop(pid, None)
+        if conn is None:
+            continue
         with contextlib.suppress(OSError):  # nobody waits for it any more
             conn.send(str(os.waitstatus_to_exitcode(status)).encode())
         conn.close()
@@ -118,33 +128,50 @@ class Forked:
     """A forked command, with what the tests use of `subprocess.Popen`."""
 
     def __init__(self, conn: socket.socket, stdout: IO[str] | None, stderr: IO[str] | None):
-        self._conn = conn
-        self.pid = int(conn.recv(64))
+        self._conn: socket.socket | None = conn
+        conn.settimeout(30)
+        pid, fds, _, _ = socket.recv_fds(conn, 64, 1)
+        conn.settimeout(None)
+        self.pid = int(pid)
+        self._pidfd = fds[0]
         self.stdout = stdout
         self.stderr = stderr
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
-        if self.returncode is None and select.select([self._conn], [], [], 0)[0]:
-            self._collect()
+        self._ended(0)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        if self.returncode is None:
-            if not select.select([self._conn], [], [], timeout)[0]:
-                raise subprocess.TimeoutExpired(f"productiv-watcher (pid {self.pid})", timeout or 0)
-            self._collect()
+        if not self._ended(timeout):
+            raise subprocess.TimeoutExpired(f"productiv-watcher (pid {self.pid})", timeout or 0)
         assert self.returncode is not None
         return self.returncode
 
-    def _collect(self) -> None:
-        answer = self._conn.recv(64)
-        self._conn.close()
-        self.returncode = int(answer) if answer else -signal.SIGKILL  # the zygote is gone
+    def _ended(self, timeout: float | None) -> bool:
+        """Whether it has ended (waiting up to `timeout`): its exit code from the zygote, or,
+        if the zygote went first, the end of the process itself (its code then lost: -9)."""
+        if self.returncode is not None:
+            return True
+        watched = self._pidfd if self._conn is None else self._conn
+        if not select.select([watched], [], [], timeout)[0]:
+            return False
+        if self._conn is not None:
+            answer = self._conn.recv(64)
+            self._conn.close()
+            self._conn = None
+            if not answer:
+                return self._ended(timeout)
+            self.returncode = int(answer)
+        else:
+            self.returncode = -signal.SIGKILL
+        os.close(self._pidfd)
+        return True
 
     def send_signal(self, signum: int) -> None:
-        if self.poll() is None:
-            os.kill(self.pid, signum)
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+                signal.pidfd_send_signal(self._pidfd, signum)
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TextIO
@@ -87,9 +87,10 @@ class Redactor:
         self._values = tuple(sorted({*self._configured, *self._tokens}, key=len, reverse=True))
         self._quoted = any(_QUOTED.search(value) for value in self._values)
 
-    def spotless(self, text: str) -> bool:
-        """Nothing in `text` to scrub, and no secret held that quoting would have escaped in
-        it (a quote, a backslash, a control character): then `text` may go out as it is."""
+    def spotless(self, doc: Any) -> bool:
+        """Nothing to scrub in any text of `doc` (keys and values, before any quoting), and no
+        secret held that quoting would have escaped: then `doc` may go out as it is."""
+        text = "\x00".join(_texts(doc))
         return not self._quoted and self(text) == text
 
     def __len__(self) -> int:
@@ -128,12 +129,29 @@ class Redactor:
             return [self.doc(value, names=names) for value in doc]
         if isinstance(doc, dict):
             return {
-                key: value if key in EXACT_FIELDS and not names else self.doc(value, names=names)
+                (self(key) if names and isinstance(key, str) else key): (
+                    value if key in EXACT_FIELDS and not names else self.doc(value, names=names)
+                )
                 for key, value in doc.items()
             }
         if doc is None or isinstance(doc, (bool, int, float)):
             return doc
         return self(str(doc))  # a Path, say: what JSON would have written
+
+
+def _texts(doc: Any) -> Iterator[str]:
+    """Every text in a document, keys too, as a line of it would show it unquoted."""
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            yield str(key)
+            yield from _texts(value)
+    elif isinstance(doc, (list, tuple)):
+        for value in doc:
+            yield from _texts(value)
+    elif isinstance(doc, str):
+        yield doc
+    elif doc is not None and not isinstance(doc, (bool, int, float)):
+        yield str(doc)
 
 
 class ScrubbedStream(io.TextIOBase):
@@ -212,7 +230,11 @@ def _text_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         text = ",".join(map(str, value))
     else:
-        text = json.dumps(value, default=str) if isinstance(value, dict) else str(value)
+        text = (
+            json.dumps(value, default=str, ensure_ascii=False)
+            if isinstance(value, dict)
+            else str(value)
+        )
     return json.dumps(text, ensure_ascii=False) if re.search(r"[\s\"=]", text) or not text else text
 
 
@@ -220,11 +242,16 @@ class TextFormatter(logging.Formatter):
     """`2026-11-27T07:15:00.000Z INFO    uploaded file=a.csv bytes=10 seconds=0.1 message`."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = self._line(record, lambda value: value)
-        if REDACT.spotless(line):
-            return line
+        fields: dict[str, Any] = getattr(record, "fields", {})
+        brief = {k: v.brief if isinstance(v, Detail) else v for k, v in fields.items()}
+        shown = [brief, record.getMessage(), *self._traceback(record)]
+        if REDACT.spotless(shown):
+            return self._line(record, lambda value: value)
         # each value scrubbed before it is quoted (quoting escapes a secret's quotes), then all
         return REDACT(self._line(record, lambda value: REDACT.doc(value, names=True)))
+
+    def _traceback(self, record: logging.LogRecord) -> list[str]:
+        return [self.formatException(record.exc_info)] if record.exc_info else []
 
     def _line(self, record: logging.LogRecord, scrub: Callable[[Any], Any]) -> str:
         name = getattr(record, "event", None) or record.name
@@ -236,10 +263,7 @@ class TextFormatter(logging.Formatter):
         message = record.getMessage()
         if message:
             parts.append(message)
-        line = " ".join(parts)
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
+        return "\n".join([" ".join(parts), *self._traceback(record)])
 
 
 class JsonFormatter(logging.Formatter):
@@ -260,11 +284,12 @@ class JsonFormatter(logging.Formatter):
             doc["message"] = message
         if record.exc_info:
             doc["traceback"] = self.formatException(record.exc_info)
-        line = json.dumps(doc, ensure_ascii=False, default=str)
-        if REDACT.spotless(line):
-            return line
+        if REDACT.spotless(doc):
+            return json.dumps(doc, ensure_ascii=False, default=str)
         # scrubbed value by value: a secret JSON escapes is found, one that spells JSON is no harm
-        return json.dumps(REDACT.doc(doc, names=True), ensure_ascii=False)
+        # (the line's own keys are ours; a value's keys are scrubbed too)
+        scrubbed = {key: REDACT.doc(value, names=True) for key, value in doc.items()}
+        return json.dumps(scrubbed, ensure_ascii=False)
 
 
 def setup(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:
