@@ -95,11 +95,16 @@ fi
 # checkout (same sources, same constraints) keeps it: the fingerprint beside it says what it was
 # built from, and is written only once pip has finished.
 run mkdir -p "$opt"
-fingerprint=$(cd "$here" && find pyproject.toml constraints.txt README.md watcher -type f \
-    ! -name '*.pyc' -exec sha256sum {} + | LC_ALL=C sort -k2 | sha256sum | cut -d' ' -f1)
+fingerprint=$(cd "$here" && find pyproject.toml constraints.txt README.md watcher deploy/install.sh \
+    -type f ! -name '*.pyc' -exec sha256sum {} + | LC_ALL=C sort -k2 | sha256sum | cut -d' ' -f1)
+if [ "${#fingerprint}" -ne 64 ]; then
+    echo "install.sh: cannot fingerprint the checkout in $here (sha256sum?)" >&2
+    exit 1
+fi
 if [ -x "$opt/venv/bin/python" ] && [ "$(cat "$opt/built-from" 2>/dev/null)" = "$fingerprint" ]; then
     say "keeping $opt/venv: already built from this checkout"
 else
+    run rm -f "$opt/built-from"  # until pip has finished: an interrupted upgrade is no build
     # The pip that comes with the venv (22 or later on Python 3.10+) installs everything here:
     # no upgrade of pip itself, which would need the package index for nothing.
     [ -x "$opt/venv/bin/python" ] || run "$python" -m venv "$opt/venv"

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -219,13 +220,21 @@ def as_nobody(request: pytest.FixtureRequest) -> Unprivileged:
     """How to run the daemon as `nobody` from a copy it can read (tests/unprivileged.py), or a skip
     that says what to do. Built on first use by the first worker to need it."""
     site = _nobody_site(request.config)
-    site.mkdir(mode=0o755, exist_ok=True)
-    with open(f"{site}.lock", "w") as lock:
+    lock = os.open(f"{site}.lock", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the other workers wait for the copy, then use it
-        try:
-            return unprivileged(site)
-        except Unavailable as exc:
-            pytest.skip(str(exc))
+        if not os.path.lexists(site):  # filled aside, then renamed: never half a copy here
+            filling = Path(tempfile.mkdtemp(prefix=f"{site.name}.", dir=site.parent))
+            unprivileged(filling)
+            filling.rename(site)
+        mine = os.lstat(site)  # a predictable name in /tmp: only our own folder is used
+        if not stat.S_ISDIR(mine.st_mode) or mine.st_uid != os.geteuid():
+            raise RuntimeError(f"{site} is not this run's copy: remove it")
+        return unprivileged(site)
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    finally:
+        os.close(lock)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
