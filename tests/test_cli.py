@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import subprocess_daemon
-from tests.helpers import ROOT, assert_no_secrets, cli, daemon_env, wait_for
+from tests.helpers import ROOT, assert_no_secrets, clean_env, cli, daemon_env, wait_for, write
 from watcher import __version__
 from watcher.settings import Settings
 
@@ -226,3 +226,28 @@ def test_a_state_dir_that_cannot_be_written_is_exit_78(sandbox, folders, tmp_pat
     )
     assert result.returncode == 78
     assert "state_dir" in result.stderr
+
+
+def test_the_commands_that_import_on_use_start_in_a_fresh_interpreter(tmp_path, sandbox):
+    """The other tests fork the command line from a zygote that has imported every module
+    (tests/zygote.py): here the commands that import theirs only when run start from a real
+    exec, so that a missing or circular import would show."""
+    (tmp_path / "drop").mkdir()
+    data = write(tmp_path / "a.csv", b"a,b\n")
+    env = {**clean_env(), **sandbox.env(), "PRODUCTIV_DROP_DIR": str(tmp_path / "drop")}
+    for args, expected in (
+        (["check"], "all good"),
+        (["status"], "not running"),
+        (["upload", str(data)], "uploaded"),
+        (["retry-failed"], "moved back"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "watcher", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+            check=False,
+        )
+        assert expected in done.stdout and "Traceback" not in done.stderr, done.stderr

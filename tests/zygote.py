@@ -7,8 +7,8 @@ command. The child is a real process: its own pid, environment, working folder, 
 signal handlers and exit status; it runs the same `main()` as `python -m watcher` and ends the
 way that interpreter would (threads joined, atexit run, streams flushed). What only a fresh
 interpreter shows is tested by real `exec`s elsewhere: the installed console script
-(test_systemd), `python -m watcher` as nobody (tests/unprivileged.py) and its `sandbox` command
-(test_cli).
+(test_systemd), `python -m watcher` as nobody (tests/unprivileged.py), and the commands that
+import their modules only when run (test_cli).
 
 Protocol, over a Unix SOCK_SEQPACKET socket (one connection per command): the request (JSON)
 with the child's stdin, stdout and stderr attached (SCM_RIGHTS); the answer is two messages,
