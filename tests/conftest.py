@@ -200,11 +200,13 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
 def no_leaked_threads() -> Iterator[None]:
     before = set(threading.enumerate())
     yield
-    wait_for(
-        lambda: not [t for t in threading.enumerate() if t not in before and t.is_alive()],
-        timeout=10,
-        what="the test's threads to end",
-    )
+    def left() -> list[str]:
+        return [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
+
+    try:
+        wait_for(lambda: not left(), timeout=10)
+    except pytest.fail.Exception:
+        pytest.fail(f"the test's threads did not end within 10 s: {left()}")
 
 
 def _nobody_site(config: pytest.Config) -> Path:
