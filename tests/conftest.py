@@ -200,6 +200,7 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
 def no_leaked_threads() -> Iterator[None]:
     before = set(threading.enumerate())
     yield
+
     def left() -> list[str]:
         return [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
 
