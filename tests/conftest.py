@@ -13,6 +13,7 @@ import stat
 import sys
 import tempfile
 import threading
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -207,7 +208,13 @@ def no_leaked_threads() -> Iterator[None]:
     try:
         wait_for(lambda: not left(), timeout=10)
     except pytest.fail.Exception:
-        pytest.fail(f"the test's threads did not end within 10 s: {left()}")
+        frames = sys._current_frames()  # where each is stuck
+        stacks = [
+            "".join(traceback.format_stack(frames[t.ident]))
+            for t in threading.enumerate()
+            if t not in before and t.ident in frames
+        ]
+        pytest.fail(f"the test's threads did not end within 10 s: {left()}\n" + "\n".join(stacks))
 
 
 def _nobody_site(config: pytest.Config) -> Path:
