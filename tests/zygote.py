@@ -58,6 +58,8 @@ def serve(path: str) -> dict[str, Any]:
     while True:
         ready, _, _ = select.select([listener, wake_r, sys.stdin], [], [])
         if sys.stdin in ready and not os.read(sys.stdin.fileno(), 1):
+            os.unlink(path)  # and its folder, made for it alone (Zygote.address)
+            os.rmdir(os.path.dirname(path))
             sys.exit(0)
         if wake_r in ready:
             os.read(wake_r, 512)
