@@ -18,6 +18,7 @@ from tests.helpers import Child, done_soon, inotify_masks, wait_for, write
 from watcher.daemon import statusfile
 from watcher.daemon.timings import DEFAULT
 from watcher.pipeline.watching import Watcher
+from watcher.settings import ConfigError
 
 
 def test_files_waiting_at_start_go_up_whole_and_move_to_done(daemon, folders, sandbox):
@@ -114,6 +115,20 @@ def test_inotify_is_asked_for_created_moved_in_closed_and_folder_gone_only(tmp_p
     finally:
         watcher.stop()
         watcher.join(5)
+
+
+def test_a_watch_that_cannot_start_leaves_no_inotify_thread_behind(tmp_path):
+    """watchdog's inotify observer starts its reader thread (and a kernel inotify instance) as
+    it is made, before the folder is watched: a drop folder that is gone when the watch is
+    re-attached (a remount caught half-way) left both behind on every try, until the user's
+    128 inotify instances were used up."""
+    watcher = Watcher(tmp_path / "missing", "other", (".*",), lambda spots: None)
+    before = set(threading.enumerate())
+    for _ in range(3):
+        with pytest.raises(ConfigError, match="cannot watch drop_dir"):
+            watcher.start()
+    assert [t.name for t in set(threading.enumerate()) - before] == []
+    watcher.join(5)
 
 
 def test_ignored_names_and_deeper_folders_stay_put(daemon, folders, sandbox, logs_json):

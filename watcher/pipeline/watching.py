@@ -268,6 +268,7 @@ class Watcher:
         try:
             observer.start()
         except OSError as exc:
+            observer.stop()  # watchdog's inotify reader thread started when the observer was made
             if exc.errno == errno.ENOSPC:
                 raise ConfigError(f"cannot watch the drop folder: {inotify.WATCH_LIMIT}") from None
             raise ConfigError(f"cannot watch drop_dir {self.drop_dir}: {exc.strerror}") from None
