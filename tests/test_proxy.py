@@ -4,6 +4,7 @@ over https. Every call, the token, the signed URLs and the PUTs, must take the s
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -121,7 +122,7 @@ def test_every_call_goes_through_the_proxy_setting_trusting_ca_bundle(
     seen = proxy.seen()
     assert {f"CONNECT {token}", f"CONNECT {urls}", f"CONNECT {storage}"} <= set(seen), seen
     assert all(line.startswith("CONNECT ") for line in seen), seen  # tunnels, never plain
-    assert not logs_json.events("retrying"), logs_json.events("retrying")
+    assert not logs_json.events("retrying"), json.dumps(logs_json.events("retrying"))
     # The login is masked where the settings are shown, and never written anywhere.
     [started] = logs_json.events("started")
     masked = f"http://watcher:***@127.0.0.1:{proxy.port}"
