@@ -6,14 +6,15 @@ BIN := $(VENV)/bin
 .PHONY: demo test lint types unit bytecode soak bench systemd-test clean
 
 # The versions tested (constraints.txt). uv installs them in about a third of pip's time (15 s
-# against 42 s on a fresh clone here); if uv cannot be had, the venv's own pip does it. No
-# bytecode is compiled ahead: `make test` compiles what it imports (see bytecode), which made
-# a fresh clone's `make test` 91-97 s instead of 99-101 s.
+# against 42 s on a fresh clone here). The venv is made without pip, and the pip of $(PYTHON)
+# puts uv in it: bootstrapping the venv's own pip (ensurepip) took 6 s, and is done only where
+# $(PYTHON) has no pip (or one older than 22.3, without --python). No bytecode is compiled
+# ahead: `make test` compiles what it imports (see bytecode).
 $(BIN)/productiv-watcher: pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV)
-	( $(BIN)/python -m pip install --quiet -c constraints.txt uv && \
-	  $(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e '.[test]' ) || \
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PYTHON) -m venv --without-pip $(VENV)
+	$(PYTHON) -m pip --python $(BIN)/python install --quiet -c constraints.txt uv || \
+	( $(BIN)/python -m ensurepip >/dev/null && $(BIN)/python -m pip install --quiet -c constraints.txt uv )
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e '.[test]'
 	touch $@
 
 demo: $(BIN)/productiv-watcher
