@@ -105,17 +105,17 @@ def decide(item: Item, what: Kind | Happened, max_attempts: int) -> Fate:
     return Fate(STEPS[what], item)
 
 
-def moved_intact(moved: os.stat_result, uploaded: Snapshot) -> bool:
+def moved_intact(moved: os.stat_result, uploaded: Snapshot, late_writes: bool = False) -> bool:
     """Is the file now in done/ (or failed/) the version that was uploaded (or refused)?
 
-    The rename itself changes the ctime, so the identity, size and mtime decide.
+    The rename itself changes the ctime, so the identity, size and mtime decide. With
+    `late_writes` (an uploaded file, done/ watched for late writes), the identity alone: the
+    same file written to since the lstat before its rename is a late write, which that watch
+    sends again (its baseline is the version uploaded), not a replacement to take back.
     """
-    return (moved.st_dev, moved.st_ino, moved.st_size, moved.st_mtime_ns) == (
-        uploaded.dev,
-        uploaded.ino,
-        uploaded.size,
-        uploaded.mtime_ns,
-    )
+    if (moved.st_dev, moved.st_ino) != (uploaded.dev, uploaded.ino):
+        return False
+    return late_writes or (moved.st_size, moved.st_mtime_ns) == (uploaded.size, uploaded.mtime_ns)
 
 
 # -- folders that refuse moves ---------------------------------------------------------------
