@@ -6,15 +6,17 @@ BIN := $(VENV)/bin
 .PHONY: demo test lint types unit bytecode soak bench systemd-test clean
 
 # The versions tested (constraints.txt). uv installs them in about a third of pip's time (15 s
-# against 42 s on a fresh clone here). The venv is made without pip, and the pip of $(PYTHON)
-# puts uv in it: bootstrapping the venv's own pip (ensurepip) took 6 s, and is done only where
-# $(PYTHON) has no pip (or one older than 22.3, without --python). No bytecode is compiled
-# ahead: `make test` compiles what it imports (see bytecode).
+# against 42 s on a fresh clone here); where uv cannot be had, pip does it. The venv is made
+# without pip and the pip of $(PYTHON) installs into it (`--python`, pip 22.3+): bootstrapping
+# the venv's own pip (ensurepip) took 6 s, and is done only where $(PYTHON) has no such pip. No
+# bytecode is compiled ahead: `make test` compiles what it imports (see bytecode).
 $(BIN)/productiv-watcher: pyproject.toml constraints.txt
 	$(PYTHON) -m venv --without-pip $(VENV)
-	$(PYTHON) -m pip --python $(BIN)/python install --quiet -c constraints.txt uv || \
-	( $(BIN)/python -m ensurepip >/dev/null && $(BIN)/python -m pip install --quiet -c constraints.txt uv )
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e '.[test]'
+	pip="$(PYTHON) -m pip --python $(BIN)/python"; \
+	$$pip --version >/dev/null 2>&1 || { $(BIN)/python -m ensurepip >/dev/null && pip="$(BIN)/python -m pip"; }; \
+	{ $$pip install --quiet -c constraints.txt uv && \
+	  $(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e '.[test]'; } || \
+	$$pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
 demo: $(BIN)/productiv-watcher

@@ -9,7 +9,8 @@
 #   --secret-file FILE  copy the Productiv client secret to /etc/productiv-watcher/client_secret (0600)
 #   --base DIR          the folders' parent (default /srv/productiv): DIR/drop, DIR/done, DIR/failed
 #   --group NAME        the group producers join to drop files (default productiv-drop)
-#   --python PATH       the Python that builds the virtual environment (default python3)
+#   --python PATH       the Python of the virtual environment, whose pip installs into it
+#                       when it is 22.3 or later (default python3)
 #   --root DIR          install below DIR instead of / (packaging, tests): no users, no systemctl
 #   --dry-run           print what would be done, change nothing
 #   --uninstall         stop and disable the service and its @instances, remove the program and
@@ -35,7 +36,7 @@ while [ $# -gt 0 ]; do
         --root) root=$2; shift 2 ;;
         --dry-run) dry=1; shift ;;
         --uninstall) uninstall=1; shift ;;
-        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -94,6 +95,10 @@ fi
 # 2. The program, in its own virtual environment, built from this checkout. A re-run from the same
 # checkout (same sources, same constraints) keeps it: the fingerprint beside it says what it was
 # built from, and is written only once pip has finished.
+if ! command -v "$python" >/dev/null; then
+    echo "install.sh: no Python $python (set --python to a Python 3.10 or later)" >&2
+    exit 1
+fi
 run mkdir -p "$opt"
 fingerprint=$(cd "$here" && find pyproject.toml constraints.txt README.md watcher deploy/install.sh \
     -type f ! -name '*.pyc' -exec sha256sum {} + | LC_ALL=C sort -k2 | sha256sum | cut -d' ' -f1)
@@ -105,21 +110,24 @@ if [ -x "$opt/venv/bin/python" ] && [ "$(cat "$opt/built-from" 2>/dev/null)" = "
     say "keeping $opt/venv: already built from this checkout"
 else
     run rm -f "$opt/built-from"  # until pip has finished: an interrupted upgrade is no build
-    # The pip of $python installs into the venv when it can (22.3 or later: --python), so the
-    # venv is made without a pip of its own: 6 s less, and no need for ensurepip (which Debian
-    # leaves out unless python3-venv is installed). Otherwise the venv's own pip does it. Never
-    # an upgrade of pip itself, which would need the package index for nothing.
+    # The venv is made without pip, and the pip of $python installs into it (pip 22.3 or later:
+    # --python): ensurepip costs 6 s, and Debian leaves it out unless python3-venv is there.
+    # Where $python has no such pip, the venv gets its own (ensurepip), also a venv kept from
+    # an earlier install that has none. Never an upgrade of pip itself, which would need the
+    # package index for nothing.
+    [ -x "$opt/venv/bin/python" ] || run "$python" -m venv --without-pip "$opt/venv"
     exe=$("$python" -c 'import sys; print(sys.executable)')
     if "$python" -m pip --python "$exe" --version >/dev/null 2>&1; then
+        say "installing with the pip of $exe"
         pip() { run "$python" -m pip --python "$opt/venv/bin/python" "$@"; }
-        [ -x "$opt/venv/bin/python" ] || run "$python" -m venv --without-pip "$opt/venv"
     else
+        say "installing with the venv's own pip ($exe has no pip 22.3 or later)"
+        "$opt/venv/bin/python" -m pip --version >/dev/null 2>&1 ||
+            run "$opt/venv/bin/python" -m ensurepip
         pip() { run "$opt/venv/bin/python" -m pip "$@"; }
-        [ -x "$opt/venv/bin/python" ] || run "$python" -m venv "$opt/venv"
     fi
-    # pip builds in the source folder, where a build backend may write (setuptools wrote its
-    # egg-info there): build from a copy, so that the checkout (read-only, or someone else's)
-    # is left untouched.
+    # pip builds in the source folder, where a build backend may write: build from a copy, so
+    # that the checkout (read-only, or someone else's) is left untouched.
     src=$(mktemp -d)
     trap 'rm -rf "$src"' EXIT
     run cp -R "$here/pyproject.toml" "$here/README.md" "$here/watcher" "$src/"

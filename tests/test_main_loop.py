@@ -44,9 +44,9 @@ def test_a_burst_of_sighups_leaves_the_daemon_answering_and_stoppable(sandbox, f
         end = time.monotonic() + 2.0
         while time.monotonic() < end:  # as from a shell loop: kill -HUP as fast as it goes
             os.kill(child.proc.pid, signal.SIGHUP)
+        stamp = status_stamp(folders)  # before the upload, which changes the status
         write(folders.drop / "after.csv", b"after the burst")
         wait_for(lambda: (folders.done / "after.csv").exists(), timeout=10, what="an upload")
-        stamp = status_stamp(folders)
 
         def turned() -> bool:
             """Quiet, the loop turns only every check_seconds (10 s), unless woken."""

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -122,13 +125,56 @@ def test_a_watch_that_cannot_start_leaves_no_inotify_thread_behind(tmp_path):
     it is made, before the folder is watched: a drop folder that is gone when the watch is
     re-attached (a remount caught half-way) left both behind on every try, until the user's
     128 inotify instances were used up."""
+
+    def inotify_fds() -> int:
+        links = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(FileNotFoundError):  # the listing's own, closed since
+                links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return sum("inotify" in link for link in links)
+
     watcher = Watcher(tmp_path / "missing", "other", (".*",), lambda spots: None)
-    before = set(threading.enumerate())
+    before, instances = set(threading.enumerate()), inotify_fds()
     for _ in range(3):
         with pytest.raises(ConfigError, match="cannot watch drop_dir"):
             watcher.start()
     assert [t.name for t in set(threading.enumerate()) - before] == []
+    assert inotify_fds() == instances
     watcher.join(5)
+
+
+def test_a_watch_that_gets_no_inotify_instance_says_so(tmp_path):
+    """No descriptor left for inotify_init (EMFILE): a ConfigError naming it, as for any other
+    watch that cannot start (the main loop says it and tries again), never a raw OSError."""
+    code = """if True:
+        import resource, sys
+        from pathlib import Path
+        from watcher.pipeline.watching import Watcher
+        from watcher.settings import ConfigError
+        watcher = Watcher(Path(sys.argv[1]), "other", (".*",), lambda spots: None)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        held = []
+        try:
+            while True:
+                held.append(open("/dev/null"))
+        except OSError:
+            pass
+        try:
+            watcher.start()
+        except ConfigError as exc:
+            print(exc)
+    """
+    (tmp_path / "drop").mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "drop")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert (
+        done.stdout
+        == f"cannot watch drop_dir {tmp_path / 'drop'}: inotify instance limit reached\n"
+    )
 
 
 def test_ignored_names_and_deeper_folders_stay_put(daemon, folders, sandbox, logs_json):

@@ -227,7 +227,9 @@ def test_install_with_a_python_that_has_no_pip_gives_the_venv_its_own(tmp_path):
         check=True,
     ).stdout
     venv = root / "opt" / "productiv-watcher" / "venv"
-    assert f"+ {bare}/bin/python -m venv {venv}\n" in dry
+    assert f"+ {bare}/bin/python -m venv --without-pip {venv}\n" in dry
+    assert f"installing with the venv's own pip ({bare}/bin/python has no pip 22.3" in dry
+    assert f"+ {venv}/bin/python -m ensurepip\n+ " in dry
     assert f"+ {venv}/bin/python -m pip install " in dry
 
 
@@ -237,7 +239,9 @@ def test_install_is_idempotent_and_uninstall_keeps_the_files(tmp_path, sandbox):
     root = tmp_path / "root"
     secret = tmp_path / "secret"
     secret.write_text("s3cret\n")
-    install = [str(ROOT / "deploy" / "install.sh"), "--root", str(root)]
+    # The Python this venv was made from: the wheels below are for it
+    python = Path(sys.base_prefix) / "bin" / "python3"
+    install = [str(ROOT / "deploy" / "install.sh"), "--root", str(root), "--python", str(python)]
 
     dry = subprocess.run([*install, "--dry-run"], capture_output=True, text=True, check=True)
     assert "+ install -m 0644" in dry.stdout and not root.exists()
@@ -252,9 +256,13 @@ def test_install_is_idempotent_and_uninstall_keeps_the_files(tmp_path, sandbox):
         env={**os.environ, **offline},
     ).stdout
     venv = root / "opt" / "productiv-watcher" / "venv"
-    # python3 has a pip of its own here: it installs into a venv made without one
-    assert f"-m venv --without-pip {venv}\n" in first
-    assert f"-m pip --python {venv}/bin/python install " in first
+    assert f"+ {python} -m venv --without-pip {venv}\n" in first
+    probe = [str(python), "-m", "pip", "--python", str(python), "--version"]
+    if subprocess.run(probe, capture_output=True, check=False).returncode == 0:
+        assert f"+ {python} -m pip --python {venv}/bin/python install " in first
+    else:  # a Python without a pip that can install into another venv: the venv's own
+        assert f"+ {venv}/bin/python -m ensurepip\n" in first
+        assert f"+ {venv}/bin/python -m pip install " in first
     etc = root / "etc" / "productiv-watcher"
     assert oct((etc / "client_secret").stat().st_mode & 0o777) == "0o600"
     assert oct((etc / "config.toml").stat().st_mode & 0o777) == "0o640"
@@ -289,9 +297,9 @@ def test_install_is_idempotent_and_uninstall_keeps_the_files(tmp_path, sandbox):
         shutil.copy(ROOT / part, changed / part)
     with (changed / "watcher" / "__init__.py").open("a") as init:
         init.write("# edited\n")
-    upgrade = [str(changed / "deploy" / "install.sh"), "--root", str(root), "--dry-run"]
+    upgrade = [str(changed / "deploy" / "install.sh"), *install[1:], "--dry-run"]
     rebuild = subprocess.run(upgrade, capture_output=True, text=True, check=True).stdout
-    assert f"-m pip --python {venv}/bin/python install " in rebuild
+    assert re.search(r"-m pip (--python \S+ )?install ", rebuild), rebuild
     assert "already built" not in rebuild
 
     units = root / "etc" / "systemd" / "system"

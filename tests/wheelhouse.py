@@ -12,41 +12,51 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.metadata
+import re
+import sysconfig
 import zipfile
 from pathlib import Path
 
 from packaging.requirements import Requirement
 
+# Only this venv's site-packages: a checkout on sys.path may hold a stale *.egg-info
+SITE = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+
+
+def installed(name: str) -> importlib.metadata.Distribution:
+    return next(iter(importlib.metadata.distributions(name=name, path=SITE)))
+
 
 def needed(name: str, extras: tuple[str, ...] = ()) -> set[str]:
     """`name` and everything it requires here (with these extras), as installed names."""
     found: set[str] = set()
+    seen: set[tuple[str, str]] = set()  # (name, extra): an extra asked for later counts too
     todo = [(name, extras)]
     while todo:
         current, wanted = todo.pop()
-        dist = importlib.metadata.distribution(current)
-        if dist.metadata["Name"] in found:
-            continue
+        dist = installed(current)
         found.add(dist.metadata["Name"])
-        for text in dist.requires or []:
-            req = Requirement(text)
-            if req.marker is None or any(
-                req.marker.evaluate({"extra": extra}) for extra in ("", *wanted)
-            ):
-                todo.append((req.name, tuple(req.extras)))
+        for extra in ("", *wanted):
+            if (dist.metadata["Name"], extra) in seen:
+                continue
+            seen.add((dist.metadata["Name"], extra))
+            for text in dist.requires or []:
+                req = Requirement(text)
+                if req.marker is None or req.marker.evaluate({"extra": extra}):
+                    todo.append((req.name, tuple(req.extras)))
     return found
 
 
 def repack(name: str, folder: Path) -> Path:
     """The installed distribution `name` as a wheel in `folder`."""
-    dist = importlib.metadata.distribution(name)
+    dist = installed(name)
     info = next(f for f in dist.files or () if f.name == "WHEEL").parent
     tag = next(
         line.split(":", 1)[1].strip()
         for line in dist.locate_file(info / "WHEEL").read_text().splitlines()
         if line.startswith("Tag:")
     )
-    stem = f"{dist.metadata['Name'].replace('-', '_')}-{dist.version}"
+    stem = f"{re.sub(r'[-_.]+', '_', dist.metadata['Name'])}-{dist.version}"
     wheel = folder / f"{stem}-{tag}.whl"
     record = []
     with zipfile.ZipFile(wheel, "w") as out:

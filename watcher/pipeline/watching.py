@@ -248,11 +248,14 @@ class Watcher:
         self._want_rescan("the kernel's inotify queue overflowed: events were lost")
 
     def _start_observer(self) -> None:
-        observer = (
-            PollingObserver(timeout=self._poll_interval)
-            if self._polling
-            else inotify.observer(self._overflowed)
-        )
+        try:  # an inotify observer takes an inotify instance (and starts its reader) as it is made
+            observer = (
+                PollingObserver(timeout=self._poll_interval)
+                if self._polling
+                else inotify.observer(self._overflowed)
+            )
+        except OSError as exc:
+            raise self._cannot_watch(exc) from None
         observer.name = "observer"
         handler = _Handler(
             str(self.drop_dir),
@@ -268,11 +271,15 @@ class Watcher:
         try:
             observer.start()
         except OSError as exc:
-            observer.stop()  # watchdog's inotify reader thread started when the observer was made
-            if exc.errno == errno.ENOSPC:
-                raise ConfigError(f"cannot watch the drop folder: {inotify.WATCH_LIMIT}") from None
-            raise ConfigError(f"cannot watch drop_dir {self.drop_dir}: {exc.strerror}") from None
+            with contextlib.suppress(OSError):
+                observer.stop()  # and with it that reader, which would be left behind
+            raise self._cannot_watch(exc) from None
         self._observer = observer
+
+    def _cannot_watch(self, exc: OSError) -> ConfigError:
+        if exc.errno == errno.ENOSPC:
+            return ConfigError(f"cannot watch the drop folder: {inotify.WATCH_LIMIT}")
+        return ConfigError(f"cannot watch drop_dir {self.drop_dir}: {exc.strerror}")
 
     def alive(self) -> bool:
         return self._observer is not None and self._observer.is_alive()
