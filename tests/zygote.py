@@ -18,6 +18,7 @@ the child's pid, then its exit code as Popen reports it (-N: killed by signal N)
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import json
 import os
@@ -46,6 +47,10 @@ def serve(path: str) -> dict[str, Any]:
     for module in pkgutil.walk_packages(watcher.__path__, "watcher."):
         if module.name != "watcher.__main__":  # that one runs the command
             importlib.import_module(module.name)
+    # What is imported now lives as long as any child: kept out of the children's collections,
+    # whose every pass touched each object (a page copied per page of the zygote's heap). A
+    # `status` child: 139 -> 54 ms of CPU; nothing a child does is collected any differently.
+    gc.freeze()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(path)
     listener.listen(64)
