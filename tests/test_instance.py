@@ -167,7 +167,7 @@ def test_a_standby_tells_systemd_pings_and_stops_cleanly(sandbox, folders, notif
         child.send_signal(signal.SIGTERM)
         started = time.monotonic()
         assert child.wait(15) == 0
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 10  # well inside the units' TimeoutStopSec (40 s)
     finally:
         child.close()
         holder.release()

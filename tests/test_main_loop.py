@@ -81,7 +81,7 @@ def test_a_stop_does_not_wait_for_a_hanging_token_call(sandbox, folders):
         begun = time.monotonic()
         child.send_signal(signal.SIGTERM)
         assert child.wait(15) == 0
-        assert time.monotonic() - begun < 3.0  # not the 20-s shutdown_timeout_seconds
+        assert time.monotonic() - begun < 10.0  # not the 20-s shutdown_timeout_seconds
     finally:
         child.close()
     assert folders.files(folders.drop) == ["a.csv"]

@@ -204,7 +204,7 @@ def test_a_hanging_stat_is_reported_and_does_not_block(tmp_path):
     started = time.monotonic()
     assert probe.identity() is HUNG
     assert probe.identity() is HUNG  # no second stat piles up behind the first
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 5.0  # not the 10-s stat behind it
     release.set()
     wait_for(lambda: probe.identity() == (tmp_path.stat().st_dev, tmp_path.stat().st_ino))
 
