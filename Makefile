@@ -35,8 +35,8 @@ types: $(BIN)/productiv-watcher
 	$(BIN)/mypy watcher
 
 # Eight workers: the tests mostly wait on sockets, files and child processes, so they overlap on
-# 2 cores (at stop 18, 4 workers: 100-120 s, 8: 67-85 s). Tests go out two at a time, the long ones
-# (@pytest.mark.long) first, so that the workers end together. One collection first writes the
+# 2 cores (measured: 4 workers 100-120 s, 8 workers 67-85 s). Tests go out two at a time, the long
+# ones (@pytest.mark.long) first, so that the workers end together. One collection first writes the
 # bytecode of the package and of the tests' rewritten asserts, which the 8 workers then only
 # read (each wrote its own on a fresh clone: 3 CPU-s apiece); written even where the environment
 # says not to (PYTHONDONTWRITEBYTECODE, as in some CI images).

@@ -109,16 +109,17 @@ def test_a_moved_file_is_checked_against_the_version_that_was_sent(tmp_path):
         lambda: os.lstat(write(tmp_path / "tick", b"")).st_ctime_ns > sent.ctime_ns, 5, "a tick"
     )
     (tmp_path / "a.csv").rename(tmp_path / "moved.csv")
-    for uploaded in (True, False):  # the rename's new ctime is fine
-        assert moved_intact(os.lstat(tmp_path / "moved.csv"), sent, uploaded)
+    assert moved_intact(os.lstat(tmp_path / "moved.csv"), sent)  # the rename's new ctime is fine
+    write(tmp_path / "other.csv", b"sent").replace(tmp_path / "moved.csv")
+    assert not moved_intact(os.lstat(tmp_path / "moved.csv"), sent)  # another file, same bytes
+    appended = Snapshot.of(os.lstat(tmp_path / "moved.csv"))
     with (tmp_path / "moved.csv").open("ab") as out:
         out.write(b"+")
-    # the same file, written to: uploaded, a late write; refused, another version to judge
-    assert moved_intact(os.lstat(tmp_path / "moved.csv"), sent, uploaded=True)
-    assert not moved_intact(os.lstat(tmp_path / "moved.csv"), sent, uploaded=False)
-    write(tmp_path / "other.csv", b"sent").replace(tmp_path / "moved.csv")
-    for uploaded in (True, False):  # another file, same bytes
-        assert not moved_intact(os.lstat(tmp_path / "moved.csv"), sent, uploaded)
+    assert not moved_intact(os.lstat(tmp_path / "moved.csv"), appended)
+    # Watched for late writes, the same file written to is intact: a late write, sent again
+    assert moved_intact(os.lstat(tmp_path / "moved.csv"), appended, late_writes=True)
+    write(tmp_path / "other.csv", b"sent+").replace(tmp_path / "moved.csv")
+    assert not moved_intact(os.lstat(tmp_path / "moved.csv"), appended, late_writes=True)
 
 
 @pytest.mark.parametrize(
@@ -251,22 +252,29 @@ class WrittenDuringTheMove(Mover):
         return super().to_done(path)
 
 
-def test_a_file_written_to_between_the_check_and_the_rename_stays_in_done(
-    tmp_path, logs_json: Captured
+@pytest.mark.parametrize("late_writes", [True, False])
+def test_a_file_written_to_between_the_check_and_the_rename_is_a_late_write_when_watched(
+    tmp_path, logs_json: Captured, late_writes: bool
 ):
-    """The same file, grown: a late write, not a replacement. It stays in done/ and is handed
-    to the late-write watch, whose baseline is the version uploaded (it sends it again from
-    there); it was taken back to drop/ as 'replaced while it was being moved'."""
+    """Watched for late writes, it stays in done/ and is handed to that watch, whose baseline is
+    the version uploaded: it is sent again from there as a late write. Unwatched, nothing
+    would ever send the rest, so it goes back to drop/ like a replaced file."""
     bench = Bench(tmp_path)
     bench.finisher._mover = WrittenDuringTheMove(bench.drop, bench.done, bench.failed, time.time)
+    bench.finisher._late_writes = late_writes
     placed: list[tuple[Item, Path, bool]] = []
     bench.finisher._placed = placed.extend
     item = bench.item("a.csv", b"the sent version")
     bench.finisher.done(item, sent(), "/bucket/a.csv")
     bench.step()
-    assert (bench.done / "a.csv").read_bytes() == b"the sent version and more"
-    assert placed == [(item, bench.done / "a.csv", True)] and not bench.handed_back
-    assert logs_json.events("uploaded") and not logs_json.events("changed")
+    if late_writes:
+        assert (bench.done / "a.csv").read_bytes() == b"the sent version and more"
+        assert placed == [(item, bench.done / "a.csv", True)] and not bench.handed_back
+        assert logs_json.events("uploaded") and not logs_json.events("changed")
+    else:
+        assert item.path.read_bytes() == b"the sent version and more"  # back in drop/
+        assert not list(bench.done.iterdir()) and bench.handed_back == [item.spot]
+        assert not logs_json.events("uploaded")
 
 
 def test_a_folder_its_bits_let_in_but_that_cannot_be_listed_gets_no_chmod_fix(tmp_path):

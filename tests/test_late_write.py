@@ -146,6 +146,9 @@ def test_late_write_seconds_0_turns_the_watch_off(daemon, folders, sandbox, logs
             out.write(b"first half;")
             out.flush()
             done_soon(folders, "half.csv")
+            # once the move is over (receipted): a write during the move is no late write, and
+            # the finisher sends that version again from drop/, watch or no watch
+            wait_for(lambda: receipts(folders), what="the receipt")
             out.write(b"second half")
         write(folders.drop / "after.csv", b"x")  # a file after it: the daemon has moved on
         done_soon(folders, "after.csv")
@@ -337,3 +340,19 @@ def test_done_that_cannot_be_watched_names_the_limit_and_the_stat_finds_late_wri
     assert sandbox.stored("a.csv") == b"first half;second half"
     line = next(line for line in child.lines if "watch_failed" in line)
     assert "folder=done " in line and "max_user_watches" in line, line
+
+
+def test_a_file_written_to_before_a_stop_s_last_move_is_said_as_not_sent_again(tmp_path, logs_json):
+    """The finisher's last moves, during a stop, come after the late-write thread has ended: a
+    file already written to since its upload is still said, never kept without a word."""
+    done = tmp_path / "done"
+    done.mkdir()
+    clock = Clock()
+    late = LateWrites(done, 600.0, 1.0, 60.0, WorkQueue(clock, lambda spots: None), clock)
+    _, final = moved(late, done, "grown.csv", b"first half;")
+    with final.open("ab") as out:
+        out.write(b"second half")
+    moved(late, done, "same.csv", b"as uploaded")
+    late.close()
+    [lost] = logs_json.events("late_write_abandoned")
+    assert (lost["file"], lost["bytes_uploaded"], lost["bytes_now"]) == ("grown.csv", 11, 22)

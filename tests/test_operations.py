@@ -195,15 +195,18 @@ def test_prometheus_metrics_are_scraped_from_the_real_endpoint(daemon, folders, 
 
 def test_a_hanging_stat_is_reported_and_does_not_block(tmp_path):
     release = threading.Event()
+    calls = []
 
     def stat_fn(path):
+        calls.append(path)
         release.wait(10)
         return os.stat(path)
 
     probe = StatProbe(tmp_path, 0.2, stat_fn)
     started = time.monotonic()
     assert probe.identity() is HUNG
-    assert probe.identity() is HUNG  # no second stat piles up behind the first
+    assert probe.identity() is HUNG
+    assert len(calls) == 1  # no second stat piles up behind the first
     assert time.monotonic() - started < 5.0  # not the 10-s stat behind it
     release.set()
     wait_for(lambda: probe.identity() == (tmp_path.stat().st_dev, tmp_path.stat().st_ino))

@@ -128,6 +128,7 @@ class Service:
             self.metrics,
             idle_wake_seconds=idle,
             placed=self._placed,
+            late_writes=self.late is not None,
         )
         self.uploader = Uploader(
             settings,

@@ -105,19 +105,17 @@ def decide(item: Item, what: Kind | Happened, max_attempts: int) -> Fate:
     return Fate(STEPS[what], item)
 
 
-def moved_intact(moved: os.stat_result, sent: Snapshot, uploaded: bool) -> bool:
+def moved_intact(moved: os.stat_result, uploaded: Snapshot, late_writes: bool = False) -> bool:
     """Is the file now in done/ (or failed/) the version that was uploaded (or refused)?
 
-    The rename itself changes the ctime. Another file under its name (`mv new a.csv` between
-    the check and the rename) is not. Moved to done/, the same file written to since is: a
-    producer writing on through its descriptor, a late write (latewrite.py sends it again when
-    `late_write_seconds` is on; off, what was uploaded stays what Productiv has), whether the
-    write landed just before the rename or just after. Refused, its size and mtime must also be
-    the ones judged: another version deserves its own verdict.
+    The rename itself changes the ctime, so the identity, size and mtime decide. With
+    `late_writes` (an uploaded file, done/ watched for late writes), the identity alone: the
+    same file written to since the lstat before its rename is a late write, which that watch
+    sends again (its baseline is the version uploaded), not a replacement to take back.
     """
-    if (moved.st_dev, moved.st_ino) != (sent.dev, sent.ino):
+    if (moved.st_dev, moved.st_ino) != (uploaded.dev, uploaded.ino):
         return False
-    return uploaded or (moved.st_size, moved.st_mtime_ns) == (sent.size, sent.mtime_ns)
+    return late_writes or (moved.st_size, moved.st_mtime_ns) == (uploaded.size, uploaded.mtime_ns)
 
 
 # -- folders that refuse moves ---------------------------------------------------------------

@@ -83,11 +83,14 @@ class Finisher:
         monotonic: Callable[[], float] = time.monotonic,
         idle_wake_seconds: float = IDLE_WAKE_SECONDS,
         placed: Callable[[list[tuple[Item, Path, bool]]], None] = lambda placed: None,
+        late_writes: bool = False,
     ) -> None:
         """`delay`: the wait of each backoff step of a move that failed (the gates' settings);
-        `placed`: told of the files moved (item, where, uploaded), once they are receipted."""
+        `placed`: told of the files moved (item, where, uploaded), once they are receipted;
+        `late_writes`: whether `placed` watches the uploaded files for late writes."""
         self._idle_wake_seconds = idle_wake_seconds
         self._placed = placed
+        self._late_writes = late_writes
         self._mover = mover
         self._work = work
         self._hand_back = hand_back
@@ -243,9 +246,9 @@ class Finisher:
         """The file was replaced between the lstat and the rename (the one race a rename by name
         leaves open): what was moved goes back under its name in drop/, and is sent as the new
         version it is. If its name is taken by then, it stays where it is and is said at ERROR.
-        An uploaded file written to meanwhile is the same file: it stays (`moved_intact`)."""
+        An uploaded file written to meanwhile stays in done/ when the late-write watch is on."""
         try:
-            if moved_intact(os.lstat(final), item.snapshot, uploaded):
+            if moved_intact(os.lstat(final), item.snapshot, uploaded and self._late_writes):
                 return True
             self._mover.undo(final, item.path)
         except OSError as exc:

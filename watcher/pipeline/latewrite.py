@@ -157,10 +157,19 @@ class LateWrites:
         self._events.close()
         with self._lock:
             arrived, self._arrived = self._arrived, []
-        for item, final, _ in arrived:  # sent again during the stop's drain
-            if item.late:
+        changed = []  # moved during the stop's drain, and already written to since the upload
+        for item, final, uploaded in arrived:
+            if item.late:  # sent again during the stop's drain
                 self._queued.pop(os.fspath(final), None)
-        for recent in [*self._queued.values(), *(r for r, _ in self._settling.values())]:
+            elif uploaded and (moved := self._stat(final)) is not None:
+                base = baseline(item.snapshot, moved)
+                if compare(base, moved) is Look.CHANGED:
+                    changed.append(Recent(final, item.spot, base, 0.0))
+        for recent in [
+            *self._queued.values(),
+            *(r for r, _ in self._settling.values()),
+            *changed,
+        ]:
             reason = (
                 "written to after its upload and not sent again before the stop: Productiv"
                 " holds the earlier version; drop the complete file again"
