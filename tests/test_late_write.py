@@ -28,7 +28,8 @@ from tests.helpers import (
 from watcher.heartbeats import Heartbeat
 from watcher.items import Item, Snapshot, Spot
 from watcher.pipeline import donewatch, latewrite
-from watcher.pipeline.latewrite import MAX_AGAIN, LateWrites, Look, baseline, compare
+from watcher.pipeline.latelook import Look, baseline, compare
+from watcher.pipeline.latewrite import MAX_AGAIN, LateWrites
 from watcher.pipeline.receipts import NAME
 from watcher.pipeline.workqueue import WorkQueue
 

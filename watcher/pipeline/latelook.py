@@ -33,6 +33,12 @@ def baseline(uploaded: Snapshot, moved: Snapshot) -> Snapshot:
     return moved if same else uploaded
 
 
+def first_look(uploaded: Snapshot, moved: Snapshot) -> tuple[Snapshot, Look]:
+    """A file just moved into done/: its baseline, and how it looks against it already."""
+    base = baseline(uploaded, moved)
+    return base, compare(base, moved)
+
+
 def compare(base: Snapshot, now: Snapshot | None) -> Look:
     """A recent file as found now, against its baseline."""
     if now is None or (now.dev, now.ino) != (base.dev, base.ino):

@@ -35,7 +35,7 @@ from ..remote.body import Opener
 from ..settings import Settings
 from .donewatch import DoneEvents
 from .inotify import WATCH_LIMIT
-from .latelook import Look, Recent, baseline, compare
+from .latelook import Look, Recent, compare, first_look
 from .stability import Candidate, is_stable, observe
 from .workqueue import WorkQueue
 
@@ -162,8 +162,8 @@ class LateWrites:
             if item.late:  # sent again during the stop's drain
                 self._queued.pop(os.fspath(final), None)
             elif uploaded and (moved := self._stat(final)) is not None:
-                base = baseline(item.snapshot, moved)
-                if compare(base, moved) is Look.CHANGED:
+                base, look = first_look(item.snapshot, moved)
+                if look is Look.CHANGED:
                     changed.append(Recent(final, item.spot, base, 0.0))
         for recent in [
             *self._queued.values(),
@@ -235,7 +235,7 @@ class LateWrites:
             return None  # gone already
         if key in self._recent:
             del self._recent[key]  # to the end: the newest
-        base = baseline(item.snapshot, moved)
+        base, look = first_look(item.snapshot, moved)
         self._recent[key] = Recent(final, item.spot, base, now + self.window_seconds, again)
         if len(self._recent) > MAX_RECENT:
             del self._recent[next(iter(self._recent))]
@@ -247,7 +247,7 @@ class LateWrites:
                     f"more than {MAX_RECENT} files moved within late_write_seconds: the oldest"
                     " leave the late-write watch early",
                 )
-        return key if compare(base, moved) is Look.CHANGED else None
+        return key if look is Look.CHANGED else None
 
     def _watch(self, folder: str) -> None:
         problem = self._events.add(folder)
