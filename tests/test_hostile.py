@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import pytest
 import requests
@@ -528,6 +529,38 @@ def test_a_secret_that_quoting_escapes_is_scrubbed_in_both_log_formats(
     assert secret not in line and json.dumps(secret)[1:-1] not in line, line
     if isinstance(formatter, JsonFormatter):
         assert json.loads(line)["file"] == "a b.csv"
+
+
+@pytest.mark.parametrize(
+    "secret", ["back\\slashXY", "quote\"mark'Zq", "s\u00e9cr\u00e9t+/=Kwonly", "tab\tstopQj"]
+)
+@pytest.mark.parametrize(
+    "spelled",
+    [
+        lambda s: json.dumps(s)[1:-1],  # an echoed JSON body, logged as text
+        lambda s: json.dumps(s, ensure_ascii=False)[1:-1],
+        lambda s: repr(RuntimeError(f"refused {s}")),  # an exception inside another's message
+        lambda s: repr(s.encode()),
+        lambda s: quote(s, safe=""),  # a form or a URL
+        lambda s: quote_plus(s),
+    ],
+    ids=["json", "json-utf8", "repr", "repr-bytes", "percent", "form"],
+)
+@pytest.mark.parametrize("formatter", [JsonFormatter(), TextFormatter()], ids=["json", "text"])
+def test_a_secret_already_escaped_in_the_text_is_scrubbed_too(
+    secret, spelled, formatter, monkeypatch
+):
+    """A secret with a backslash inside an exception's repr was `back\\\\slash`: no longer
+    the secret as registered, so it went out (and JSON doubled it again)."""
+    redact = Redactor()
+    redact.add([secret])
+    monkeypatch.setattr(logs, "REDACT", redact)
+    record = logging.LogRecord("watcher.remote.api", logging.WARNING, "", 0, "", (), None)
+    record.event, record.fields = "retrying", {"reason": f"the API said: {spelled(secret)}"}
+    line = formatter.format(record)
+    assert "***" in line, line
+    for word in re.findall(r"[A-Za-z]{4,}", secret):  # in every spelling of these secrets
+        assert word not in line, line
 
 
 @pytest.mark.parametrize("secret", ["null", "true", "level", "event", "1.0,"])

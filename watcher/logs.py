@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TextIO
+from urllib.parse import quote, quote_plus
 
 # A query string, as in every signed URL: `?k=v...`, or `?flag&k=v...` (S3's `?x-id&X-Amz-...`).
 # A '?' inside a file name is kept. A backslash ends it, so that JSON text stays valid.
@@ -84,7 +85,8 @@ class Redactor:
                 self._refresh()
 
     def _refresh(self) -> None:
-        self._values = tuple(sorted({*self._configured, *self._tokens}, key=len, reverse=True))
+        every = {form for value in (*self._configured, *self._tokens) for form in spellings(value)}
+        self._values = tuple(sorted(every, key=len, reverse=True))
         self._quoted = any(_QUOTED.search(value) for value in self._values)
 
     def spotless(self, doc: Any) -> bool:
@@ -94,7 +96,8 @@ class Redactor:
         return not self._quoted and self(text) == text
 
     def __len__(self) -> int:
-        return len(self._values)
+        """How many secrets it holds (each is looked for in all its spellings)."""
+        return len(self._configured) + len(self._tokens)
 
     def __call__(self, text: str) -> str:
         text = self._known(text)  # first, so that no pattern leaves a piece of a secret behind
@@ -137,6 +140,21 @@ class Redactor:
         if doc is None or isinstance(doc, (bool, int, float)):
             return doc
         return self(str(doc))  # a Path, say: what JSON would have written
+
+
+def spellings(secret: str) -> set[str]:
+    """The ways a secret can be written in a text that reaches a log line: as it is, escaped as
+    JSON or by repr (an echoed body, an exception's arguments inside another's message: a
+    backslash doubled) and percent-encoded (a form, a URL)."""
+    return {
+        secret,
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+        repr(secret)[1:-1],
+        repr(secret.encode("utf-8", "surrogateescape"))[2:-1],
+        quote(secret, safe=""),
+        quote_plus(secret, safe=""),
+    }
 
 
 def _texts(doc: Any) -> Iterator[str]:
