@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -227,7 +228,7 @@ def test_candidate_names(name, expected):
     st.text(
         st.characters(blacklist_characters="/\x00", blacklist_categories=("Cs",)),
         min_size=1,
-        max_size=120,
+        max_size=255,
     ),
     st.integers(0, 20),
 )
@@ -237,6 +238,32 @@ def test_candidate_names_are_distinct_and_fit(name, reserve):
     names = list(candidate_names(name, NOON, reserve))[:50]
     assert len(set(names)) == len(names)
     assert all(len(os.fsencode(n)) <= NAME_MAX_BYTES - reserve for n in names)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "a." + "x" * 253,  # the whole name after its first dot
+        "Acme Inc. " + "quarterly licence usage export " * 8,  # 250 bytes, no extension
+        "\u5831\u544a." + "\u6570" * 80,  # 80 CJK characters after the dot: 246 bytes
+        "x" * 230 + "." + "y" * 24,
+    ],
+)
+@pytest.mark.parametrize("reserve", [0, len(".error.json")])
+def test_a_long_name_with_an_early_dot_gets_its_stamp_at_the_end(name, reserve):
+    """Its suffix left no room for a stem: the next name was looked for forever, and the
+    finisher thread with it (every later file uploaded, none moved)."""
+    names = candidate_names(name, NOON, reserve)
+    tried = [next(names) for _ in range(3)]
+    assert len(set(tried)) == 3
+    assert all(len(os.fsencode(n)) <= NAME_MAX_BYTES - reserve for n in tried)
+    assert all(n.startswith(name[:8]) for n in tried)
+    stamped = [n for n in tried if n != name]
+    suffix = name.rpartition(".")[2]
+    kept = re.compile(rf"\.20261127T071500Z(-\d)?\.{suffix}")  # a short suffix stays last
+    at_end = re.compile(r"\.20261127T071500Z(-\d)?")  # a long one is part of the stem
+    rule = kept if len(suffix.encode()) < 200 else at_end
+    assert all(rule.search(n) and rule.search(n).end() == len(n) for n in stamped), stamped
 
 
 def test_long_name_leaves_room_for_the_sidecar():

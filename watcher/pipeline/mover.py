@@ -42,11 +42,13 @@ def candidate_names(name: str, epoch: float, reserve: int = 0) -> Iterator[str]:
     """The names to try in order: the name itself, then `<stem>.<stamp>[-N]<suffix>`.
 
     Every name leaves `reserve` bytes free under NAME_MAX (failed/ adds `.error.json` beside
-    it); the stem is shortened by whole characters when needed.
+    it); the stem is shortened by whole characters when needed. A suffix too long to leave room
+    for a stem (`Acme Inc. <a long description>`) is not kept apart: the stamp goes at the end.
     """
     limit = NAME_MAX_BYTES - reserve
     stem, dot, suffix = name.rpartition(".")
-    if not stem or dot != ".":  # no suffix, or a name like ".profile"
+    longest_tail = len(os.fsencode(f".{stamp(epoch)}-999.{suffix}"))
+    if not stem or dot != "." or longest_tail >= limit:  # no suffix, ".profile", or no room
         stem, suffix = name, ""
     else:
         suffix = "." + suffix
@@ -58,7 +60,7 @@ def candidate_names(name: str, epoch: float, reserve: int = 0) -> Iterator[str]:
 
 
 def _fit(text: str, limit: int) -> str:
-    while len(os.fsencode(text)) > limit:
+    while text and len(os.fsencode(text)) > limit:
         text = text[:-1]
     return text
 
