@@ -3,12 +3,14 @@ knows when it has gone deaf."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -19,7 +21,7 @@ import pytest
 
 from tests.conftest import Captured
 from tests.helpers import Child, Folders, cli, done_soon, receipts, wait_for, write
-from watcher.pipeline.deafness import HUNG, StatProbe
+from watcher.pipeline.deafness import CANARY_NAME, HUNG, Canary, StatProbe
 from watcher.pipeline.receipts import Journal
 from watcher.sandbox.productiv import Sandbox
 
@@ -235,6 +237,65 @@ def test_the_canary_stays_quiet_while_events_flow(daemon, folders, logs_json: Ca
         wait_for(lambda: time.monotonic() > deadline)  # several canary periods
         assert service.watcher.deaf_reason is None
     assert not logs_json.events("watch_deaf")
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "folder", "file"])
+def test_what_a_producer_puts_at_the_canarys_name_is_removed_never_followed(
+    tmp_path, kind, logs_json: Captured
+):
+    """The canary was made by path: a producer's symlink to the journal had it truncated, a
+    folder crashed the daemon at every start, a FIFO blocked its main loop for good."""
+    victim = tmp_path / "receipts.jsonl"
+    victim.write_text("kept\n")
+    path = tmp_path / CANARY_NAME
+    now = [0.0]
+    canary = Canary(tmp_path, 1.0, lambda: now[0])
+    assert canary.tick()  # the first canary
+    for _ in range(2):  # a producer plants again after each new canary
+        path.unlink()
+        if kind == "symlink":
+            path.symlink_to(victim)
+        elif kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "folder":
+            path.mkdir()
+            (path / "x.csv").write_text("x")
+        else:
+            path.write_text("a producer's")
+        now[0] += 1.0
+        canary.seen()
+        assert canary.tick()  # heard, replaced, and the main loop goes on
+        st = path.lstat()
+        assert stat.S_ISREG(st.st_mode) and st.st_size == 0 and st.st_uid == os.geteuid()
+    assert victim.read_text() == "kept\n"
+    planted = logs_json.events("canary_planted")
+    assert len(planted) == (0 if kind == "file" else 2)
+    assert all(e["canary"] == str(path) and e["level"] == "warning" for e in planted)
+
+
+def test_a_producer_racing_the_canary_with_symlinks_never_has_a_file_written(tmp_path):
+    """Planting a symlink in the instant between the old canary's removal and the new one's
+    creation had the daemon truncate the link's target (the attack pass: its receipts)."""
+    victim = tmp_path / "receipts.jsonl"
+    victim.write_text("kept\n")
+    path, now, stop = tmp_path / CANARY_NAME, [0.0], threading.Event()
+    canary = Canary(tmp_path, 1.0, lambda: now[0])
+
+    def plant() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                path.symlink_to(victim)
+
+    producer = threading.Thread(target=plant, daemon=True)
+    producer.start()
+    try:
+        for _ in range(500):
+            now[0] += 1.0
+            canary.tick()
+    finally:
+        stop.set()
+        producer.join(5)
+    assert victim.read_text() == "kept\n"
 
 
 def test_an_unmounted_drop_folder_is_noticed_and_watched_again(sandbox, tmp_path, daemon_factory):

@@ -24,6 +24,7 @@ EVENTS = (
     "lock_restored",
     "lock_lost",
     "lock_planted",
+    "canary_planted",
     # a file's way
     "queued",
     "uploaded",

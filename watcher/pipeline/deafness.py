@@ -4,15 +4,24 @@ and a canary file whose event never arrives (a mount that stopped sending events
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import shutil
 import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from ..disk.folders import kind_of
 from ..items import Identity
+from ..logs import event
+
+log = logging.getLogger(__name__)
 
 CANARY_NAME = ".productiv-watcher-canary"
+# Made anew, never opened if anything is there: a producer's symlink is not followed (to the
+# journal, say), nor its FIFO waited on.
+CANARY_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 class Hung:
@@ -73,15 +82,30 @@ class Canary:
         if self._planted is not None and now - self._planted < self.period:
             return True
         heard = self._seen or self._planted is None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
         self._seen = False
         try:
-            self.path.write_bytes(b"")
+            self._clear()
+            os.close(os.open(self.path, CANARY_FLAGS, 0o600))
         except OSError:
-            return heard  # the folder is gone or read-only: the identity check says so
+            return heard  # the folder is gone or read-only (the identity check says so), or a
+            # producer planted something again at once: the next period tries again
         self._planted = now
         return heard
+
+    def _clear(self) -> None:
+        """Remove the last canary, or what a producer put at its name (the name is reserved),
+        saying so: a symlink, FIFO or folder is never followed or opened."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(self.path)
+        else:
+            os.unlink(self.path)
+        if not stat.S_ISREG(st.st_mode):
+            why = f"{self.path} was a {kind_of(st.st_mode)}, not the daemon's canary: removed"
+            event(log, "canary_planted", why, level=logging.WARNING, canary=str(self.path))
 
     def remove(self) -> None:
         with contextlib.suppress(OSError):
