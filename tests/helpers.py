@@ -8,6 +8,7 @@ Fixtures live in conftest.py; running as `nobody` in tests/unprivileged.py.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import socket
@@ -295,3 +296,22 @@ def waiting_for_marker(service: Any) -> list[str]:
 def requested(sandbox: Sandbox) -> set[str]:
     """Every name the daemon asked the sandbox a signed URL for."""
     return {name for r in sandbox.requests if r.endpoint == "urls" for name in r.names}
+
+
+def plant(path: Path, kind: str, elsewhere: Path) -> int | None:
+    """What a producer (uid 65534) can put at the lock file's name; the descriptor of a file it
+    holds a flock on (naming a made-up holder), else None."""
+    if kind == "symlink":
+        path.symlink_to(elsewhere)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+        (path / "x.csv").write_bytes(b"x")
+    else:
+        path.write_text('{"pid": 1, "host": "ghost"}\n')
+        os.chown(path, 65534, 65534)
+        fd = os.open(path, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+    return None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_settings
-from tests.helpers import Child, Folders, cli, daemon_env, wait_for
+from tests.helpers import Child, Folders, cli, daemon_env, plant, wait_for
 from watcher.daemon.instance import DropLock, Holder, active_holder, parse_holder
 from watcher.daemon.service import Service
 from watcher.disk.folders import LOCK_NAME
@@ -81,25 +80,6 @@ def test_a_removed_lock_file_is_taken_back_or_lost(sandbox: Sandbox, folders: Fo
     finally:
         service.lock.release()
         service.api.close()
-
-
-def plant(path: Path, kind: str, elsewhere: Path) -> int | None:
-    """What a producer (uid 65534) can put at the lock file's name; the descriptor of a file it
-    holds a flock on (naming a made-up holder), else None."""
-    if kind == "symlink":
-        path.symlink_to(elsewhere)
-    elif kind == "fifo":
-        os.mkfifo(path)
-    elif kind == "folder":
-        path.mkdir()
-        (path / "x.csv").write_bytes(b"x")
-    else:
-        path.write_text('{"pid": 1, "host": "ghost"}\n')
-        os.chown(path, 65534, 65534)
-        fd = os.open(path, os.O_RDONLY)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd
-    return None
 
 
 NEEDS_ROOT = pytest.mark.skipif(
