@@ -39,6 +39,26 @@ def test_status_without_a_state_folder_says_what_to_set():
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("which", ["config", "credential"])
+def test_a_config_or_credential_file_that_is_not_utf8_is_exit_78_naming_it(tmp_path, which):
+    """It was exit 1 with a traceback: systemd restarted it every 10 s for ever (exit 78 is the
+    unit's RestartPreventExitStatus)."""
+    config, creds = tmp_path / "config.toml", tmp_path / "creds"
+    creds.mkdir()
+    config.write_bytes(b'app_id = "a"\naccess_token = "t"\n')
+    env = {"CREDENTIALS_DIRECTORY": str(creds)}
+    if which == "config":
+        config.write_bytes(b'app_id = "a"\naccess_token = "t"\n# caf\xe9\n')
+        path = config
+    else:
+        path = creds / "client_secret"
+        path.write_bytes(b"s\xe9cret")
+    result = cli("check", "--config", str(config), env=env)
+    assert result.returncode == 78, result.stderr
+    assert f"{which} file {path} is not UTF-8" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_config_errors_are_json_lines_in_json_mode(tmp_path):
     result = cli(
         "check", "--config", str(tmp_path / "missing.toml"), env={"PRODUCTIV_LOG_FORMAT": "json"}

@@ -152,6 +152,26 @@ def test_a_reload_without_drop_dir_is_refused_whole(sandbox, folders):
     assert " reloaded " not in child.stderr and " DEBUG " not in child.stderr
 
 
+def test_a_reload_of_a_config_that_is_not_utf8_is_refused_and_the_daemon_goes_on(sandbox, folders):
+    """The UnicodeDecodeError escaped the reload: the running daemon crashed."""
+    config = folders.root / "config.toml"
+    config.write_text(settings_toml(sandbox, folders, ""))
+    child = config_child(sandbox, config)
+    try:
+        config.write_bytes(settings_toml(sandbox, folders, "").encode() + b"# caf\xe9\n")
+        child.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload_failed" in child.stderr, what="the refusal")
+        write(folders.drop / "still.csv", b"x")
+        wait_for(lambda: (folders.done / "still.csv").exists(), what="an upload")
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(15) == 0
+    finally:
+        child.close()
+    [line] = [line for line in child.lines if "reload_failed" in line]
+    assert f"config file {config} is not UTF-8" in line and "nothing changed" in line
+    assert "Traceback" not in child.stderr
+
+
 @contextmanager
 def tmpfs(where: Path, size: str = "1m") -> Iterator[Path]:
     where.mkdir(parents=True, exist_ok=True)

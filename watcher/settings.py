@@ -111,7 +111,7 @@ class CredentialsDirectorySource(PydanticBaseSettingsSource):
         for name in CREDENTIAL_FIELDS:
             path = Path(self._folder) / name
             if path.is_file():
-                values[name] = path.read_text(encoding="utf-8").rstrip("\r\n")
+                values[name] = read_credential(path)
                 if name in SECRET_FIELDS and path.stat().st_mode & stat.S_IROTH:
                     log.warning(
                         "secret file %s is readable by others: chmod 0600 it",
@@ -119,6 +119,16 @@ class CredentialsDirectorySource(PydanticBaseSettingsSource):
                         extra={"event": "insecure_secret"},
                     )
         return values
+
+
+def read_credential(path: Path) -> str:
+    """A credential file's text, without its final newline; unreadable is a ConfigError."""
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"credential file {path} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"credential file {path} is not UTF-8 (byte {exc.start})") from None
 
 
 class Settings(BaseSettings):
@@ -361,6 +371,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 (byte {exc.start})") from None
     warn_if_exposed(path, table)
     return table
 
