@@ -139,6 +139,32 @@ def test_retry_failed_moves_files_back_by_reason_and_age(daemon, folders, sandbo
     assert cli("retry-failed", "--older-than", "soon", config=config).returncode == 78
 
 
+def test_retry_failed_never_follows_a_type_folder_a_producer_made_a_symlink(
+    folders, sandbox, tmp_path
+):
+    """It moved by path: failed/users/bad.csv went into the link's target, out of the tree,
+    its sidecar deleted, and the output said drop/users/bad.csv (attack pass)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    write(folders.failed / "users" / "bad.csv", b"data")
+    write(folders.failed / "users" / "bad.csv.error.json", b'{"reason": "x"}')
+    write(folders.failed / "odd.csv", b"odd")
+    write(folders.failed / "odd.csv.error.json", b"[]")  # JSON, but not a sidecar's object
+    shutil.rmtree(folders.drop / "users", ignore_errors=True)
+    (folders.drop / "users").symlink_to(elsewhere)
+    config = config_file(folders, sandbox)
+    for dry in (["--dry-run"], []):
+        result = cli("retry-failed", *dry, config=config)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "not moved: failed/users/bad.csv: drop/users is " in result.stdout, result.stdout
+        assert "Traceback" not in result.stderr
+    assert "moved failed/odd.csv -> drop/odd.csv" in result.stdout
+    assert (folders.drop / "odd.csv").read_bytes() == b"odd"
+    assert not list(elsewhere.iterdir())
+    assert (folders.failed / "users" / "bad.csv").read_bytes() == b"data"
+    assert (folders.failed / "users" / "bad.csv.error.json").exists()
+
+
 def test_retention_deletes_old_done_files_only(daemon, folders, sandbox, logs_json: Captured):
     write(folders.drop / "old.csv", b"1")
     write(folders.failed / "keep-failed.csv", b"f")

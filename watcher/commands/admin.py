@@ -7,7 +7,9 @@ sidecars), so they answer whether or not the daemon runs, and need no credential
 from __future__ import annotations
 
 import calendar
+import errno
 import json
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ from typing import Any
 
 from ..daemon import statusfile
 from ..daemon.instance import active_holder
-from ..disk.owners import make_folders
+from ..disk.folders import FolderRefused, Folders
 from ..items import display
 from ..pipeline.mover import SIDECAR_SUFFIX, candidate_names, rename_noreplace
 from ..pipeline.receipts import Journal
@@ -164,15 +166,19 @@ def failed_files(failed_dir: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
                 continue
             sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
             try:
-                yield path, json.loads(sidecar.read_text(encoding="utf-8", errors="replace"))
+                doc = json.loads(sidecar.read_text(encoding="utf-8", errors="replace"))
             except (FileNotFoundError, ValueError):
-                yield path, {}
+                doc = {}
+            yield path, doc if isinstance(doc, dict) else {}
 
 
 def retry_failed(
     settings: Settings, reason: str | None, older_than: str | None, dry_run: bool
 ) -> int:
-    """Move failed files back into the drop folder (their type subfolder), sidecars removed."""
+    """Move failed files back into the drop folder (their type subfolder), sidecars removed.
+
+    The moves go through the drop folder's descriptors, as the daemon's do: a type folder a
+    producer replaced with a symlink is refused, never followed out of the tree."""
     paths = Paths.of(settings)
     drop, failed = paths.drop, paths.failed
     try:
@@ -180,32 +186,54 @@ def retry_failed(
     except ValueError as exc:
         raise ConfigError(f"--older-than: {exc}") from None
     now = time.time()
-    moved = 0
+    drops = Folders(drop, create=not dry_run)  # a dry run makes no folder
+    moved = refused = 0
     for path, sidecar in failed_files(failed):
         if reason and reason.lower() not in str(sidecar.get("reason", "")).lower():
             continue
         if age is not None and now - _failed_at(path, sidecar) < age:
             continue
-        target_dir = drop / path.parent.relative_to(failed)
-        for name in candidate_names(path.name, now):
-            target = target_dir / name
-            if dry_run:
-                if not target.exists():
-                    break
-                continue
-            try:
-                make_folders(target_dir)
-                rename_noreplace(path, target)
-            except FileExistsError:
-                continue
-            path.with_name(path.name + SIDECAR_SUFFIX).unlink(missing_ok=True)
-            break
+        sub = "" if path.parent == failed else path.parent.name
+        source = f"{failed.name}/{path.relative_to(failed)}"
+        try:
+            name = _move_back(path, drops, sub, now, dry_run)
+        except OSError as exc:
+            refused += 1
+            print(display(f"not moved: {source}: {exc.strerror or exc}"))
+            continue
         moved += 1
         verb = "would move" if dry_run else "moved"
-        source = f"{failed.name}/{path.relative_to(failed)}"
-        print(display(f"{verb} {source} -> {drop.name}/{target.relative_to(drop)}"))
+        print(display(f"{verb} {source} -> {drop.name}/{os.path.join(sub, name)}"))
+    drops.close()
     print(f"{moved} file(s) {'would be ' if dry_run else ''}moved back to {drop}")
-    return 0
+    return 1 if refused else 0
+
+
+def _move_back(path: Path, drops: Folders, sub: str, now: float, dry_run: bool) -> str:
+    """Rename a failed file into drop/ (its type folder), under the first free name; the name.
+    OSError naming the type folder when it is not a real folder."""
+    if dry_run:
+        try:
+            with drops.folder(sub):
+                pass
+        except FolderRefused:
+            text = f"{drops.root.name}/{sub} is not a folder: move it away"
+            raise NotADirectoryError(errno.ENOTDIR, text) from None
+        except FileNotFoundError:
+            return path.name  # the type folder would be made: its name is free
+    for name in candidate_names(path.name, now):
+        if dry_run:
+            if not drops.exists(sub, name):
+                return name
+            continue
+        try:
+            with drops.folder(sub) as folder:
+                rename_noreplace(path, name, dst_dir=folder)
+        except FileExistsError:
+            continue
+        path.with_name(path.name + SIDECAR_SUFFIX).unlink(missing_ok=True)
+        return name
+    raise FileExistsError(errno.EEXIST, "no free name in the drop folder")
 
 
 def _failed_at(path: Path, sidecar: dict[str, Any]) -> float:
