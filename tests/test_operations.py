@@ -21,6 +21,7 @@ import pytest
 
 from tests.conftest import Captured
 from tests.helpers import Child, Folders, cli, done_soon, plant, receipts, wait_for, write
+from watcher.items import printable
 from watcher.pipeline.deafness import CANARY_NAME, HUNG, Canary, StatProbe
 from watcher.pipeline.receipts import Journal
 from watcher.sandbox.productiv import Sandbox
@@ -163,6 +164,35 @@ def test_retry_failed_never_follows_a_type_folder_a_producer_made_a_symlink(
     assert not list(elsewhere.iterdir())
     assert (folders.failed / "users" / "bad.csv").read_bytes() == b"data"
     assert (folders.failed / "users" / "bad.csv.error.json").exists()
+
+
+def test_status_reads_a_damaged_journal_and_never_lets_a_name_forge_a_line(folders, sandbox):
+    """A byte torn inside a name, or a line that is JSON but no receipt, crashed `status`; a
+    name with a newline printed a second, forged, receipt line."""
+    state = folders.root / "state"
+    state.mkdir(exist_ok=True)
+    forged = "note.csv\n  2026-11-30T04:00:00Z uploaded payroll.csv sha256 0000"
+    good = {"time": "2026-11-30T03:00:00Z", "outcome": "uploaded", "file": forged}
+    (state / "receipts.jsonl").write_bytes(
+        (json.dumps(good) + "\n[1, 2]\n").encode() + b'{"file": "caf\xc3"}\n'
+    )
+    (state / "status.json").write_text('{"state": "running", "every_seconds": "x"}')
+    config = config_file(folders, sandbox)
+    result = cli("status", config=config)
+    assert result.returncode == 3, result.stdout + result.stderr  # not running
+    assert "Traceback" not in result.stderr
+    assert "uploaded note.csv\\n  2026-11-30T04:00:00Z uploaded payroll.csv" in result.stdout
+    assert not [
+        line for line in result.stdout.splitlines() if "payroll" in " ".join(line.split()[:3])
+    ]
+    one = cli("status", "payroll.csv", config=config)
+    assert one.returncode == 1 and "no receipt for payroll.csv" in one.stdout, one.stdout
+
+
+def test_printable_escapes_what_could_forge_a_line_or_rewrite_the_screen():
+    assert printable("a b.csv") == "a b.csv"
+    assert printable("a\nb\tc\x1b[2Jd\u202eexe.csv") == "a\\nb\\tc\\x1b[2Jd\\u202eexe.csv"
+    assert printable("caf\udcc3.csv") == "caf\\xc3.csv"  # a byte that is not UTF-8
 
 
 def test_retention_deletes_old_done_files_only(daemon, folders, sandbox, logs_json: Captured):

@@ -67,6 +67,16 @@ def display(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def printable(text: str) -> str:
+    """A text for a command's output on a terminal: `display`, with every character that is not
+    printable (a newline, an escape sequence, a bidi override) as its escape, so that a file's
+    name can neither forge a line nor rewrite the screen."""
+    shown = display(text)
+    if shown.isprintable():
+        return shown
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in shown)
+
+
 def utc_iso(epoch: float) -> str:
     """A time as receipts, sidecars, the status file and the lock file show it (UTC, seconds)."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))

@@ -19,7 +19,7 @@ from typing import Any
 from ..daemon import statusfile
 from ..daemon.instance import active_holder
 from ..disk.folders import FolderRefused, Folders
-from ..items import display
+from ..items import display, printable
 from ..pipeline.mover import SIDECAR_SUFFIX, candidate_names, rename_noreplace
 from ..pipeline.receipts import Journal
 from ..settings import FILE_TYPES, ConfigError, Paths, Settings, require_state_dir
@@ -58,7 +58,10 @@ def status(settings: Settings, file: str | None, as_json: bool) -> int:
         print(json.dumps(out, indent=1))
     else:
         print(f"active instance: {holder.describe() if holder else 'none holds the drop folder'}")
-        print(_describe(doc, alive))
+        try:
+            print(_describe(doc, alive))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            print(f"the status file {journal.folder / statusfile.NAME} is damaged: not described")
         for receipt in recent:
             print("  " + _receipt_line(receipt))
     return 0 if alive else NOT_RUNNING
@@ -83,14 +86,16 @@ def _describe(doc: dict[str, Any] | None, alive: bool) -> str:
     ]
     for upload in doc["uploading"]:
         share = upload["bytes_sent"] / upload["bytes"] if upload["bytes"] else 1.0
-        lines.append(f"  uploading {upload['file']}: {share:.0%} of {upload['bytes']} bytes")
+        name = printable(str(upload["file"]))
+        lines.append(f"  uploading {name}: {share:.0%} of {upload['bytes']} bytes")
     if doc.get("retrying_since"):
-        lines.append(f"  service unavailable since {doc['retrying_since']}: {doc['last_error']}")
+        error = printable(str(doc["last_error"]))
+        lines.append(f"  service unavailable since {doc['retrying_since']}: {error}")
     lines += _marker_lines(doc)
     for text in doc.get("folders") or []:  # not an outage: a folder that holds files back
-        lines.append(f"  FOLDER: files wait: {text}")
+        lines.append(f"  FOLDER: files wait: {printable(str(text))}")
     if doc.get("watch") != "ok":
-        lines.append(f"  WATCH: {doc['watch']}")
+        lines.append(f"  WATCH: {printable(str(doc['watch']))}")
     lines.append("recent:")
     return "\n".join(lines)
 
@@ -102,7 +107,7 @@ def _marker_lines(doc: dict[str, Any]) -> list[str]:
         return []
     files = doc.get("waiting_for_marker_files") or []
     lines = [f"  {count} waiting for their ready marker ({doc.get('ready_marker')}):"]
-    lines += [f"    {f['file']}: waiting {_age(f['seconds'])}" for f in files[:5]]
+    lines += [f"    {printable(str(f['file']))}: waiting {_age(f['seconds'])}" for f in files[:5]]
     if count > 5:
         lines.append(f"    and {count - 5} more")
     return lines
@@ -115,12 +120,13 @@ def _age(seconds: int) -> str:
 
 
 def _receipt_line(r: dict[str, Any]) -> str:
+    """One receipt as one line: every text in it is the journal's, names and reasons included."""
     where = f" -> {r['moved_to']}" if r.get("moved_to") else ""
     if r.get("late_write"):
         where = f" again from {r['moved_to']} (late write)"
     detail = f" sha256 {r['sha256']}" if r.get("sha256") else ""
     reason = f": {r['reason']}" if r.get("reason") else ""
-    return f"{r.get('time')} {r.get('outcome')} {r.get('file')}{where}{detail}{reason}"
+    return printable(f"{r.get('time')} {r.get('outcome')} {r.get('file')}{where}{detail}{reason}")
 
 
 def _file_status(settings: Settings, journal: Journal, file: str, as_json: bool) -> int:
@@ -130,7 +136,7 @@ def _file_status(settings: Settings, journal: Journal, file: str, as_json: bool)
     if as_json:
         print(json.dumps(found, indent=1))
     elif not found:
-        print(f"no receipt for {display(file)}")
+        print(f"no receipt for {printable(file)}")
     for receipt in [] if as_json else found:
         print(_receipt_line(receipt))
     return 0 if found else 1
@@ -199,11 +205,11 @@ def retry_failed(
             name = _move_back(path, drops, sub, now, dry_run)
         except OSError as exc:
             refused += 1
-            print(display(f"not moved: {source}: {exc.strerror or exc}"))
+            print(printable(f"not moved: {source}: {exc.strerror or exc}"))
             continue
         moved += 1
         verb = "would move" if dry_run else "moved"
-        print(display(f"{verb} {source} -> {drop.name}/{os.path.join(sub, name)}"))
+        print(printable(f"{verb} {source} -> {drop.name}/{os.path.join(sub, name)}"))
     drops.close()
     print(f"{moved} file(s) {'would be ' if dry_run else ''}moved back to {drop}")
     return 1 if refused else 0

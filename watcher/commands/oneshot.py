@@ -11,7 +11,7 @@ import random
 import threading
 from pathlib import Path
 
-from ..items import Item, Snapshot, Spot, display
+from ..items import Item, Snapshot, Spot, display, printable
 from ..pipeline.fates import Next, decide
 from ..pipeline.uploader import refusal
 from ..remote.api import ApiClient, SignedUrl
@@ -68,7 +68,7 @@ def upload_files(settings: Settings, paths: list[Path], file_type: str | None) -
             item.path, f"FAILED {item.spot.rel}: gave up after {settings.max_attempts} attempts"
         )
     for line in results.values():
-        print(line)
+        print(printable(line))
     return 0 if all(line.startswith("uploaded") for line in results.values()) else 1
 
 

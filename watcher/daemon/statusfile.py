@@ -44,9 +44,12 @@ def running(doc: dict[str, Any] | None, now: float) -> bool:
     another host (a state folder on a shared mount) counts as live while the file is fresh."""
     if not doc or doc.get("state") not in ("running", "standby"):
         return False
-    stale_after = 3 * float(doc.get("every_seconds", 2.0)) + 5.0
-    if now - float(doc.get("updated_epoch", 0)) > stale_after:
-        return False
+    try:
+        stale_after = 3 * float(doc.get("every_seconds", 2.0)) + 5.0
+        if now - float(doc.get("updated_epoch", 0)) > stale_after:
+            return False
+    except (TypeError, ValueError):
+        return False  # not as a daemon writes it: describes no live one
     if doc.get("host", socket.gethostname()) != socket.gethostname():
         return True
     try:

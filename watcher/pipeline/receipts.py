@@ -66,12 +66,14 @@ class Journal:
         """Every receipt, newest first, across the rotated files (for `status`)."""
         files = [self.path, *(self.path.with_name(f"{NAME}.{n}") for n in range(1, self._keep + 1))]
         for path in files:
-            try:
-                lines = path.read_text(encoding="utf-8").splitlines()
+            try:  # a byte that is not UTF-8 (a write torn inside a name) spoils one name only
+                lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
             except FileNotFoundError:
                 continue
             for line in reversed(lines):
                 try:
-                    yield json.loads(line)
+                    receipt = json.loads(line)
                 except ValueError:
                     continue  # a torn last line after a crash: skip it
+                if isinstance(receipt, dict):
+                    yield receipt
