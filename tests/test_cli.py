@@ -125,10 +125,11 @@ def test_upload_sends_the_named_files_without_moving_them(sandbox, tmp_path):
     a.write_bytes(b"a")
     b = tmp_path / "b.csv"
     b.write_bytes(b"b")
-    result = cli("upload", "--type", "contracts", str(a), str(b), env=sandbox.env())
+    result = cli("upload", "--type", "contracts", str(a), str(b), str(a), env=sandbox.env())
     assert result.returncode == 0, result.stdout + result.stderr
     assert sandbox.stored("a.csv", "contracts") == b"a" and a.exists()
     assert result.stdout.count("uploaded") == 2
+    assert sandbox.count("put") == 2  # a file named twice is sent once (it was PUT twice)
 
 
 def test_upload_exits_1_naming_the_reason(sandbox, tmp_path):

@@ -36,7 +36,7 @@ def upload_files(settings: Settings, paths: list[Path], file_type: str | None) -
     )
     results: dict[Path, str] = {}
     pending: list[Item] = []
-    for path in paths:
+    for path in dict.fromkeys(paths):  # a file named twice is sent once
         try:
             real = path.resolve(strict=True)
             pending.append(
