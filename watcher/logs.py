@@ -64,8 +64,9 @@ class Redactor:
     def __init__(self) -> None:
         self._configured: tuple[str, ...] = ()
         self._tokens: deque[str] = deque(maxlen=TOKENS_KEPT)
-        self._values: tuple[str, ...] = ()  # both, longest first; replaced whole, read unlocked
-        self._quoted = False  # one of them has a character that JSON escapes
+        # Read unlocked, so replaced whole, in one assignment: every spelling of both, longest
+        # first; and whether one of them has a character that JSON escapes.
+        self._state: tuple[tuple[str, ...], bool] = ((), False)
         self._lock = threading.Lock()
 
     def add(self, values: Iterable[str]) -> None:
@@ -85,15 +86,15 @@ class Redactor:
                 self._refresh()
 
     def _refresh(self) -> None:
-        every = {form for value in (*self._configured, *self._tokens) for form in spellings(value)}
-        self._values = tuple(sorted(every, key=len, reverse=True))
-        self._quoted = any(_QUOTED.search(value) for value in self._values)
+        held = (*self._configured, *self._tokens)
+        every = sorted({form for value in held for form in spellings(value)}, key=len, reverse=True)
+        self._state = (tuple(every), any(_QUOTED.search(value) for value in held))
 
     def spotless(self, doc: Any) -> bool:
         """Nothing to scrub in any text of `doc` (keys and values, before any quoting), and no
         secret held that quoting would have escaped: then `doc` may go out as it is."""
         text = "\x00".join(_texts(doc))
-        return not self._quoted and self(text) == text
+        return not self._state[1] and self(text) == text
 
     def __len__(self) -> int:
         """How many secrets it holds (each is looked for in all its spellings)."""
@@ -116,7 +117,7 @@ class Redactor:
         return self._known(text)  # and last, so that no pattern's output spells one either
 
     def _known(self, text: str) -> str:
-        for secret in self._values:
+        for secret in self._state[0]:
             text = text.replace(secret, "***")
         return text
 
