@@ -299,8 +299,10 @@ def requested(sandbox: Sandbox) -> set[str]:
 
 
 def plant(path: Path, kind: str, elsewhere: Path) -> int | None:
-    """What a producer (uid 65534) can put at the lock file's name; the descriptor of a file it
-    holds a flock on (naming a made-up holder), else None."""
+    """What a producer can put at a reserved name (the lock's, the canary's); the descriptor of
+    a file it holds a flock on (naming a made-up holder), else None. Only the locked file is
+    another user's (uid 65534): the rest stay the caller's (see test_producers_field.py for a
+    folder the service cannot empty)."""
     if kind == "symlink":
         path.symlink_to(elsewhere)
     elif kind == "fifo":

@@ -3,8 +3,11 @@ named, once, with a fix that works (the daemon runs as `nobody` in the drop grou
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+
+import pytest
 
 from tests.helpers import cli, done_soon, wait_for
 from tests.unprivileged import field, installed_layout
@@ -34,3 +37,49 @@ def test_a_type_folder_made_with_umask_0077_is_named_once_with_a_fix_that_works(
     assert len(f.events("folder_not_writable")) == 1  # once, not once per rescan
     assert not f.events("scan_failed")
     assert [e["folder"] for e in f.events("folder_writable")] == [str(other)]
+
+
+@pytest.mark.long
+def test_a_folder_a_producer_plants_at_the_lock_and_canary_names_is_moved_aside(sandbox, as_nobody):
+    """A producer's 0555 folder with a file in it cannot be emptied by the service: at the lock's
+    name the daemon exited 78 at every start (systemd gives up), at the canary's it judged a
+    canary never made and said the watch was deaf at every check."""
+    with field(as_nobody) as f:
+        installed_layout(f)
+
+        def planted(name: str) -> None:
+            folder = f.folders.drop / name
+            folder.mkdir()
+            f.produce(folder / "x.csv", b"theirs")
+            os.chown(folder, f.producer, f.drop_gid)
+            folder.chmod(0o555)
+
+        planted(".productiv-watcher.lock")
+        child = f.start(sandbox, PRODUCTIV_CANARY_SECONDS="0.3")
+        assert child.proc.poll() is None, child.stderr
+        planted(".productiv-watcher-canary.tmp")
+        canary = f.folders.drop / ".productiv-watcher-canary"
+
+        def swapped() -> bool:  # the daemon makes its canary anew meanwhile: try until it lands
+            with contextlib.suppress(FileNotFoundError):
+                canary.unlink()
+            with contextlib.suppress(NotADirectoryError, FileExistsError):
+                os.rename(f.folders.drop / ".productiv-watcher-canary.tmp", canary)
+                return True
+            return False
+
+        wait_for(swapped, what="a folder at the canary's name")
+        wait_for(lambda: f.events("canary_planted"), what="the canary's name cleared")
+        f.produce(f.folders.drop / "a.csv", b"a")
+        done_soon(f.folders, "a.csv", timeout=10)
+        f.stop()
+    [lock] = f.events("lock_planted")
+    assert (
+        "was a folder" in lock["message"]
+        and "moved aside to .productiv-watcher.lock.planted-1" in lock["message"]
+    )
+    assert any(
+        "moved aside to .productiv-watcher-canary.planted-1" in e["message"]
+        for e in f.events("canary_planted")
+    )
+    assert not f.events("watch_deaf")

@@ -19,8 +19,9 @@ from typing import Any
 from ..daemon import statusfile
 from ..daemon.instance import active_holder
 from ..disk.folders import FolderRefused, Folders
+from ..disk.renames import rename_noreplace
 from ..items import display, printable
-from ..pipeline.mover import SIDECAR_SUFFIX, candidate_names, rename_noreplace
+from ..pipeline.mover import SIDECAR_SUFFIX, candidate_names
 from ..pipeline.receipts import Journal
 from ..settings import FILE_TYPES, ConfigError, Paths, Settings, require_state_dir
 

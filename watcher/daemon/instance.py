@@ -27,7 +27,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import socket
 import stat
 import threading
@@ -38,6 +37,7 @@ from pathlib import Path
 
 from ..disk.folders import LOCK_NAME, kind_of
 from ..disk.owners import adopt_open
+from ..disk.renames import clear_reserved
 from ..items import utc_iso
 from ..logs import event
 from .notify import Notifier
@@ -144,13 +144,12 @@ class DropLock:
         raise OSError(errno.EAGAIN, "something keeps taking its name", str(self.path))
 
     def _remove(self, st: os.stat_result, why: str) -> None:
-        """Remove what a producer put at the lock file's name (it is reserved)."""
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISDIR(st.st_mode):
-                shutil.rmtree(self.path)
-            else:
-                os.unlink(self.path)
-        reason = f"{self.path} was {why}, not this daemon's lock file: removed"
+        """Clear the lock file's name (it is reserved) of what a producer put there."""
+        try:
+            how = clear_reserved(self.path, st)
+        except FileNotFoundError:
+            how = "gone meanwhile"
+        reason = f"{self.path} was {why}, not this daemon's lock file: {how}"
         event(log, "lock_planted", reason, level=logging.WARNING, lock=str(self.path))
 
     def holder(self) -> Holder:

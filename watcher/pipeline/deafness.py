@@ -4,24 +4,25 @@ and a canary file whose event never arrives (a mount that stopped sending events
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
-import shutil
 import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from ..disk.folders import kind_of
+from ..disk.renames import clear_reserved
 from ..items import Identity
 from ..logs import event
 
 log = logging.getLogger(__name__)
 
 CANARY_NAME = ".productiv-watcher-canary"
-# Made anew, never opened if anything is there: a producer's symlink is not followed (to the
-# journal, say), nor its FIFO waited on.
-CANARY_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# Made anew, never opened if anything is there (O_EXCL): a producer's symlink is not followed
+# (to the journal, say), nor its FIFO waited on.
+CANARY_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
 class Hung:
@@ -71,6 +72,7 @@ class Canary:
         self._clock = clock
         self._planted: float | None = None
         self._seen = True
+        self._failing = False  # said once, until a canary is made again
 
     def seen(self) -> None:
         """Called from the watchdog dispatcher thread for any event on the canary's path."""
@@ -82,29 +84,31 @@ class Canary:
         if self._planted is not None and now - self._planted < self.period:
             return True
         heard = self._seen or self._planted is None
-        self._seen = False
+        self._seen = False  # before the creation: its event may come at once
         try:
             self._clear()
             os.close(os.open(self.path, CANARY_FLAGS, 0o600))
-        except OSError:
-            return heard  # the folder is gone or read-only (the identity check says so), or a
-            # producer planted something again at once: the next period tries again
-        self._planted = now
+        except OSError as exc:
+            # The folder is gone or read-only (the identity check says so), or what a producer
+            # put at the name cannot be cleared: no canary, so none is judged at the next check.
+            self._planted = None
+            if exc.errno != errno.ENOENT and not self._failing:
+                self._failing = True
+                why = f"cannot make {self.path}: {exc.strerror}; no canary until it can be made"
+                event(log, "canary_planted", why, level=logging.WARNING, canary=str(self.path))
+            return heard
+        self._planted, self._failing = now, False
         return heard
 
     def _clear(self) -> None:
-        """Remove the last canary, or what a producer put at its name (the name is reserved),
-        saying so: a symlink, FIFO or folder is never followed or opened."""
+        """Clear the canary's name of the last canary, or of what a producer put there."""
         try:
             st = os.lstat(self.path)
         except FileNotFoundError:
             return
-        if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(self.path)
-        else:
-            os.unlink(self.path)
+        how = clear_reserved(self.path, st)
         if not stat.S_ISREG(st.st_mode):
-            why = f"{self.path} was a {kind_of(st.st_mode)}, not the daemon's canary: removed"
+            why = f"{self.path} was a {kind_of(st.st_mode)}, not the daemon's canary: {how}"
             event(log, "canary_planted", why, level=logging.WARNING, canary=str(self.path))
 
     def remove(self) -> None:

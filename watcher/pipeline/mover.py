@@ -1,15 +1,12 @@
 """The moves of stage 5: files leave the drop folder only by an atomic rename, never clobbering.
 
-Renames never overwrite: a name already taken gets a UTC timestamp (and a counter) before its
-suffix. The rename is `renameat2(RENAME_NOREPLACE)`, atomic and race-free; on filesystems
-without it, a hard link then unlink (never clobbers; a crash in between leaves the file in both
-places, so it is uploaded again: at-least-once, never lost).
+Renames never overwrite (disk/renames.py): a name already taken gets a UTC timestamp (and a
+counter) before its suffix.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import os
@@ -22,16 +19,13 @@ from typing import Any
 
 from ..disk.access import MOVE, UNIT_GROUP, Seen, current_user, drop_group, fix, nearest, refusal
 from ..disk.folders import CHECK_SECONDS, Folders
+from ..disk.renames import rename_noreplace
 from ..items import display, utc_iso
 from ..logs import REDACT
 from .fates import Blocked, blocked
 
 NAME_MAX_BYTES = 255
 SIDECAR_SUFFIX = ".error.json"
-_RENAME_NOREPLACE = 1
-_AT_FDCWD = -100
-_libc = ctypes.CDLL(None, use_errno=True)
-_renameat2 = getattr(_libc, "renameat2", None)
 
 
 def stamp(epoch: float) -> str:
@@ -63,30 +57,6 @@ def _fit(text: str, limit: int) -> str:
     while text and len(os.fsencode(text)) > limit:
         text = text[:-1]
     return text
-
-
-def rename_noreplace(
-    src: Path | str, dst: Path | str, src_dir: int | None = None, dst_dir: int | None = None
-) -> None:
-    """Rename src to dst (each relative to its folder's descriptor, when given); FileExistsError
-    when dst exists. Same filesystem only."""
-    if _renameat2 is not None:
-        if (
-            _renameat2(
-                _AT_FDCWD if src_dir is None else src_dir,
-                os.fsencode(src),
-                _AT_FDCWD if dst_dir is None else dst_dir,
-                os.fsencode(dst),
-                _RENAME_NOREPLACE,
-            )
-            == 0
-        ):
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise OSError(err, os.strerror(err), str(src), None, str(dst))
-    os.link(src, dst, src_dir_fd=src_dir, dst_dir_fd=dst_dir, follow_symlinks=False)
-    os.unlink(src, dir_fd=src_dir)
 
 
 class Mover:
