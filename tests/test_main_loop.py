@@ -20,6 +20,7 @@ from tests.conftest import Captured
 from tests.helpers import Child, Folders, cli, daemon_env, wait_for, write
 from watcher.commands.admin import matches, receipt_key
 from watcher.daemon.wakeup import Wakeup
+from watcher.pipeline.receipts import Journal
 from watcher.sandbox.productiv import Sandbox
 from watcher.settings import Settings, reloaded, unknown_variables
 
@@ -221,6 +222,28 @@ def test_retention_on_a_read_only_state_folder_deletes_nothing_unrecorded(
         assert (
             "Read-only file system" in failed["message"] and "nothing deleted" in failed["message"]
         )
+
+
+def test_a_receipt_write_the_full_disk_cuts_short_leaves_no_torn_line(folders):
+    """A nearly full disk took part of a batch without an error: the torn line swallowed the next
+    receipt too, and a retention sweep deleted files it had not recorded (attack pass)."""
+    with tmpfs(folders.root / "state", "64k") as state:
+        journal = Journal(state, 10 * 1024 * 1024, 5)
+        journal.append([{"file": "first.csv", "outcome": "uploaded"}])
+        before = (state / "receipts.jsonl").read_bytes()
+        filler = fill(state)
+        with filler.open("r+b") as out:
+            out.truncate(filler.stat().st_size - 4096)  # one page left: less than the batch
+        batch = [
+            {"file": f"burst-{n:03}-with-a-longish-name.csv", "outcome": "up"} for n in range(200)
+        ]
+        with pytest.raises(OSError):
+            journal.append(batch)
+        assert (state / "receipts.jsonl").read_bytes() == before  # none of it, not a torn part
+        filler.unlink()
+        journal.append([{"file": "after.csv", "outcome": "uploaded"}])
+        lines = (state / "receipts.jsonl").read_text().splitlines()
+        assert [json.loads(line)["file"] for line in lines] == ["first.csv", "after.csv"]
 
 
 def test_retention_of_a_name_that_is_not_utf8(daemon, folders, logs_json: Captured):

@@ -23,6 +23,7 @@ from ..disk.renames import rename_noreplace
 from ..items import display, utc_iso
 from ..logs import REDACT
 from .fates import Blocked, blocked
+from .receipts import write_whole
 
 NAME_MAX_BYTES = 255
 SIDECAR_SUFFIX = ".error.json"
@@ -266,7 +267,7 @@ def write_new(path: Path | str, text: str, mode: int = 0o640, dir_fd: int | None
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(path, flags, mode, dir_fd=dir_fd)
     try:
-        os.write(fd, text.encode("utf-8", "surrogateescape"))
+        write_whole(fd, text.encode("utf-8", "surrogateescape"))
         os.fsync(fd)
     except BaseException:
         os.close(fd)

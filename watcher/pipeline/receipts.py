@@ -7,6 +7,7 @@ searches it, newest first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -18,6 +19,21 @@ from ..disk.owners import adopt_open, make_folders
 from ..logs import REDACT
 
 NAME = "receipts.jsonl"
+
+
+def write_whole(fd: int, data: bytes) -> None:
+    """Append all of `data`, or none of it: a nearly full disk takes part of a write without an
+    error, and the torn line left behind would swallow the next receipt too. On any failure the
+    file is cut back to where it was, and the error raised."""
+    start = os.fstat(fd).st_size
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, start)
+        raise
 
 
 class Journal:
@@ -41,7 +57,7 @@ class Journal:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             try:
                 adopt_open(fd, self.folder)
-                os.write(fd, lines.encode())
+                write_whole(fd, lines.encode())
                 os.fsync(fd)
             finally:
                 os.close(fd)
