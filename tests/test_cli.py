@@ -91,6 +91,32 @@ def test_done_on_another_filesystem_is_exit_78(sandbox, folders):
     assert "done_dir" in result.stderr and "filesystem" in result.stderr
 
 
+@pytest.mark.parametrize("mounted", ["done", "drop"])
+def test_a_bind_mount_of_the_same_filesystem_between_drop_and_done_is_exit_78(
+    sandbox, folders, mounted
+):
+    """Same st_dev, so it passed: then every rename failed (EXDEV), no file was ever moved, and
+    every restart uploaded them all again (attack pass)."""
+    real = folders.root / f"real-{mounted}"
+    real.mkdir()
+    target = folders.done if mounted == "done" else folders.drop
+    target.mkdir(exist_ok=True)
+    bind = subprocess.run(
+        ["mount", "--bind", str(real), str(target)], check=False, capture_output=True
+    )
+    if bind.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {bind.stderr.decode().strip()}")
+    try:
+        env = daemon_env(sandbox, folders)
+        ran, checked = cli("run", env=env), cli("check", env=env)
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+    assert ran.returncode == 78, ran.stderr
+    assert "is on another mount of the drop folder's filesystem (a bind mount)" in ran.stderr
+    assert checked.returncode == 1 and "folders: FAIL done_dir" in checked.stdout, checked.stdout
+    assert "Traceback" not in ran.stderr + checked.stderr
+
+
 def test_check_reports_and_exits_0_when_all_is_well(sandbox, folders):
     result = cli("check", env=daemon_env(sandbox, folders))
     assert result.returncode == 0, result.stdout + result.stderr

@@ -17,6 +17,7 @@ import functools
 import grp
 import os
 import pwd
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,10 +236,42 @@ def _basics(settings: Settings) -> tuple[list[tuple[str, Path]], list[str]]:
 
 
 def _apart(name: str, wanted: Path, drop: Path) -> list[str]:
-    """done/ and failed/ must be on the drop folder's filesystem: files move by rename."""
-    if name not in ("done_dir", "failed_dir") or nearest(wanted)[1].st_dev == drop.stat().st_dev:
+    """done/ and failed/ must be on the drop folder's filesystem, and on its mount: files move
+    by rename, which cannot cross either (EXDEV), not even a bind mount of the same filesystem."""
+    if name not in ("done_dir", "failed_dir"):
         return []
-    return [f"{name} {wanted} is not on the drop folder's filesystem (files move by rename)"]
+    where = nearest(wanted)[0]
+    if os.stat(where).st_dev != drop.stat().st_dev:
+        return [f"{name} {wanted} is not on the drop folder's filesystem (files move by rename)"]
+    if mount_of(where) != mount_of(drop):
+        return [
+            f"{name} {wanted} is on another mount of the drop folder's filesystem (a bind"
+            f" mount): files move by rename, which cannot cross mounts; use folders under one"
+            f" mount ({mount_of(drop) or '?'})"
+        ]
+    return []
+
+
+def mount_of(path: Path, table: str = "/proc/self/mountinfo") -> str | None:
+    """The mount point of the mount that holds `path` (its real path), from the mount table;
+    None when there is no table to read."""
+    try:
+        with open(table, encoding="utf-8", errors="surrogateescape") as lines:
+            points = [_unescape(line.split()[4]) for line in lines]
+    except (OSError, IndexError):
+        return None
+    real = os.path.realpath(path)
+    best = None  # the longest mount point above it; the last of equals (mounted over) wins
+    for point in points:
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best)):
+            best = point
+    return best
+
+
+def _unescape(field: str) -> str:
+    """A mount table's field: space, tab, newline and backslash are written as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def folder_report(settings: Settings, user: User) -> tuple[list[str], list[str]]:
