@@ -22,6 +22,7 @@ from watcher.pipeline.fates import (
     Next,
     Stuck,
     decide,
+    fix_for_error,
     moved_intact,
 )
 from watcher.pipeline.finisher import Finisher
@@ -309,3 +310,17 @@ def test_one_batch_judges_a_folder_once_but_a_sticky_folder_for_each_file(tmp_pa
     assert mover.blocker(mine, seen) is None  # and again: sticky verdicts are never shared
     first = mover.blocker(drop / "users" / "a.csv", seen)  # root's 0700 folder: refused
     assert first is not None and mover.blocker(drop / "users" / "b.csv", seen) == first
+
+
+@pytest.mark.parametrize(
+    ("number", "words"),
+    [
+        (errno.ENOSPC, "free space"),
+        (errno.EROFS, "read-write"),
+        (errno.EACCES, "ACLs"),
+        (errno.EXDEV, "drop folder's mount"),  # it said "see the reason": a cross-device link
+        (None, "see the reason"),
+    ],
+)
+def test_a_move_refused_for_a_reason_the_mode_does_not_show_gets_its_own_fix(number, words):
+    assert words in fix_for_error(number)

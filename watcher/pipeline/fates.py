@@ -147,6 +147,8 @@ def fix_for_error(number: int | None) -> str:
         return "mount it read-write"
     if number in (errno.EACCES, errno.EPERM):
         return "check its ACLs and security labels (getfacl, ls -Z) and attributes (lsattr)"
+    if number == errno.EXDEV:
+        return "put done/ and failed/ on the drop folder's mount (a bind mount is another)"
     return "see the reason"
 
 
