@@ -151,7 +151,11 @@ def test_upload_sends_the_named_files_without_moving_them(sandbox, tmp_path):
     a.write_bytes(b"a")
     b = tmp_path / "b.csv"
     b.write_bytes(b"b")
-    result = cli("upload", "--type", "contracts", str(a), str(b), str(a), env=sandbox.env())
+    again = tmp_path / "sub" / ".." / "a.csv"  # the same file, spelled another way
+    (tmp_path / "sub").mkdir()
+    result = cli(
+        "upload", "--type", "contracts", str(a), str(b), str(a), str(again), env=sandbox.env()
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert sandbox.stored("a.csv", "contracts") == b"a" and a.exists()
     assert result.stdout.count("uploaded") == 2

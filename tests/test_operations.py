@@ -4,6 +4,7 @@ knows when it has gone deaf."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -21,6 +22,9 @@ import pytest
 
 from tests.conftest import Captured
 from tests.helpers import Child, Folders, cli, done_soon, plant, receipts, wait_for, write
+from watcher.daemon import statusfile
+from watcher.daemon.instance import DropLock
+from watcher.disk.folders import LOCK_NAME
 from watcher.items import printable
 from watcher.pipeline.deafness import CANARY_NAME, HUNG, Canary, StatProbe
 from watcher.pipeline.receipts import Journal
@@ -187,6 +191,48 @@ def test_status_reads_a_damaged_journal_and_never_lets_a_name_forge_a_line(folde
     ]
     one = cli("status", "payroll.csv", config=config)
     assert one.returncode == 1 and "no receipt for payroll.csv" in one.stdout, one.stdout
+
+
+def test_status_of_a_daemon_that_cannot_write_its_status_file_says_so_and_exits_0(folders, sandbox):
+    """It said "not running" and exited 3 while the lock's holder ran on, uploading (a full
+    state folder): monitoring would have called the service down (attack pass)."""
+    state = folders.root / "state"
+    state.mkdir(exist_ok=True)
+    old = {"state": "running", "pid": os.getpid(), "updated_epoch": time.time() - 3600}
+    (state / "status.json").write_text(json.dumps({**old, "updated": "an hour ago"}))
+    lock = DropLock(folders.drop)
+    assert lock.acquire() is None
+    try:
+        result = cli("status", config=config_file(folders, sandbox))
+        as_json = json.loads(cli("status", "--json", config=config_file(folders, sandbox)).stdout)
+    finally:
+        lock.release()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"running, but {state / 'status.json'} is not kept up to date" in result.stdout
+    assert as_json["running"] and as_json["status_stale"]
+
+
+@pytest.mark.parametrize("pid", [0, -1, [1], 1e20, "x", None])
+def test_a_status_file_with_a_pid_no_daemon_writes_describes_no_live_daemon(pid):
+    doc = {"state": "running", "pid": pid, "updated_epoch": time.time()}
+    assert not statusfile.running(doc, time.time())  # pid 0 was "alive", [1] a traceback
+
+
+def test_status_never_lets_the_lock_files_holder_forge_a_line(folders, sandbox):
+    """The holder's host is read from the lock file, which a producer can make and flock."""
+    forged = "ghost\n  2026-11-30T04:00:00Z uploaded payroll.csv sha256 00\x1b[31m"
+    path = folders.drop / LOCK_NAME
+    path.write_text(json.dumps({"pid": 1, "host": forged}))
+    with path.open() as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (folders.root / "state").mkdir(exist_ok=True)
+        (folders.root / "state" / "receipts.jsonl").write_text('{"file": "\\ud800.csv"}\n')
+        result = cli("status", config=config_file(folders, sandbox))
+    assert "Traceback" not in result.stderr, result.stderr
+    assert (
+        "active instance: pid 1 on ghost\\n  2026-11-30T04:00:00Z uploaded payroll" in result.stdout
+    )
+    assert "\x1b" not in result.stdout and "\\ud800.csv" in result.stdout, result.stdout
 
 
 def test_printable_escapes_what_could_forge_a_line_or_rewrite_the_screen():

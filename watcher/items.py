@@ -63,8 +63,13 @@ class Item:
 
 
 def display(text: str) -> str:
-    """A name fit for logs and JSON: bytes that are not UTF-8 are shown as \\xNN escapes."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A name fit for logs and JSON: bytes that are not UTF-8 are shown as \\xNN escapes (and a
+    lone surrogate that stands for no byte, from a JSON text say, as \\udNNN)."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def printable(text: str) -> str:

@@ -53,19 +53,23 @@ def status(settings: Settings, file: str | None, as_json: bool) -> int:
     alive = statusfile.running(doc, time.time())
     recent = [r for r, _ in zip(journal.newest_first(), range(5), strict=False)]
     holder = None if settings.drop_dir is None else active_holder(settings.drop_dir)
+    stale = holder is not None and not alive  # it runs (it holds the lock), but cannot say so
     if as_json:
         active = None if holder is None else {"pid": holder.pid, "host": holder.host}
-        out = {"running": alive, "active": active, "status": doc, "recent": recent}
-        print(json.dumps(out, indent=1))
+        out = {"running": alive or stale, "active": active, "status": doc, "recent": recent}
+        print(json.dumps({**out, "status_stale": stale}, indent=1))
     else:
         print(f"active instance: {holder.describe() if holder else 'none holds the drop folder'}")
+        if stale:
+            path = journal.folder / statusfile.NAME
+            print(f"running, but {path} is not kept up to date: is its folder full or read-only?")
         try:
             print(_describe(doc, alive))
-        except (KeyError, TypeError, ValueError, AttributeError):
+        except (KeyError, TypeError, ValueError):
             print(f"the status file {journal.folder / statusfile.NAME} is damaged: not described")
         for receipt in recent:
             print("  " + _receipt_line(receipt))
-    return 0 if alive else NOT_RUNNING
+    return 0 if alive or stale else NOT_RUNNING
 
 
 def _describe(doc: dict[str, Any] | None, alive: bool) -> str:

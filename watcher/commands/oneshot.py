@@ -36,9 +36,11 @@ def upload_files(settings: Settings, paths: list[Path], file_type: str | None) -
     )
     results: dict[Path, str] = {}
     pending: list[Item] = []
-    for path in dict.fromkeys(paths):  # a file named twice is sent once
+    for path in paths:
         try:
             real = path.resolve(strict=True)
+            if any(item.path == real for item in pending):
+                continue  # the same file named twice (or spelled two ways) is sent once
             pending.append(
                 Item(
                     Spot(real, display(str(path)), path.name, file_type), Snapshot.of(os.stat(real))

@@ -38,7 +38,7 @@ from pathlib import Path
 from ..disk.folders import LOCK_NAME, kind_of
 from ..disk.owners import adopt_open
 from ..disk.renames import clear_reserved
-from ..items import utc_iso
+from ..items import printable, utc_iso
 from ..logs import event
 from .notify import Notifier
 
@@ -59,7 +59,10 @@ class Holder:
     since: str | None = None
 
     def describe(self) -> str:
-        return "another instance" if self.pid is None else f"pid {self.pid} on {self.host}"
+        """As the holder wrote it, a producer perhaps: never more than one printable line."""
+        if self.pid is None:
+            return "another instance"
+        return f"pid {self.pid} on {printable(self.host)}"
 
 
 def planted(st: os.stat_result, owners: set[int]) -> str | None:

@@ -52,11 +52,19 @@ def running(doc: dict[str, Any] | None, now: float) -> bool:
         return False  # not as a daemon writes it: describes no live one
     if doc.get("host", socket.gethostname()) != socket.gethostname():
         return True
+    return _alive(doc.get("pid"))
+
+
+def _alive(pid: Any) -> bool:
+    """Is there a process with this pid (as the status file has it) on this host?"""
     try:
-        os.kill(int(doc["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, KeyError, ValueError):
+        number = int(pid)
+        if number <= 0:  # 0 would be this process group: "alive" whatever the file says
+            return False
+        os.kill(number, 0)
+    except (TypeError, ValueError, OverflowError, ProcessLookupError):
+        return False  # no such process, or not a pid as a daemon writes it
+    except PermissionError:
         pass  # another user's process (systemd runs it as its own user): alive
     return True
 
