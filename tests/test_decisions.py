@@ -238,6 +238,7 @@ def test_candidate_names_are_distinct_and_fit(name, reserve):
     names = list(candidate_names(name, NOON, reserve))[:50]
     assert len(set(names)) == len(names)
     assert all(len(os.fsencode(n)) <= NAME_MAX_BYTES - reserve for n in names)
+    assert name.startswith(".") or not any(n.startswith(".") for n in names)
 
 
 @pytest.mark.parametrize(
@@ -247,6 +248,7 @@ def test_candidate_names_are_distinct_and_fit(name, reserve):
         "Acme Inc. " + "quarterly licence usage export " * 8,  # 250 bytes, no extension
         "\u5831\u544a." + "\u6570" * 80,  # 80 CJK characters after the dot: 246 bytes
         "x" * 230 + "." + "y" * 24,
+        "\u5831." + "y" * 232,  # room for the stamp, not for the stem's first (3-byte) character
     ],
 )
 @pytest.mark.parametrize("reserve", [0, len(".error.json")])
@@ -259,10 +261,12 @@ def test_a_long_name_with_an_early_dot_gets_its_stamp_at_the_end(name, reserve):
     assert all(len(os.fsencode(n)) <= NAME_MAX_BYTES - reserve for n in tried)
     assert all(n.startswith(name[:8]) for n in tried)
     stamped = [n for n in tried if n != name]
-    suffix = name.rpartition(".")[2]
-    kept = re.compile(rf"\.20261127T071500Z(-\d)?\.{suffix}")  # a short suffix stays last
-    at_end = re.compile(r"\.20261127T071500Z(-\d)?")  # a long one is part of the stem
-    rule = kept if len(suffix.encode()) < 200 else at_end
+    assert not any(n.startswith(".") for n in stamped)  # never a hidden name without a stem
+    stem, _, suffix = name.rpartition(".")
+    room = NAME_MAX_BYTES - reserve - len(f".20261127T071500Z-999.{suffix}".encode())
+    kept = re.compile(rf"\.20261127T071500Z(-\d)?\.{suffix}")  # the suffix stays last
+    at_end = re.compile(r"\.20261127T071500Z(-\d)?")  # no room: it is part of the stem
+    rule = kept if len(stem[:1].encode()) <= room else at_end
     assert all(rule.search(n) and rule.search(n).end() == len(n) for n in stamped), stamped
 
 

@@ -42,8 +42,8 @@ def candidate_names(name: str, epoch: float, reserve: int = 0) -> Iterator[str]:
     """
     limit = NAME_MAX_BYTES - reserve
     stem, dot, suffix = name.rpartition(".")
-    longest_tail = len(os.fsencode(f".{stamp(epoch)}-999.{suffix}"))
-    if not stem or dot != "." or longest_tail >= limit:  # no suffix, ".profile", or no room
+    longest = len(os.fsencode(f"{stem[:1]}.{stamp(epoch)}-999.{suffix}"))  # one character of stem
+    if not stem or dot != "." or longest > limit:  # no suffix, ".profile", or no room
         stem, suffix = name, ""
     else:
         suffix = "." + suffix
