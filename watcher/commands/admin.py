@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import re
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 from ..daemon import statusfile
 from ..daemon.instance import active_holder
-from ..disk.folders import FolderRefused, Folders
+from ..disk.folders import Folders, kind_of
 from ..disk.renames import rename_noreplace
 from ..items import display, printable
 from ..pipeline.mover import SIDECAR_SUFFIX, candidate_names
@@ -197,7 +198,7 @@ def retry_failed(
     except ValueError as exc:
         raise ConfigError(f"--older-than: {exc}") from None
     now = time.time()
-    drops = Folders(drop, create=not dry_run)  # a dry run makes no folder
+    drops = Folders(drop, create=True)  # used only to move: a dry run makes nothing
     moved = refused = 0
     for path, sidecar in failed_files(failed):
         if reason and reason.lower() not in str(sidecar.get("reason", "")).lower():
@@ -222,21 +223,10 @@ def retry_failed(
 
 def _move_back(path: Path, drops: Folders, sub: str, now: float, dry_run: bool) -> str:
     """Rename a failed file into drop/ (its type folder), under the first free name; the name.
-    OSError naming the type folder when it is not a real folder."""
+    OSError naming the type folder when it is not a real folder (a dry run says the same)."""
     if dry_run:
-        try:
-            with drops.folder(sub):
-                pass
-        except FolderRefused:
-            text = f"{drops.root.name}/{sub} is not a folder: move it away"
-            raise NotADirectoryError(errno.ENOTDIR, text) from None
-        except FileNotFoundError:
-            return path.name  # the type folder would be made: its name is free
+        return _free_name(path.name, drops.root, sub, now)
     for name in candidate_names(path.name, now):
-        if dry_run:
-            if not drops.exists(sub, name):
-                return name
-            continue
         try:
             with drops.folder(sub) as folder:
                 rename_noreplace(path, name, dst_dir=folder)
@@ -244,6 +234,22 @@ def _move_back(path: Path, drops: Folders, sub: str, now: float, dry_run: bool) 
             continue
         path.with_name(path.name + SIDECAR_SUFFIX).unlink(missing_ok=True)
         return name
+    raise FileExistsError(errno.EEXIST, "no free name in the drop folder")
+
+
+def _free_name(name: str, drop: Path, sub: str, now: float) -> str:
+    """The name a move back would take, found without making or moving anything."""
+    folder = drop / sub
+    try:
+        st = os.lstat(folder)
+    except FileNotFoundError:
+        return name  # the type folder would be made: every name is free
+    if not stat.S_ISDIR(st.st_mode):
+        text = f"{drop.name}/{sub} is a {kind_of(st.st_mode)}, not a folder: move it away"
+        raise NotADirectoryError(errno.ENOTDIR, text)
+    for candidate in candidate_names(name, now):
+        if not os.path.lexists(folder / candidate):
+            return candidate
     raise FileExistsError(errno.EEXIST, "no free name in the drop folder")
 
 
