@@ -82,6 +82,24 @@ def test_a_removed_lock_file_is_taken_back_or_lost(sandbox: Sandbox, folders: Fo
         service.api.close()
 
 
+def test_an_instance_that_ran_without_the_lock_says_so_when_another_has_it(
+    sandbox: Sandbox, folders: Folders, logs_json
+):
+    """A full disk at start: it ran without the lock file; once another made and took it, it
+    said the file "was removed or replaced", which nobody had done (attack pass)."""
+    service = Service(make_settings(sandbox, folders))
+    other = DropLock(folders.drop)
+    try:
+        service._lock_deferred = True  # as _try_lock leaves it when the file cannot be made
+        assert other.acquire() is None
+        assert not service._keep_lock()
+    finally:
+        other.release()
+        service.api.close()
+    [lost] = logs_json.events("lock_lost")
+    assert "which this one could not" in lost["message"] and "removed" not in lost["message"]
+
+
 NEEDS_ROOT = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root to give a file to another user: run `make test` as root"
 )

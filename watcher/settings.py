@@ -126,7 +126,7 @@ def read_credential(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as exc:
-        raise ConfigError(f"credential file {path} cannot be read: {exc.strerror}") from None
+        raise ConfigError(f"credential file {path} cannot be read: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"credential file {path} is not UTF-8 (byte {exc.start})") from None
 

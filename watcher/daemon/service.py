@@ -317,12 +317,11 @@ class Service:
                 self._lock_deferred = False
                 event(log, "lock_restored", level=logging.WARNING, lock=str(self.lock.path))
             return True
-        event(
-            log,
-            "lock_lost",
-            f"{self.lock.path} was removed or replaced, and {holder.describe()} holds it now",
-            level=logging.CRITICAL,
-        )
+        if self._lock_deferred:  # it never held the lock: nothing was removed or replaced
+            why = f"{holder.describe()} made and holds {self.lock.path}, which this one could not"
+        else:
+            why = f"{self.lock.path} was removed or replaced, and {holder.describe()} holds it now"
+        event(log, "lock_lost", why, level=logging.CRITICAL)
         return False
 
     # -- threads ---------------------------------------------------------------------------
