@@ -532,19 +532,46 @@ def test_a_secret_that_quoting_escapes_is_scrubbed_in_both_log_formats(
 
 
 @pytest.mark.parametrize(
-    "secret", ["back\\slashXY", "quote\"mark'Zq", "s\u00e9cr\u00e9t+/=Kwonly", "tab\tstopQj"]
+    "secret",
+    [
+        "back\\slashXY",
+        "quote\"mark'Zq",
+        "it'sOnlyOneQuote",  # repr quotes it with ", and then escapes no ' at all
+        "s\u00e9cr\u00e9t+/=Kwonly",
+        "tab\tstopQj",
+        "emoji\U0001f600Astral",
+    ],
 )
 @pytest.mark.parametrize(
     "spelled",
     [
         lambda s: json.dumps(s)[1:-1],  # an echoed JSON body, logged as text
         lambda s: json.dumps(s, ensure_ascii=False)[1:-1],
+        lambda s: json.dumps(json.dumps(s)),  # JSON inside JSON
         lambda s: repr(RuntimeError(f"refused {s}")),  # an exception inside another's message
+        lambda s: repr(RuntimeError(f'refused "{s}"')),  # ... which picks its own quotes
+        lambda s: repr(RuntimeError(repr(RuntimeError(s)))),  # two levels deep
         lambda s: repr(s.encode()),
+        lambda s: ascii(s),
         lambda s: quote(s, safe=""),  # a form or a URL
+        lambda s: quote(s),  # "/" kept
+        lambda s: re.sub("%[0-9A-F]{2}", lambda m: m.group(0).lower(), quote(s, safe="")),
         lambda s: quote_plus(s),
     ],
-    ids=["json", "json-utf8", "repr", "repr-bytes", "percent", "form"],
+    ids=[
+        "json",
+        "json-utf8",
+        "json-in-json",
+        "repr",
+        "repr-quoted",
+        "repr-nested",
+        "repr-bytes",
+        "ascii",
+        "percent",
+        "percent-path",
+        "percent-lower",
+        "form",
+    ],
 )
 @pytest.mark.parametrize("formatter", [JsonFormatter(), TextFormatter()], ids=["json", "text"])
 def test_a_secret_already_escaped_in_the_text_is_scrubbed_too(

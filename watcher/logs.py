@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TextIO
-from urllib.parse import quote, quote_plus
 
 # A query string, as in every signed URL: `?k=v...`, or `?flag&k=v...` (S3's `?x-id&X-Amz-...`).
 # A '?' inside a file name is kept. A backslash ends it, so that JSON text stays valid.
@@ -64,9 +63,10 @@ class Redactor:
     def __init__(self) -> None:
         self._configured: tuple[str, ...] = ()
         self._tokens: deque[str] = deque(maxlen=TOKENS_KEPT)
-        # Read unlocked, so replaced whole, in one assignment: every spelling of both, longest
-        # first; and whether one of them has a character that JSON escapes.
-        self._state: tuple[tuple[str, ...], bool] = ((), False)
+        # Read unlocked, so replaced whole, in one assignment: a pattern for every spelling of
+        # each (longest first, with the plain text every spelling keeps, to look for first); and
+        # whether one of them has a character that JSON escapes.
+        self._state: tuple[tuple[Spelled, ...], bool] = ((), False)
         self._lock = threading.Lock()
 
     def add(self, values: Iterable[str]) -> None:
@@ -87,8 +87,8 @@ class Redactor:
 
     def _refresh(self) -> None:
         held = (*self._configured, *self._tokens)
-        every = sorted({form for value in held for form in spellings(value)}, key=len, reverse=True)
-        self._state = (tuple(every), any(_QUOTED.search(value) for value in held))
+        patterns = tuple(spelled(value) for value in sorted(set(held), key=len, reverse=True))
+        self._state = (patterns, any(_QUOTED.search(value) for value in held))
 
     def spotless(self, doc: Any) -> bool:
         """Nothing to scrub in any text of `doc` (keys and values, before any quoting), and no
@@ -117,8 +117,9 @@ class Redactor:
         return self._known(text)  # and last, so that no pattern's output spells one either
 
     def _known(self, text: str) -> str:
-        for secret in self._state[0]:
-            text = text.replace(secret, "***")
+        for kept, pattern in self._state[0]:
+            if kept in text:  # "" for a secret with no plain run: always looked for
+                text = pattern.sub("***", text)
         return text
 
     def doc(self, doc: Any, *, names: bool = False) -> Any:
@@ -143,19 +144,41 @@ class Redactor:
         return self(str(doc))  # a Path, say: what JSON would have written
 
 
-def spellings(secret: str) -> set[str]:
-    """The ways a secret can be written in a text that reaches a log line: as it is, escaped as
-    JSON or by repr (an echoed body, an exception's arguments inside another's message: a
-    backslash doubled) and percent-encoded (a form, a URL)."""
-    return {
-        secret,
-        json.dumps(secret)[1:-1],
-        json.dumps(secret, ensure_ascii=False)[1:-1],
-        repr(secret)[1:-1],
-        repr(secret.encode("utf-8", "surrogateescape"))[2:-1],
-        quote(secret, safe=""),
-        quote_plus(secret, safe=""),
-    }
+Spelled = tuple[str, "re.Pattern[str]"]  # (a plain run every spelling keeps, the pattern)
+_PLAIN = re.compile(r"[A-Za-z0-9_.~-]+")  # never escaped by JSON, repr or percent-encoding
+_LETTER_ESCAPES = {"\n": "n", "\t": "t", "\r": "r", "\b": "b", "\f": "f", "\v": "v", "\a": "a"}
+
+
+def spelled(secret: str) -> Spelled:
+    r"""A secret, found in any spelling it can arrive in: as it is; escaped by JSON, repr or
+    ascii() (an echoed body, an exception's arguments inside another's message, at any depth of
+    nesting, so behind any run of backslashes: `it\'s`, `back\\slash`, `\xe9`, `\u00e9`,
+    `\ud83d\ude00`, `\xc3\xa9`); and percent-encoded in either case (a form, a URL: `%2B`, `%2b`,
+    `+` for a space)."""
+    pieces = [re.escape(c) if _PLAIN.fullmatch(c) else _any_spelling(c) for c in secret]
+    kept = max(_PLAIN.findall(secret), key=len, default="")
+    return (kept if len(kept) >= 3 else ""), re.compile("".join(pieces))
+
+
+def _any_spelling(c: str) -> str:
+    """A regex for one character that some spelling escapes (hex digits in either case)."""
+    cp, escape = ord(c), r"\\+"  # an escape's backslash, doubled once per level of nesting
+    data = c.encode("utf-8", "surrogateescape" if 0xDC80 <= cp <= 0xDCFF else "surrogatepass")
+    ways = [r"\\*" + re.escape(c)]
+    if c in _LETTER_ESCAPES:
+        ways.append(escape + _LETTER_ESCAPES[c])
+    if cp < 0x100:
+        ways.append(f"{escape}x{cp:02x}")
+    if cp < 0x10000:
+        ways.append(f"{escape}u{cp:04x}")
+    else:
+        high, low = 0xD800 + ((cp - 0x10000) >> 10), 0xDC00 + ((cp - 0x10000) & 0x3FF)
+        ways += [f"{escape}U{cp:08x}", f"{escape}u{high:04x}{escape}u{low:04x}"]
+    ways.append("".join(f"{escape}x{b:02x}" for b in data))  # in a bytes repr, byte by byte
+    ways.append("".join(f"%{b:02x}" for b in data))
+    if c == " ":
+        ways.append(r"\+")
+    return "(?i:" + "|".join(ways) + ")"
 
 
 def _texts(doc: Any) -> Iterator[str]:
