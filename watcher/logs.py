@@ -10,6 +10,7 @@ the sidecars, receipts and status file (`REDACT.doc`) and the commands' output (
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import io
 import json
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TextIO
+from urllib.parse import unquote, unquote_plus
 
 # A query string, as in every signed URL: `?k=v...`, or `?flag&k=v...` (S3's `?x-id&X-Amz-...`).
 # A '?' inside a file name is kept. A backslash ends it, so that JSON text stays valid.
@@ -63,10 +65,9 @@ class Redactor:
     def __init__(self) -> None:
         self._configured: tuple[str, ...] = ()
         self._tokens: deque[str] = deque(maxlen=TOKENS_KEPT)
-        # Read unlocked, so replaced whole, in one assignment: a pattern for every spelling of
-        # each (longest first, with the plain text every spelling keeps, to look for first); and
-        # whether one of them has a character that JSON escapes.
-        self._state: tuple[tuple[Spelled, ...], bool] = ((), False)
+        # Read unlocked, so replaced whole, in one assignment: both, longest first; and whether
+        # one of them has a character that JSON escapes.
+        self._state: tuple[tuple[str, ...], bool] = ((), False)
         self._lock = threading.Lock()
 
     def add(self, values: Iterable[str]) -> None:
@@ -87,8 +88,8 @@ class Redactor:
 
     def _refresh(self) -> None:
         held = (*self._configured, *self._tokens)
-        patterns = tuple(spelled(value) for value in sorted(set(held), key=len, reverse=True))
-        self._state = (patterns, any(_QUOTED.search(value) for value in held))
+        values = tuple(sorted(set(held), key=len, reverse=True))
+        self._state = (values, any(_QUOTED.search(value) for value in held))
 
     def spotless(self, doc: Any) -> bool:
         """Nothing to scrub in any text of `doc` (keys and values, before any quoting), and no
@@ -97,7 +98,7 @@ class Redactor:
         return not self._state[1] and self(text) == text
 
     def __len__(self) -> int:
-        """How many secrets it holds (each is looked for in all its spellings)."""
+        """How many secrets it holds."""
         return len(self._configured) + len(self._tokens)
 
     def __call__(self, text: str) -> str:
@@ -117,9 +118,16 @@ class Redactor:
         return self._known(text)  # and last, so that no pattern's output spells one either
 
     def _known(self, text: str) -> str:
-        for kept, pattern in self._state[0]:
-            if kept in text:  # "" for a secret with no plain run: always looked for
-                text = pattern.sub("***", text)
+        """Each secret as itself replaced; a text where one shows only once its escapes are
+        undone (`repr`, JSON, percent-encoding, nested) is withheld whole: the escaped spelling
+        cannot be cut out of it exactly, and a regex for every spelling was quadratic."""
+        secrets = self._state[0]
+        for secret in secrets:
+            text = text.replace(secret, "***")
+        if not secrets or not _ESCAPES.search(text):
+            return text  # nothing escaped: most lines
+        if any(secret in view for view in escaped_views(text) for secret in secrets):
+            return WITHHELD
         return text
 
     def doc(self, doc: Any, *, names: bool = False) -> Any:
@@ -144,41 +152,47 @@ class Redactor:
         return self(str(doc))  # a Path, say: what JSON would have written
 
 
-Spelled = tuple[str, "re.Pattern[str]"]  # (a plain run every spelling keeps, the pattern)
-_PLAIN = re.compile(r"[A-Za-z0-9_.~-]+")  # never escaped by JSON, repr or percent-encoding
-_LETTER_ESCAPES = {"\n": "n", "\t": "t", "\r": "r", "\b": "b", "\f": "f", "\v": "v", "\a": "a"}
+WITHHELD = "*** (withheld whole: a secret was in it, escaped)"
+_ESCAPES = re.compile(r"[\\%+]")  # a text without any has no escaped view
+_ESCAPE = re.compile(r"\\(?:x([0-9a-fA-F]{2})|u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8})|(.))", re.S)
+_LETTERS = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f", "v": "\v", "a": "\a", "0": "\0"}
+ESCAPE_LEVELS = 4  # JSON in JSON, an exception's repr inside another's: levels of escaping undone
 
 
-def spelled(secret: str) -> Spelled:
-    r"""A secret, found in any spelling it can arrive in: as it is; escaped by JSON, repr or
-    ascii() (an echoed body, an exception's arguments inside another's message, at any depth of
-    nesting, so behind any run of backslashes: `it\'s`, `back\\slash`, `\xe9`, `\u00e9`,
-    `\ud83d\ude00`, `\xc3\xa9`); and percent-encoded in either case (a form, a URL: `%2B`, `%2b`,
-    `+` for a space)."""
-    pieces = [re.escape(c) if _PLAIN.fullmatch(c) else _any_spelling(c) for c in secret]
-    kept = max(_PLAIN.findall(secret), key=len, default="")
-    return (kept if len(kept) >= 3 else ""), re.compile("".join(pieces))
+def escaped_views(text: str) -> list[str]:
+    r"""The text as it reads with its escapes undone, one level after another (JSON, repr and
+    ascii() escapes: `\\`, `\'`, `\n`, `\xe9`, `\u00e9`, a surrogate pair, a bytes repr's UTF-8),
+    and percent-decoded (a form, a URL, in either case): where an escaped secret shows as itself.
+    Each view is linear in the text; a text with no backslash, `%` or `+` has none."""
+    views: list[str] = []
+    if "%" in text or "+" in text:
+        views += [unquote(text, errors="surrogateescape"), unquote_plus(text)]
+    for start in [text, *views]:
+        level = start
+        for _ in range(ESCAPE_LEVELS):
+            if "\\" not in level:
+                break
+            level = _ESCAPE.sub(_unescaped, level)
+            views += [level, *_recoded(level)]
+    return views
 
 
-def _any_spelling(c: str) -> str:
-    """A regex for one character that some spelling escapes (hex digits in either case)."""
-    cp, escape = ord(c), r"\\+"  # an escape's backslash, doubled once per level of nesting
-    data = c.encode("utf-8", "surrogateescape" if 0xDC80 <= cp <= 0xDCFF else "surrogatepass")
-    ways = [r"\\*" + re.escape(c)]
-    if c in _LETTER_ESCAPES:
-        ways.append(escape + _LETTER_ESCAPES[c])
-    if cp < 0x100:
-        ways.append(f"{escape}x{cp:02x}")
-    if cp < 0x10000:
-        ways.append(f"{escape}u{cp:04x}")
-    else:
-        high, low = 0xD800 + ((cp - 0x10000) >> 10), 0xDC00 + ((cp - 0x10000) & 0x3FF)
-        ways += [f"{escape}U{cp:08x}", f"{escape}u{high:04x}{escape}u{low:04x}"]
-    ways.append("".join(f"{escape}x{b:02x}" for b in data))  # in a bytes repr, byte by byte
-    ways.append("".join(f"%{b:02x}" for b in data))
-    if c == " ":
-        ways.append(r"\+")
-    return "(?i:" + "|".join(ways) + ")"
+def _unescaped(match: re.Match[str]) -> str:
+    hexes = match.group(1) or match.group(2) or match.group(3)
+    if hexes is not None:
+        return chr(min(int(hexes, 16), 0x10FFFF))
+    return _LETTERS.get(match.group(4), match.group(4))
+
+
+def _recoded(text: str) -> list[str]:
+    r"""The same text with a surrogate pair joined (JSON's spelling of an astral character), and
+    with \xNN bytes read as UTF-8 (a bytes repr): one of them may spell the secret."""
+    found = []
+    with contextlib.suppress(UnicodeError):
+        found.append(text.encode("utf-16", "surrogatepass").decode("utf-16"))
+    with contextlib.suppress(UnicodeError):
+        found.append(text.encode("latin-1").decode("utf-8", "surrogateescape"))
+    return found
 
 
 def _texts(doc: Any) -> Iterator[str]:
