@@ -236,6 +236,14 @@ def test_status_never_lets_the_lock_files_holder_forge_a_line(folders, sandbox):
     assert "\x1b" not in result.stdout and "\\ud800.csv" in result.stdout, result.stdout
 
 
+def test_status_is_not_held_up_by_a_fifo_at_the_lock_files_name(folders, sandbox):
+    """`status` opened the lock file to probe it, blocking on a producer's FIFO for good."""
+    os.mkfifo(folders.drop / LOCK_NAME)
+    result = cli("status", config=config_file(folders, sandbox), timeout=15)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "active instance: none holds the drop folder" in result.stdout
+
+
 def test_printable_escapes_what_could_forge_a_line_or_rewrite_the_screen():
     assert printable("a b.csv") == "a b.csv"
     assert printable("a\nb\tc\x1b[2Jd\u202eexe.csv") == "a\\nb\\tc\\x1b[2Jd\\u202eexe.csv"

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 # A symlink, a folder, a socket; a file this user may not open (perhaps a producer's).
 LOOK_AGAIN = (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EACCES)
+HOLDER_BYTES = 4096  # of the lock file, for its holder's name: a daemon writes under 200
 RETRY_SECONDS = 2.0  # how often a standby tries again: a takeover within 10 s with room to spare
 
 
@@ -79,7 +80,7 @@ def parse_holder(text: str) -> Holder:
     """The lock file's content; half-written or foreign text is an unknown holder."""
     try:
         doc = json.loads(text)
-        return Holder(int(doc["pid"]), str(doc["host"]), doc.get("since"))
+        return Holder(int(doc["pid"]), str(doc["host"])[:255], doc.get("since"))
     except (ValueError, TypeError, KeyError):
         return Holder(None, "")
 
@@ -160,9 +161,17 @@ class DropLock:
         called while holding the lock: on NFS, closing any other descriptor of the file would
         drop the holder's POSIX lock."""
         try:
-            return parse_holder(self.path.read_text(encoding="utf-8", errors="replace"))
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return Holder(None, "")
+        try:  # a producer's FIFO is never waited on, nor a huge file read whole
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return Holder(None, "")
+            return parse_holder(os.read(fd, HOLDER_BYTES).decode("utf-8", "replace"))
+        except OSError:
+            return Holder(None, "")
+        finally:
+            os.close(fd)
 
     def still_ours(self) -> bool:
         """Does the path still name the file we hold? (Producers may delete or replace it: a
@@ -235,11 +244,13 @@ def active_holder(drop_dir: Path) -> Holder | None:
     Probes with a shared lock on a read-only descriptor (NFS maps it to a read lock, which a
     read-only descriptor allows), released at once; never creates the file."""
     path = drop_dir / LOCK_NAME
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:  # O_NONBLOCK: a producer's FIFO at its name is not waited on
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None  # no lock file: no daemon ever ran here (or it cannot be read)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None  # a producer's, not a daemon's lock
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
         return DropLock(drop_dir).holder()
