@@ -17,6 +17,7 @@ from tests.helpers import Child, Folders, cli, daemon_env, plant, wait_for
 from watcher.daemon.instance import DropLock, Holder, active_holder, parse_holder
 from watcher.daemon.service import Service
 from watcher.disk.folders import LOCK_NAME
+from watcher.disk.renames import clear_reserved
 from watcher.pipeline.deafness import CANARY_NAME
 from watcher.pipeline.watching import locate
 from watcher.sandbox.productiv import Sandbox
@@ -233,3 +234,21 @@ def test_two_daemons_on_one_folder_one_uploads_the_other_takes_over_after_kill_9
     assert folders.files(folders.drop) == []
     for name in names:
         assert sandbox.stored(name.split("/")[1], "users") == name.encode()
+
+
+def test_clearing_a_reserved_name_sets_a_folder_aside_under_a_name_none_can_take_first(tmp_path):
+    """The aside names were .planted-1 to -99: a producer who made them all first had every start
+    end with exit 78. A folder swapped in for a file meanwhile was EISDIR, exit 78 too."""
+    for n in range(1, 100):
+        (tmp_path / f"{LOCK_NAME}.planted-{n}").touch()
+    path = tmp_path / LOCK_NAME
+    path.mkdir()
+    (path / "x.csv").write_text("theirs")
+    how = clear_reserved(path, path.lstat())
+    assert how.startswith(f"moved aside to {LOCK_NAME}.planted-") and not path.exists()
+    assert (tmp_path / how.removeprefix("moved aside to ") / "x.csv").read_text() == "theirs"
+    (tmp_path / "plain").touch()
+    file_seen = (tmp_path / "plain").lstat()
+    path.mkdir()  # a folder where a file was seen
+    with pytest.raises(FileNotFoundError):
+        clear_reserved(path, file_seen)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 
 import pytest
@@ -73,13 +74,12 @@ def test_a_folder_a_producer_plants_at_the_lock_and_canary_names_is_moved_aside(
         f.produce(f.folders.drop / "a.csv", b"a")
         done_soon(f.folders, "a.csv", timeout=10)
         f.stop()
+        asides = [p for p in f.folders.drop.iterdir() if ".planted-" in p.name]
+        assert len(asides) == 2 and all((a / "x.csv").read_bytes() == b"theirs" for a in asides)
     [lock] = f.events("lock_planted")
-    assert (
-        "was a folder" in lock["message"]
-        and "moved aside to .productiv-watcher.lock.planted-1" in lock["message"]
-    )
-    assert any(
-        "moved aside to .productiv-watcher-canary.planted-1" in e["message"]
-        for e in f.events("canary_planted")
-    )
+    aside = r"moved aside to \.productiv-watcher{}\.planted-[0-9a-f]{{16}}$"
+    assert "was a folder" in lock["message"]
+    assert re.search(aside.format(r"\.lock"), lock["message"]), lock["message"]
+    messages = [e["message"] for e in f.events("canary_planted")]
+    assert any(re.search(aside.format("-canary"), m) for m in messages), messages
     assert not f.events("watch_deaf")

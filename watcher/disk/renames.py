@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import secrets
 import stat
 from pathlib import Path
 
@@ -45,17 +46,17 @@ def rename_noreplace(
 
 def clear_reserved(path: Path, st: os.stat_result) -> str:
     """Clear a name the daemon reserves in the drop folder (its lock, its canary) of what a
-    producer put there; how, in words for the log line. A folder is renamed aside in one step:
-    it may be one this user cannot empty, or nested too deep to walk, and its content stays the
-    producer's. Anything else (a symlink, FIFO, file) is unlinked, never followed or opened."""
-    if not stat.S_ISDIR(st.st_mode):
-        path.unlink()
-        return "removed"
-    for n in range(1, 100):
-        aside = path.with_name(f"{path.name}.planted-{n}")
-        try:
-            rename_noreplace(path, aside)
-        except FileExistsError:
-            continue
-        return f"moved aside to {aside.name}"
-    raise OSError(errno.EEXIST, "no free name to set it aside", str(path))
+    producer put there; how, in words for the log line. A folder is renamed aside in one step,
+    to a name no producer can guess and take first: it may be one this user cannot empty, or
+    nested too deep to walk, and its content stays the producer's. Anything else (a symlink,
+    FIFO, file) is unlinked, never followed or opened. Something swapped in meanwhile (a folder
+    for a file, or the other way round) is a FileNotFoundError: the caller looks again."""
+    try:
+        if not stat.S_ISDIR(st.st_mode):
+            path.unlink()
+            return "removed"
+        aside = path.with_name(f"{path.name}.planted-{secrets.token_hex(8)}")
+        os.rename(path, aside)  # a fresh random name: nothing of anyone's is replaced
+    except (IsADirectoryError, NotADirectoryError) as exc:
+        raise FileNotFoundError(errno.ENOENT, "replaced meanwhile", str(path)) from exc
+    return f"moved aside to {aside.name}"
