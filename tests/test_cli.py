@@ -153,13 +153,15 @@ def test_upload_sends_the_named_files_without_moving_them(sandbox, tmp_path):
     b.write_bytes(b"b")
     again = tmp_path / "sub" / ".." / "a.csv"  # the same file, spelled another way
     (tmp_path / "sub").mkdir()
-    result = cli(
-        "upload", "--type", "contracts", str(a), str(b), str(a), str(again), env=sandbox.env()
-    )
+    alias = tmp_path / "c.csv"  # another name for it: an object of its own
+    alias.symlink_to(a)
+    named = [str(a), str(b), str(a), str(again), str(alias)]
+    result = cli("upload", "--type", "contracts", *named, env=sandbox.env())
     assert result.returncode == 0, result.stdout + result.stderr
     assert sandbox.stored("a.csv", "contracts") == b"a" and a.exists()
-    assert result.stdout.count("uploaded") == 2
-    assert sandbox.count("put") == 2  # a file named twice is sent once (it was PUT twice)
+    assert sandbox.stored("c.csv", "contracts") == b"a"
+    assert result.stdout.count("uploaded") == 3, result.stdout
+    assert sandbox.count("put") == 3  # a file named twice is sent once (it was PUT twice)
 
 
 def test_upload_exits_1_naming_the_reason(sandbox, tmp_path):

@@ -250,6 +250,24 @@ def test_printable_escapes_what_could_forge_a_line_or_rewrite_the_screen():
     assert printable("caf\udcc3.csv") == "caf\\xc3.csv"  # a byte that is not UTF-8
 
 
+def test_retry_failed_dry_run_follows_a_drop_dir_that_is_a_symlink_as_the_move_does(
+    folders, sandbox
+):
+    """drop_dir may be a symlink (it is resolved at start); the dry run refused it as one."""
+    real = folders.root / "real-drop"
+    real.mkdir()
+    link = folders.root / "link-drop"
+    link.symlink_to(real)
+    write(folders.failed / "x.csv", b"x")
+    config = config_file(folders, sandbox, extra=f'failed_dir = "{folders.failed}"\n')
+    config.write_text(config.read_text().replace(str(folders.drop), str(link)))
+    for dry in (["--dry-run"], []):
+        result = cli("retry-failed", *dry, config=config)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "failed/x.csv -> link-drop/x.csv" in result.stdout, result.stdout
+    assert (real / "x.csv").read_bytes() == b"x"
+
+
 def test_retention_deletes_old_done_files_only(daemon, folders, sandbox, logs_json: Captured):
     write(folders.drop / "old.csv", b"1")
     write(folders.failed / "keep-failed.csv", b"f")

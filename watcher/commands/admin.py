@@ -241,7 +241,7 @@ def _free_name(name: str, drop: Path, sub: str, now: float) -> str:
     """The name a move back would take, found without making or moving anything."""
     folder = drop / sub
     try:
-        st = os.lstat(folder)
+        st = os.stat(folder) if not sub else os.lstat(folder)  # drop_dir itself may be a link
     except FileNotFoundError:
         return name  # the type folder would be made: every name is free
     if not stat.S_ISDIR(st.st_mode):

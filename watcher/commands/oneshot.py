@@ -34,20 +34,22 @@ def upload_files(settings: Settings, paths: list[Path], file_type: str | None) -
         min_rate=int(settings.min_upload_rate),
         rate_limit=int(settings.upload_rate_limit),
     )
-    results: dict[Path, str] = {}
+    results: dict[tuple[Path, str], str] = {}  # by file and the name it is sent under
     pending: list[Item] = []
+    named: set[tuple[Path, str]] = set()
     for path in paths:
         try:
             real = path.resolve(strict=True)
-            if any(item.path == real for item in pending):
-                continue  # the same file named twice (or spelled two ways) is sent once
+            if (real, path.name) in named:
+                continue  # the same file under the same name, named twice: sent once
+            named.add((real, path.name))
             pending.append(
                 Item(
                     Spot(real, display(str(path)), path.name, file_type), Snapshot.of(os.stat(real))
                 )
             )
         except OSError as exc:
-            results[path] = f"FAILED {display(str(path))}: {exc.strerror}"
+            results[(path, path.name)] = f"FAILED {display(str(path))}: {exc.strerror}"
     pause = threading.Event()
     try:
         for round_ in range(1, settings.max_attempts + 1):
@@ -67,7 +69,8 @@ def upload_files(settings: Settings, paths: list[Path], file_type: str | None) -
         api.close()
     for item in pending:
         results.setdefault(
-            item.path, f"FAILED {item.spot.rel}: gave up after {settings.max_attempts} attempts"
+            (item.path, item.spot.name),
+            f"FAILED {item.spot.rel}: gave up after {settings.max_attempts} attempts",
         )
     for line in results.values():
         print(printable(line))
@@ -75,14 +78,18 @@ def upload_files(settings: Settings, paths: list[Path], file_type: str | None) -
 
 
 def _try(
-    api: ApiClient, transfer: Transfer, settings: Settings, item: Item, results: dict[Path, str]
+    api: ApiClient,
+    transfer: Transfer,
+    settings: Settings,
+    item: Item,
+    results: dict[tuple[Path, str], str],
 ) -> Item | None:
     """One try for one file: None when its result is final (uploaded, or failed for good as
     `decide` says), else the file's state for the next round."""
     rel = item.spot.rel
     reason = refusal(item, settings.max_file_size)  # the daemon's rules, before any API call
     if reason is not None:
-        results[item.path] = f"FAILED {rel}: {reason}"
+        results[(item.path, item.spot.name)] = f"FAILED {rel}: {reason}"
         return None
     try:
         answer = api.upload_urls([item.spot.name], item.spot.file_type).get(item.spot.name)
@@ -90,8 +97,10 @@ def _try(
             raise answer or Fault(Kind.FILE, "the API's answer has no URL for this file name")
         sent = transfer.put(answer, item)
     except Fault as fault:  # the file's own troubles too: gone, changed, not a regular file
-        results[item.path] = f"FAILED {rel}: {fault.reason}"
+        results[(item.path, item.spot.name)] = f"FAILED {rel}: {fault.reason}"
         fate = decide(item, fault.kind, settings.max_attempts)
         return fate.item if fate.next in AGAIN else None
-    results[item.path] = f"uploaded {rel} ({item.snapshot.size} bytes, {sent.seconds:.2f} s)"
+    results[(item.path, item.spot.name)] = (
+        f"uploaded {rel} ({item.snapshot.size} bytes, {sent.seconds:.2f} s)"
+    )
     return None
