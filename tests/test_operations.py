@@ -213,6 +213,24 @@ def test_status_of_a_daemon_that_cannot_write_its_status_file_says_so_and_exits_
     assert as_json["running"] and as_json["status_stale"]
 
 
+def test_a_producers_flock_on_a_planted_lock_file_is_no_running_daemon(folders, sandbox):
+    """Any producer can make and flock a file at the lock's name: `status` took that for a
+    daemon whose status file was stale, and said "running", exit 0 (review)."""
+    state = folders.root / "state"
+    state.mkdir(exist_ok=True)
+    (state / "status.json").write_text('{"state": "stopped", "updated": "yesterday"}')
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file to another user: run `make test` as root")
+    path = folders.drop / LOCK_NAME
+    path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    os.chown(path, 65534, 65534)  # a producer's file
+    with path.open() as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = cli("status", config=config_file(folders, sandbox))
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "running, but" not in result.stdout and "not running" in result.stdout
+
+
 @pytest.mark.parametrize("pid", [0, -1, [1], 1e20, "x", None])
 def test_a_status_file_with_a_pid_no_daemon_writes_describes_no_live_daemon(pid):
     doc = {"state": "running", "pid": pid, "updated_epoch": time.time()}

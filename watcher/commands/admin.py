@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import re
+import socket
 import stat
 import time
 from collections.abc import Iterator
@@ -18,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..daemon import statusfile
-from ..daemon.instance import active_holder
-from ..disk.folders import Folders, kind_of
+from ..daemon.instance import Holder, active_holder, planted
+from ..disk.folders import LOCK_NAME, Folders, kind_of
 from ..disk.renames import rename_noreplace
 from ..items import display, printable
 from ..pipeline.mover import SIDECAR_SUFFIX, candidate_names
@@ -54,23 +55,39 @@ def status(settings: Settings, file: str | None, as_json: bool) -> int:
     alive = statusfile.running(doc, time.time())
     recent = [r for r, _ in zip(journal.newest_first(), range(5), strict=False)]
     holder = None if settings.drop_dir is None else active_holder(settings.drop_dir)
-    stale = holder is not None and not alive  # it runs (it holds the lock), but cannot say so
+    stale = not alive and holder is not None and _a_daemon(holder, settings.drop_dir)
     if as_json:
         active = None if holder is None else {"pid": holder.pid, "host": holder.host}
         out = {"running": alive or stale, "active": active, "status": doc, "recent": recent}
         print(json.dumps({**out, "status_stale": stale}, indent=1))
     else:
         print(f"active instance: {holder.describe() if holder else 'none holds the drop folder'}")
-        if stale:
-            path = journal.folder / statusfile.NAME
+        path = journal.folder / statusfile.NAME
+        if stale:  # the lock says it runs; its status file cannot say what it does
             print(f"running, but {path} is not kept up to date: is its folder full or read-only?")
-        try:
-            print(_describe(doc, alive))
-        except (KeyError, TypeError, ValueError):
-            print(f"the status file {journal.folder / statusfile.NAME} is damaged: not described")
+        else:
+            try:
+                print(_describe(doc, alive))
+            except (KeyError, TypeError, ValueError):
+                print(f"the status file {path} is damaged: not described")
         for receipt in recent:
             print("  " + _receipt_line(receipt))
     return 0 if alive or stale else NOT_RUNNING
+
+
+def _a_daemon(holder: Holder, drop: Path | None) -> bool:
+    """Is the lock's holder a daemon, not a producer's flock on a file it planted? The lock file
+    is a regular file of this user, root or the drop folder's owner; on this host, its pid lives.
+    (On another host, as in high availability, the lock is all there is to go by.)"""
+    if drop is None or holder.pid is None:
+        return False
+    try:
+        st, owner = os.lstat(drop / LOCK_NAME), os.stat(drop).st_uid
+    except OSError:
+        return False
+    if planted(st, {os.geteuid(), 0, owner}) is not None:
+        return False
+    return holder.host != socket.gethostname() or statusfile.alive(holder.pid)
 
 
 def _describe(doc: dict[str, Any] | None, alive: bool) -> str:

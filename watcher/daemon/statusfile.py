@@ -52,10 +52,10 @@ def running(doc: dict[str, Any] | None, now: float) -> bool:
         return False  # not as a daemon writes it: describes no live one
     if doc.get("host", socket.gethostname()) != socket.gethostname():
         return True
-    return _alive(doc.get("pid"))
+    return alive(doc.get("pid"))
 
 
-def _alive(pid: Any) -> bool:
+def alive(pid: Any) -> bool:
     """Is there a process with this pid (as the status file has it) on this host?"""
     try:
         number = int(pid)
