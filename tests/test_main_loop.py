@@ -246,6 +246,16 @@ def test_a_receipt_write_the_full_disk_cuts_short_leaves_no_torn_line(folders):
         assert [json.loads(line)["file"] for line in lines] == ["first.csv", "after.csv"]
 
 
+def test_a_line_a_crash_tore_costs_only_itself(tmp_path):
+    """A torn last line (a crash mid-write) swallowed the next receipt: it was appended to it."""
+    journal = Journal(tmp_path, 10 * 1024 * 1024, 5)
+    journal.append([{"file": "first.csv", "outcome": "uploaded"}])
+    with (tmp_path / "receipts.jsonl").open("a") as torn:
+        torn.write('{"file": "torn.csv", "outc')
+    journal.append([{"file": "after.csv", "outcome": "uploaded"}])
+    assert [r["file"] for r in journal.newest_first()] == ["after.csv", "first.csv"]
+
+
 def test_retention_of_a_name_that_is_not_utf8(daemon, folders, logs_json: Captured):
     folders.done.mkdir()
     name = os.fsencode(folders.done) + b"/bad-\xff.csv"

@@ -268,7 +268,6 @@ def write_new(path: Path | str, text: str, mode: int = 0o640, dir_fd: int | None
     fd = os.open(path, flags, mode, dir_fd=dir_fd)
     try:
         write_whole(fd, text.encode("utf-8", "surrogateescape"))
-        os.fsync(fd)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(FileNotFoundError):

@@ -22,18 +22,25 @@ NAME = "receipts.jsonl"
 
 
 def write_whole(fd: int, data: bytes) -> None:
-    """Append all of `data`, or none of it: a nearly full disk takes part of a write without an
-    error, and the torn line left behind would swallow the next receipt too. On any failure the
-    file is cut back to where it was, and the error raised."""
+    """Append all of `data` and fsync it, or none of it: a nearly full disk takes part of a
+    write without an error (and NFS may say ENOSPC only at the fsync), and a torn line left
+    behind would swallow the next receipt too. On any failure the file is cut back to where it
+    was, and the error raised."""
     start = os.fstat(fd).st_size
     view = memoryview(data)
     try:
         while view:
             view = view[os.write(fd, view) :]
+        os.fsync(fd)
     except OSError:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, start)
         raise
+
+
+def _ends_a_line(fd: int) -> bool:
+    size = os.fstat(fd).st_size
+    return size == 0 or os.pread(fd, 1, size - 1) == b"\n"
 
 
 class Journal:
@@ -54,11 +61,12 @@ class Journal:
         with self._lock:
             make_folders(self.folder)
             self._rotate_if_full(len(lines))
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             try:
                 adopt_open(fd, self.folder)
+                if not _ends_a_line(fd):  # a line a crash tore: end it, so it takes only itself
+                    lines = "\n" + lines
                 write_whole(fd, lines.encode())
-                os.fsync(fd)
             finally:
                 os.close(fd)
 
