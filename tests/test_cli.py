@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import subprocess_daemon
 from tests.helpers import ROOT, assert_no_secrets, clean_env, cli, daemon_env, wait_for, write
 from watcher import __version__
+from watcher.disk.access import mount_of
 from watcher.settings import Settings
 
 
@@ -115,6 +116,38 @@ def test_a_bind_mount_of_the_same_filesystem_between_drop_and_done_is_exit_78(
     assert "is on another mount of the drop folder's filesystem (a bind mount)" in ran.stderr
     assert checked.returncode == 1 and "folders: FAIL done_dir" in checked.stdout, checked.stdout
     assert "Traceback" not in ran.stderr + checked.stderr
+
+
+def test_a_mount_stacked_over_the_folders_is_judged_by_what_is_seen(sandbox, folders, tmp_path):
+    """Something mounted at done/, then the whole tree bound over itself: done/ is the plain
+    folder again, renames work, but the mount table's longest prefix still named the hidden
+    mount, and run refused to start (review)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    folders.done.mkdir(exist_ok=True)
+    first = ["mount", "--bind", str(elsewhere), str(folders.done)]
+    if subprocess.run(first, check=False, capture_output=True).returncode != 0:
+        pytest.skip("cannot bind-mount here")
+    try:
+        subprocess.run(["mount", "--bind", str(folders.root), str(folders.root)], check=True)
+        try:
+            checked = cli("check", env=daemon_env(sandbox, folders))
+        finally:
+            subprocess.run(["umount", str(folders.root)], check=True)
+    finally:
+        subprocess.run(["umount", str(folders.done)], check=True)
+    assert "folders: ok" in checked.stdout, checked.stdout
+
+
+def test_the_mount_table_is_read_with_its_escapes(tmp_path):
+    """The fallback before Linux 5.8 (no statx mount id): the longest mount point above."""
+    table = tmp_path / "mountinfo"
+    table.write_text(
+        "22 1 0:21 / / rw - ext4 /dev/vda rw\n30 22 0:40 / /srv/drop\\040box rw - tmpfs tmpfs rw\n"
+    )
+    assert mount_of(Path("/srv/drop box/users"), str(table)) == "/srv/drop box"
+    assert mount_of(Path("/srv/done"), str(table)) == "/"
+    assert mount_of(Path("/srv"), str(tmp_path / "none")) is None
 
 
 def test_check_reports_and_exits_0_when_all_is_well(sandbox, folders):

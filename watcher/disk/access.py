@@ -13,18 +13,24 @@ for the service's user; both say the same reason and the same fix.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import grp
 import os
 import pwd
 import re
 import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..settings import FILE_TYPES, ConfigError, Paths, Settings
 from .overlap import overlaps
 from .owners import make_folders
+
+_AT_FDCWD = -100
+_STATX_MNT_ID = 0x1000
+_statx = getattr(ctypes.CDLL(None, use_errno=True), "statx", None)
 
 UNIT_USER = "productiv-watcher"  # the units' User=
 UNIT_GROUP = "productiv-drop"  # the units' SupplementaryGroups=: producers' group
@@ -243,13 +249,32 @@ def _apart(name: str, wanted: Path, drop: Path) -> list[str]:
     where = nearest(wanted)[0]
     if os.stat(where).st_dev != drop.stat().st_dev:
         return [f"{name} {wanted} is not on the drop folder's filesystem (files move by rename)"]
-    if mount_of(where) != mount_of(drop):
+    if not same_mount(where, drop):
         return [
             f"{name} {wanted} is on another mount of the drop folder's filesystem (a bind"
             f" mount): files move by rename, which cannot cross mounts; use folders under one"
             f" mount ({mount_of(drop) or '?'})"
         ]
     return []
+
+
+def same_mount(one: Path, other: Path) -> bool:
+    """Are both on one mount (a rename between them can work)? By the mount's id (statx), else,
+    on a kernel before 5.8, by the mount table's longest mount point above each."""
+    ids = mount_id(one), mount_id(other)
+    if None not in ids:
+        return ids[0] == ids[1]
+    return mount_of(one) == mount_of(other)
+
+
+def mount_id(path: Path) -> int | None:
+    """The id of the mount `path` is on (statx's STATX_MNT_ID, Linux 5.8+), or None."""
+    buf = ctypes.create_string_buffer(256)  # struct statx
+    if _statx is None or _statx(_AT_FDCWD, os.fsencode(path), 0, _STATX_MNT_ID, buf) != 0:
+        return None
+    if not int.from_bytes(buf.raw[0:4], sys.byteorder) & _STATX_MNT_ID:  # stx_mask
+        return None
+    return int.from_bytes(buf.raw[0x90:0x98], sys.byteorder)  # stx_mnt_id
 
 
 def mount_of(path: Path, table: str = "/proc/self/mountinfo") -> str | None:
