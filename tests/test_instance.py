@@ -34,6 +34,10 @@ HOST = socket.gethostname()
         ('{"pid": 12', (None, "")),  # half written
         ('{"host": "a"}', (None, "")),
         ("[1, 2]", (None, "")),
+        ('{"pid": 1e400, "host": "h"}', (None, "")),  # infinity: int() raised OverflowError
+        ("[" * 4096, (None, "")),  # RecursionError: a traceback from status and check
+        ('{"pid": true, "host": "h"}', (None, "")),
+        ('{"pid": 12, "host": ["h"]}', (None, "")),
     ],
 )
 def test_the_lock_file_names_its_holder(text, expected):

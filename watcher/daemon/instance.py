@@ -77,12 +77,20 @@ def planted(st: os.stat_result, owners: set[int]) -> str | None:
 
 
 def parse_holder(text: str) -> Holder:
-    """The lock file's content; half-written or foreign text is an unknown holder."""
+    """The lock file's content; half-written or foreign text (a producer's) is an unknown
+    holder: a daemon writes a pid that is a whole number, a host and a time, all short."""
     try:
         doc = json.loads(text)
-        return Holder(int(doc["pid"]), str(doc["host"])[:255], doc.get("since"))
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nests too deep
         return Holder(None, "")
+    if not isinstance(doc, dict):
+        return Holder(None, "")
+    pid, host, since = doc.get("pid"), doc.get("host"), doc.get("since")
+    if isinstance(pid, str) and pid.isdigit() and len(pid) <= 10:
+        pid = int(pid)
+    if type(pid) is not int or not isinstance(host, str):
+        return Holder(None, "")
+    return Holder(pid, host[:255], since[:64] if isinstance(since, str) else None)
 
 
 class DropLock:
