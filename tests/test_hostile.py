@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -588,6 +589,42 @@ def test_a_secret_already_escaped_in_the_text_is_scrubbed_too(
     assert "***" in line, line
     for word in re.findall(r"[A-Za-z]{4,}", secret):  # in every spelling of these secrets
         assert word not in line, line
+
+
+@pytest.mark.parametrize("formatter", [JsonFormatter(), TextFormatter()], ids=["json", "text"])
+def test_a_traceback_with_an_escaped_secret_keeps_the_lines_head(formatter, monkeypatch):
+    """In text lines the traceback was scrubbed only with the whole line: withheld, it took the
+    time, the level and the event name with it (review)."""
+    redact = Redactor()
+    redact.add(["pa'ss\"w\u00f6rd42"])
+    monkeypatch.setattr(logs, "REDACT", redact)
+    try:
+        raise RuntimeError(repr(RuntimeError("pa'ss\"w\u00f6rd42")))
+    except RuntimeError:
+        record = logging.LogRecord("watcher", logging.ERROR, "", 0, "", (), sys.exc_info())
+    record.event = "crashed"
+    line = formatter.format(record)
+    assert "crashed" in line and "ERROR" in line.upper() and "withheld whole" in line, line
+    assert "rd42" not in line
+
+
+@pytest.mark.parametrize(
+    ("secret", "text"),
+    [
+        (
+            "p\u00e4ssw\u00f6rd99",
+            "report \u2013 q3.csv: proxy said b'p\\xc3\\xa4ssw\\xc3\\xb6rd99'",
+        ),
+        ("tok\U0001f600en1234", 'file \udcff.csv {"echo": "tok\\ud83d\\ude00en1234"}'),
+    ],
+    ids=["bytes-repr-beside-an-en-dash", "surrogate-pair-beside-a-lone-surrogate"],
+)
+def test_the_rest_of_the_text_never_hides_an_escaped_secret(secret, text):
+    """The text was recoded whole: one character outside Latin-1, or one lone surrogate (a
+    file name that is not UTF-8), anywhere in it, and the secret went out (review)."""
+    redact = Redactor()
+    redact.add([secret])
+    assert redact(text).startswith("***")
 
 
 @pytest.mark.parametrize(

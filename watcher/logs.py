@@ -10,7 +10,6 @@ the sidecars, receipts and status file (`REDACT.doc`) and the commands' output (
 from __future__ import annotations
 
 import base64
-import contextlib
 import functools
 import io
 import json
@@ -185,14 +184,23 @@ def _unescaped(match: re.Match[str]) -> str:
 
 
 def _recoded(text: str) -> list[str]:
-    r"""The same text with a surrogate pair joined (JSON's spelling of an astral character), and
-    with \xNN bytes read as UTF-8 (a bytes repr): one of them may spell the secret."""
-    found = []
-    with contextlib.suppress(UnicodeError):
-        found.append(text.encode("utf-16", "surrogatepass").decode("utf-16"))
-    with contextlib.suppress(UnicodeError):
-        found.append(text.encode("latin-1").decode("utf-8", "surrogateescape"))
-    return found
+    r"""The same text with each surrogate pair joined (JSON's spelling of an astral character),
+    and each run of \xNN bytes read as UTF-8 (a bytes repr): one of them may spell the secret.
+    Run by run, so that the rest of the text (an en dash, a name with a lone surrogate) does
+    not keep them from it."""
+    return [_PAIR.sub(_joined, text), _BYTES.sub(_as_utf8, text)]
+
+
+_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
+_BYTES = re.compile("[\x80-\xff]+")
+
+
+def _joined(match: re.Match[str]) -> str:
+    return match.group(0).encode("utf-16", "surrogatepass").decode("utf-16")
+
+
+def _as_utf8(match: re.Match[str]) -> str:
+    return match.group(0).encode("latin-1").decode("utf-8", "replace")
 
 
 def _texts(doc: Any) -> Iterator[str]:
@@ -318,8 +326,9 @@ class TextFormatter(logging.Formatter):
             parts += [f"{k}={_text_value(scrub(v))}" for k, v in pairs if v is not None]
         message = record.getMessage()
         if message:
-            parts.append(message)
-        return "\n".join([" ".join(parts), *self._traceback(record)])
+            parts.append(scrub(message))
+        # each part on its own: a text withheld whole is that part, never the line's head
+        return "\n".join([" ".join(parts), *map(scrub, self._traceback(record))])
 
 
 class JsonFormatter(logging.Formatter):
