@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -55,6 +56,26 @@ def test_syncing_a_folder_removed_meanwhile_is_not_an_error(tmp_path):
     mover = Mover(tmp_path / "drop", tmp_path / "done", tmp_path / "failed", lambda: 0.0)
     (tmp_path / "done").mkdir()
     mover.sync([tmp_path / "drop", tmp_path / "done"])
+
+
+def test_a_sidecar_left_without_its_file_by_a_crash_gives_the_name_back(tmp_path):
+    """kill -9 between writing a sidecar and moving its file: the file, refused again after the
+    restart, went to failed/ under a stamped name, beside a sidecar for nothing (attack pass)."""
+    mover = Mover(tmp_path / "drop", tmp_path / "done", tmp_path / "failed", lambda: 0.0)
+    (tmp_path / "drop").mkdir()
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "report.csv.error.json").write_text('{"reason": "before the crash"}')
+    (tmp_path / "drop" / "report.csv").write_text("x")
+    (tmp_path / "failed" / "kept.csv").write_text("an earlier one")
+    (tmp_path / "failed" / "kept.csv.error.json").write_text('{"reason": "earlier"}')
+    (tmp_path / "drop" / "kept.csv").write_text("y")
+    assert mover.to_failed(tmp_path / "drop" / "report.csv", {"reason": "now"}).name == "report.csv"
+    assert (
+        json.loads((tmp_path / "failed" / "report.csv.error.json").read_text())["reason"] == "now"
+    )
+    moved = mover.to_failed(tmp_path / "drop" / "kept.csv", {"reason": "now"})
+    assert moved.name != "kept.csv"  # a name with its file is never taken over
+    assert (tmp_path / "failed" / "kept.csv").read_text() == "an earlier one"
 
 
 def test_a_file_that_cannot_be_looked_at_is_skipped_not_fatal(tmp_path, caplog):

@@ -193,7 +193,15 @@ class Mover:
 
         def claim(folder: int, name: str) -> str:
             sidecar_name = name + SIDECAR_SUFFIX
-            write_new(sidecar_name, text, dir_fd=folder)
+            try:
+                write_new(sidecar_name, text, dir_fd=folder)
+            except FileExistsError:
+                if _present(name, folder):
+                    raise  # the name is taken: the next one
+                # A sidecar without its file: a stop (kill -9) came between the two. Its file
+                # was left in drop/ and is this one, or went back with retry-failed: it is stale.
+                os.unlink(sidecar_name, dir_fd=folder)
+                write_new(sidecar_name, text, dir_fd=folder)
             return sidecar_name
 
         return self._move(path, self._failed, reserve=len(SIDECAR_SUFFIX), claim=claim)
@@ -260,6 +268,14 @@ def _look(folder: Path) -> Looked:
         return nearest(folder)
     except OSError:
         return folder, None
+
+
+def _present(name: str, folder: int) -> bool:
+    try:
+        os.stat(name, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def write_new(path: Path | str, text: str, mode: int = 0o640, dir_fd: int | None = None) -> None:
