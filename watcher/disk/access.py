@@ -27,10 +27,10 @@ from pathlib import Path
 from ..settings import FILE_TYPES, ConfigError, Paths, Settings
 from .overlap import overlaps
 from .owners import make_folders
+from .renames import AT_FDCWD, LIBC
 
-_AT_FDCWD = -100
 _STATX_MNT_ID = 0x1000
-_statx = getattr(ctypes.CDLL(None, use_errno=True), "statx", None)
+_statx = getattr(LIBC, "statx", None)
 
 UNIT_USER = "productiv-watcher"  # the units' User=
 UNIT_GROUP = "productiv-drop"  # the units' SupplementaryGroups=: producers' group
@@ -270,7 +270,7 @@ def same_mount(one: Path, other: Path) -> bool:
 def mount_id(path: Path) -> int | None:
     """The id of the mount `path` is on (statx's STATX_MNT_ID, Linux 5.8+), or None."""
     buf = ctypes.create_string_buffer(256)  # struct statx
-    if _statx is None or _statx(_AT_FDCWD, os.fsencode(path), 0, _STATX_MNT_ID, buf) != 0:
+    if _statx is None or _statx(AT_FDCWD, os.fsencode(path), 0, _STATX_MNT_ID, buf) != 0:
         return None
     if not int.from_bytes(buf.raw[0:4], sys.byteorder) & _STATX_MNT_ID:  # stx_mask
         return None

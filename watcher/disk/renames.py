@@ -15,9 +15,9 @@ import stat
 from pathlib import Path
 
 _RENAME_NOREPLACE = 1
-_AT_FDCWD = -100
-_libc = ctypes.CDLL(None, use_errno=True)
-_renameat2 = getattr(_libc, "renameat2", None)
+AT_FDCWD = -100  # "relative to the working directory", for the *at() calls made through libc
+LIBC = ctypes.CDLL(None, use_errno=True)
+_renameat2 = getattr(LIBC, "renameat2", None)
 
 
 def rename_noreplace(
@@ -28,9 +28,9 @@ def rename_noreplace(
     if _renameat2 is not None:
         if (
             _renameat2(
-                _AT_FDCWD if src_dir is None else src_dir,
+                AT_FDCWD if src_dir is None else src_dir,
                 os.fsencode(src),
-                _AT_FDCWD if dst_dir is None else dst_dir,
+                AT_FDCWD if dst_dir is None else dst_dir,
                 os.fsencode(dst),
                 _RENAME_NOREPLACE,
             )
